@@ -1,0 +1,43 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+// Module names of our own for the system libraries, so they never clash with another package's `CZlib`.
+let package = Package(
+    name: "ckpt",
+    products: [
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
+        .executable(name: "ckpt", targets: ["ckpt"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CCkptZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
+        .systemLibrary(
+            name: "CCkptOpenBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+        // DTypes, shapes, byte storage (mmap / owned), dtype conversion kernels, errors, atomic output files.
+        .target(name: "CkptCore"),
+        // safetensors (single + sharded), .npy, .npz (zip + deflate): readers and writers.
+        .target(name: "CkptFormats", dependencies: ["CkptCore", "CCkptZlib"]),
+        // Tensor comparison metrics (diff) on OpenBLAS.
+        .target(name: "CkptAnalysis", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
+        .executableTarget(
+            name: "ckpt",
+            dependencies: [
+                "CkptCore", "CkptFormats", "CkptAnalysis",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "CkptCoreTests", dependencies: ["CkptCore"]),
+        .testTarget(name: "CkptFormatsTests", dependencies: ["CkptCore", "CkptFormats", "CCkptZlib"]),
+        .testTarget(name: "CkptCLITests", dependencies: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,147 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// An output file written atomically: bytes go to a temporary file in the destination folder, and only
+/// ``commit()`` renames it over the destination. If the value is dropped without a commit (an error was thrown),
+/// the temporary file is removed, so a failed run leaves nothing behind.
+public struct OutputFile: ~Copyable {
+    public let path: String
+    private let temporaryPath: String
+    private let fd: Int32
+    private var committed = false
+    private var buffer: UnsafeMutableRawPointer
+    private var buffered = 0
+    /// Bytes written so far (the position the next `write` lands at).
+    public private(set) var offset = 0
+
+    private static let bufferCapacity = 1 << 20
+
+    /// Creates the temporary file. Refuses when `path` is one of `inputs` (an input is never overwritten).
+    public init(path: String, inputs: [FileIdentity] = []) throws(CkptError) {
+        if let existing = FileIdentity.of(path) {
+            if existing.isDirectory {
+                throw CkptError(.invalidArgument, "output path is a directory", path: path)
+            }
+            if inputs.contains(where: { $0.sameFile(as: existing) }) {
+                throw CkptError(.sameInputOutput, "output would overwrite an input file", path: path)
+            }
+        }
+        let directory = FilePaths.directory(of: path)
+        let template = FilePaths.join(directory, "." + FilePaths.fileName(of: path) + ".ckpt-tmp-XXXXXX")
+        var templateBytes = Array(template.utf8CString)
+        let descriptor = templateBytes.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard descriptor >= 0 else {
+            throw CkptError(.io, "cannot create a temporary file in the output folder", path: path, cause: errnoText())
+        }
+        _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
+        fchmod(descriptor, 0o644)
+        let temporary = templateBytes.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        self.path = path
+        self.temporaryPath = temporary
+        self.fd = descriptor
+        self.buffer = UnsafeMutableRawPointer.allocate(byteCount: OutputFile.bufferCapacity, alignment: 64)
+    }
+
+    deinit {
+        buffer.deallocate()
+        if !committed {
+            close(fd)
+            unlink(temporaryPath)
+        }
+    }
+
+    /// Appends bytes. Small writes are coalesced; large ones go straight to the kernel.
+    public mutating func write(_ bytes: UnsafeRawBufferPointer) throws(CkptError) {
+        guard let source = bytes.baseAddress, bytes.count > 0 else { return }
+        if buffered + bytes.count <= OutputFile.bufferCapacity {
+            (buffer + buffered).copyMemory(from: source, byteCount: bytes.count)
+            buffered += bytes.count
+        } else {
+            try flush()
+            if bytes.count < OutputFile.bufferCapacity / 2 {
+                buffer.copyMemory(from: source, byteCount: bytes.count)
+                buffered = bytes.count
+            } else {
+                try writeAll(fd: fd, source, bytes.count)
+            }
+        }
+        offset += bytes.count
+    }
+
+    public mutating func write(_ bytes: [UInt8]) throws(CkptError) {
+        try bytes.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try write(raw) }
+    }
+
+    /// Overwrites bytes already written at `position` (e.g. a CRC patched in after the data).
+    public mutating func patch(_ bytes: [UInt8], at position: Int) throws(CkptError) {
+        precondition(position + bytes.count <= offset, "patch beyond written data")
+        try flush()
+        let ok = bytes.withUnsafeBytes { raw -> Bool in
+            var done = 0
+            while done < raw.count {
+                let n = pwrite(fd, raw.baseAddress! + done, raw.count - done, off_t(position + done))
+                if n < 0 { if errno == EINTR { continue }; return false }
+                done += n
+            }
+            return true
+        }
+        if !ok { throw CkptError(.io, "cannot write", path: path, cause: errnoText()) }
+    }
+
+    private mutating func flush() throws(CkptError) {
+        guard buffered > 0 else { return }
+        try writeAll(fd: fd, UnsafeRawPointer(buffer), buffered)
+        buffered = 0
+    }
+
+    private func writeAll(fd: Int32, _ pointer: UnsafeRawPointer, _ count: Int) throws(CkptError) {
+        var done = 0
+        while done < count {
+            let n = Glibc.write(fd, pointer + done, count - done)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CkptError(.io, "cannot write", path: path, cause: errnoText())
+            }
+            done += n
+        }
+    }
+
+    /// Flushes, closes and renames the temporary file over `path`.
+    public mutating func commit() throws(CkptError) {
+        try stage().publish()
+    }
+
+    /// Flushes and closes the file but leaves it under its temporary name, for outputs made of several files
+    /// that must appear together: publish every ``StagedFile`` once all are complete, or discard them.
+    public mutating func stage() throws(CkptError) -> StagedFile {
+        try flush()
+        committed = true
+        if close(fd) != 0 {
+            let cause = errnoText()
+            unlink(temporaryPath)
+            throw CkptError(.io, "cannot close", path: path, cause: cause)
+        }
+        return StagedFile(path: path, temporaryPath: temporaryPath)
+    }
+}
+
+/// A complete output file still under its temporary name.
+public struct StagedFile: Sendable {
+    public let path: String
+    let temporaryPath: String
+
+    /// Renames the file into place.
+    public func publish() throws(CkptError) {
+        if rename(temporaryPath, path) != 0 {
+            let cause = errnoText()
+            unlink(temporaryPath)
+            throw CkptError(.io, "cannot rename the temporary file into place", path: path, cause: cause)
+        }
+    }
+
+    /// Removes the temporary file.
+    public func discard() { unlink(temporaryPath) }
+}

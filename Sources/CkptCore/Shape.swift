@@ -1,0 +1,45 @@
+/// A tensor shape with overflow-checked element and byte counts. Dimensions come from files, so every product is
+/// checked: a hostile header cannot make ckpt wrap around or allocate by accident.
+public struct Shape: Hashable, Sendable, CustomStringConvertible {
+    public let dims: [Int]
+
+    public init(_ dims: [Int]) throws(CkptError) {
+        for d in dims where d < 0 {
+            throw CkptError(.invalidHeader, "negative dimension \(d) in shape \(dims)")
+        }
+        self.dims = dims
+        _ = try elementCount()
+    }
+
+    /// Shape of already-validated dims (internal callers that computed them).
+    public init(validated dims: [Int]) { self.dims = dims }
+
+    public var rank: Int { dims.count }
+
+    /// Product of the dimensions (1 for a scalar), or an `overflow` error.
+    public func elementCount() throws(CkptError) -> Int {
+        var count = 1
+        for d in dims {
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            if overflow { throw CkptError(.overflow, "element count of shape \(dims) overflows") }
+            count = product
+        }
+        return count
+    }
+
+    /// The element count of a shape known to be valid.
+    public var elements: Int { (try? elementCount()) ?? 0 }
+
+    /// Bytes occupied by a tensor of this shape and `dtype`; sub-byte types must fill whole bytes.
+    public func byteCount(for dtype: DType) throws(CkptError) -> Int {
+        let count = try elementCount()
+        let (bits, overflow) = count.multipliedReportingOverflow(by: dtype.bitWidth)
+        if overflow { throw CkptError(.overflow, "byte count of shape \(dims) × \(dtype.name) overflows") }
+        if bits % 8 != 0 {
+            throw CkptError(.misalignedSlice, "\(count) elements of \(dtype.name) do not fill a whole number of bytes")
+        }
+        return bits / 8
+    }
+
+    public var description: String { "[" + dims.map(String.init).joined(separator: ", ") + "]" }
+}

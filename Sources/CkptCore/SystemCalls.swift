@@ -1,0 +1,98 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Text of the current `errno`.
+@usableFromInline
+func errnoText(_ code: Int32 = errno) -> String {
+    guard let text = strerror(code) else { return "errno \(code)" }
+    return String(cString: text)
+}
+
+/// Facts about a path, used to refuse overwriting an input and to tell files from folders.
+public struct FileIdentity: Equatable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
+    public let isDirectory: Bool
+    public let size: Int
+
+    /// Identity of `path` following symlinks, or nil if nothing exists there.
+    public static func of(_ path: String) -> FileIdentity? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        return FileIdentity(
+            device: UInt64(info.st_dev), inode: UInt64(info.st_ino),
+            isDirectory: (info.st_mode & S_IFMT) == S_IFDIR, size: Int(info.st_size))
+    }
+
+    public func sameFile(as other: FileIdentity) -> Bool { device == other.device && inode == other.inode }
+}
+
+/// Small path helpers (no Foundation, to keep start-up cheap: `inspect` is header-only work).
+public enum FilePaths {
+    public static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let dir = String(path[..<slash])
+        return dir.isEmpty ? "/" : dir
+    }
+
+    public static func fileName(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return path }
+        return String(path[path.index(after: slash)...])
+    }
+
+    public static func join(_ directory: String, _ name: String) -> String {
+        directory.hasSuffix("/") ? directory + name : directory + "/" + name
+    }
+
+    /// Lower-cased extension without the dot, "" when there is none.
+    public static func fileExtension(of path: String) -> String {
+        let name = fileName(of: path)
+        guard let dot = name.lastIndex(of: "."), dot != name.startIndex else { return "" }
+        return String(name[name.index(after: dot)...]).lowercased()
+    }
+
+    /// Names in a directory (no "." or ".."), sorted bytewise.
+    public static func contents(of directory: String) throws(CkptError) -> [String] {
+        guard let dir = opendir(directory) else {
+            throw CkptError(.io, "cannot list directory", path: directory, cause: errnoText())
+        }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }
+    }
+
+    /// Creates `path` as a directory if it does not exist yet.
+    public static func makeDirectory(_ path: String) throws(CkptError) {
+        if let identity = FileIdentity.of(path) {
+            if identity.isDirectory { return }
+            throw CkptError(.invalidArgument, "exists and is not a directory", path: path)
+        }
+        if mkdir(path, 0o755) != 0 && errno != EEXIST {
+            throw CkptError(.io, "cannot create directory", path: path, cause: errnoText())
+        }
+    }
+}
+
+/// Unbuffered writes to file descriptor 2 (no shared `FILE*`, so safe from any thread).
+public enum StandardError {
+    public static func write(_ text: String) {
+        var bytes = Array(text.utf8)
+        bytes.withUnsafeMutableBytes { raw in
+            var done = 0
+            while done < raw.count {
+                let n = Glibc.write(2, raw.baseAddress! + done, raw.count - done)
+                if n <= 0 { if n < 0 && errno == EINTR { continue }; return }
+                done += n
+            }
+        }
+    }
+}

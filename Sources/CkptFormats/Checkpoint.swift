@@ -1,0 +1,114 @@
+import CkptCore
+
+/// The file formats ckpt reads and writes.
+public enum CheckpointFormat: String, Sendable {
+    case safetensors
+    case shardedSafetensors = "safetensors-sharded"
+    case npy
+    case npz
+}
+
+/// One tensor of a checkpoint: its description, and how to get its bytes (C order, little-endian).
+public struct TensorEntry: Sendable {
+    public let name: String
+    public let dtype: DType
+    public let shape: Shape
+    public let byteCount: Int
+    /// The file the tensor lives in (a shard, for sharded checkpoints).
+    public let path: String
+    let source: TensorSource
+
+    init(name: String, dtype: DType, shape: Shape, byteCount: Int, path: String, source: TensorSource) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.byteCount = byteCount
+        self.path = path
+        self.source = source
+    }
+
+    /// The tensor's bytes in C order, little-endian: a zero-copy view of the input where the file layout already
+    /// is that, otherwise a decoded copy (inflated, CRC-checked, byte-swapped or transposed as needed).
+    public func load() throws(CkptError) -> TensorBytes {
+        do {
+            return try source.load(byteCount: byteCount, dtype: dtype, shape: shape)
+        } catch {
+            throw error.at(tensor: name).at(path: path)
+        }
+    }
+}
+
+/// Where a tensor's bytes come from.
+enum TensorSource: Sendable {
+    /// Already C order, little-endian, at rest in the input.
+    case bytes(TensorBytes)
+    /// An .npy payload that needs its byte order swapped and/or its Fortran order undone.
+    case npyPayload(TensorBytes, NpyLayout)
+    /// An .npy inside a zip member: CRC-checked (and inflated) on load.
+    case zipMember(ZipMember, NpyLayout)
+
+    func load(byteCount: Int, dtype: DType, shape: Shape) throws(CkptError) -> TensorBytes {
+        switch self {
+        case .bytes(let bytes):
+            return bytes
+        case .npyPayload(let bytes, let layout):
+            return try layout.canonicalize(bytes, dtype: dtype, shape: shape)
+        case .zipMember(let member, let layout):
+            let memberBytes = try member.contents()
+            let payload = TensorBytes(
+                storage: memberBytes.storage,
+                range: memberBytes.range.lowerBound + layout.dataOffset..<memberBytes.range.lowerBound + layout.dataOffset + byteCount)
+            return try layout.canonicalize(payload, dtype: dtype, shape: shape)
+        }
+    }
+}
+
+/// A checkpoint read from disk: format, string metadata and tensors in file order.
+public struct Checkpoint: Sendable {
+    public var format: CheckpointFormat
+    public var path: String
+    public var metadata: [String: String]
+    public var tensors: [TensorEntry]
+    /// Every file the checkpoint was read from (shards included): outputs must never overwrite them.
+    public var files: [String]
+
+    public var totalBytes: Int { tensors.reduce(0) { $0 + $1.byteCount } }
+    public var totalParameters: Int { tensors.reduce(0) { $0 + $1.shape.elements } }
+
+    /// Options that resolve what a file cannot say by itself.
+    public struct ReadOptions: Sendable {
+        /// How to read NumPy void descrs (`<V2`, `|V1`, as ml_dtypes writes bfloat16 and float8): byte size → dtype.
+        public var voidDTypes: [Int: DType]
+
+        public init(voidDTypes: [Int: DType] = [:]) { self.voidDTypes = voidDTypes }
+    }
+
+    /// Opens a checkpoint of any supported format. The format is recognised from the file's magic bytes; a
+    /// directory or a `*.index.json` is read as a sharded safetensors checkpoint.
+    public static func open(_ path: String, options: ReadOptions = ReadOptions()) throws(CkptError) -> Checkpoint {
+        guard let identity = FileIdentity.of(path) else {
+            throw CkptError(.notFound, "no such file or directory", path: path)
+        }
+        if identity.isDirectory || path.hasSuffix(".index.json") {
+            return try ShardedSafeTensors.read(path)
+        }
+        let storage = try ByteStorage(mapping: path)
+        return try open(storage: storage, path: path, options: options)
+    }
+
+    /// Reads a checkpoint from bytes already in memory or mapped (also the fuzzing entry point).
+    public static func open(storage: ByteStorage, path: String, options: ReadOptions = ReadOptions()) throws(CkptError) -> Checkpoint {
+        let magic: [UInt8] = storage.withUnsafeBytes { Array($0.prefix(6)) }
+        do {
+            if magic.starts(with: NumPy.magic) {
+                return try NumPy.read(storage: storage, path: path, options: options)
+            }
+            if magic.starts(with: [0x50, 0x4B, 0x03, 0x04]) || magic.starts(with: [0x50, 0x4B, 0x05, 0x06]) {
+                return try NPZ.read(storage: storage, path: path, options: options)
+            }
+            return try SafeTensors.read(storage: storage, path: path)
+        } catch {
+            throw error.at(path: path)
+        }
+    }
+}

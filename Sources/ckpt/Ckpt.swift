@@ -1,0 +1,33 @@
+import ArgumentParser
+import CkptCore
+
+@main
+struct Ckpt: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ckpt",
+        abstract: "Convert, inspect and compare ML checkpoints (safetensors, sharded safetensors, .npy, .npz).",
+        version: "0.1.0",
+        subcommands: [InspectCommand.self, ConvertCommand.self, DiffCommand.self]
+    )
+}
+
+/// Exit status for failures (bad files, I/O): distinct from `diff`'s 1 = "differ".
+let errorExitCode: Int32 = 2
+
+/// Runs a command body, turning ckpt errors into one clear line on stderr and exit status 2.
+func runReportingErrors(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let error as CkptError {
+        printError("ckpt: error: \(error)")
+        throw ExitCode(errorExitCode)
+    }
+}
+
+func printError(_ text: String) {
+    StandardError.write(text + "\n")
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
