@@ -79,60 +79,52 @@ public enum DTypeConversion {
 
     // MARK: - Kernels
 
-    static func f32ToF16(_ source: UnsafeRawPointer, _ destination: UnsafeMutableRawPointer, _ count: Int) {
-        var i = 0
-        while i + 8 <= count {
-            let x = source.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<UInt32>.self)
-            destination.storeBytes(of: FloatBits.f32ToF16(x), toByteOffset: i * 2, as: SIMD8<UInt16>.self)
-            i += 8
+    /// Runs an element-wise kernel over typed, aligned pointers so the compiler can vectorise it. Inputs that
+    /// are not aligned to their element size (MLX writes unaligned safetensors) are staged through an aligned
+    /// block first.
+    @inline(__always)
+    static func elementwise<In, Out>(
+        _ source: UnsafeRawPointer, _ destination: UnsafeMutableRawPointer, _ count: Int,
+        _ kernel: (UnsafePointer<In>, UnsafeMutablePointer<Out>, Int) -> Void
+    ) {
+        let out = destination.assumingMemoryBound(to: Out.self)
+        if Int(bitPattern: source) % MemoryLayout<In>.alignment == 0 {
+            kernel(source.assumingMemoryBound(to: In.self), out, count)
+            return
         }
-        while i < count {
-            let x = source.loadUnaligned(fromByteOffset: i * 4, as: Float.self)
-            destination.storeBytes(of: FloatBits.f32ToF16(x), toByteOffset: i * 2, as: UInt16.self)
-            i += 1
+        let block = 4096
+        let staging = UnsafeMutablePointer<In>.allocate(capacity: block)
+        defer { staging.deallocate() }
+        var done = 0
+        while done < count {
+            let n = min(block, count - done)
+            UnsafeMutableRawPointer(staging).copyMemory(from: source + done * MemoryLayout<In>.stride, byteCount: n * MemoryLayout<In>.stride)
+            kernel(staging, out + done, n)
+            done += n
+        }
+    }
+
+    static func f32ToF16(_ source: UnsafeRawPointer, _ destination: UnsafeMutableRawPointer, _ count: Int) {
+        elementwise(source, destination, count) { (s: UnsafePointer<UInt32>, d: UnsafeMutablePointer<UInt16>, n: Int) in
+            for i in 0..<n { d[i] = FloatBits.f32ToF16(bits: s[i]) }
         }
     }
 
     static func f32ToBF16(_ source: UnsafeRawPointer, _ destination: UnsafeMutableRawPointer, _ count: Int) {
-        var i = 0
-        while i + 8 <= count {
-            let x = source.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<UInt32>.self)
-            destination.storeBytes(of: FloatBits.f32ToBF16(x), toByteOffset: i * 2, as: SIMD8<UInt16>.self)
-            i += 8
-        }
-        while i < count {
-            let x = source.loadUnaligned(fromByteOffset: i * 4, as: Float.self)
-            destination.storeBytes(of: FloatBits.f32ToBF16(x), toByteOffset: i * 2, as: UInt16.self)
-            i += 1
+        elementwise(source, destination, count) { (s: UnsafePointer<UInt32>, d: UnsafeMutablePointer<UInt16>, n: Int) in
+            for i in 0..<n { d[i] = FloatBits.f32ToBF16(bits: s[i]) }
         }
     }
 
     static func f16ToF32(_ source: UnsafeRawPointer, _ destination: UnsafeMutableRawPointer, _ count: Int) {
-        var i = 0
-        while i + 8 <= count {
-            let h = source.loadUnaligned(fromByteOffset: i * 2, as: SIMD8<UInt16>.self)
-            destination.storeBytes(of: FloatBits.f16ToF32(h), toByteOffset: i * 4, as: SIMD8<UInt32>.self)
-            i += 8
-        }
-        while i < count {
-            let h = source.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)
-            destination.storeBytes(of: FloatBits.f16ToF32(h), toByteOffset: i * 4, as: Float.self)
-            i += 1
+        elementwise(source, destination, count) { (s: UnsafePointer<UInt16>, d: UnsafeMutablePointer<UInt32>, n: Int) in
+            for i in 0..<n { d[i] = FloatBits.f16ToF32(bits: s[i]) }
         }
     }
 
     static func bf16ToF32(_ source: UnsafeRawPointer, _ destination: UnsafeMutableRawPointer, _ count: Int) {
-        var i = 0
-        while i + 8 <= count {
-            let h = source.loadUnaligned(fromByteOffset: i * 2, as: SIMD8<UInt16>.self)
-            let wide = SIMD8<UInt32>(truncatingIfNeeded: h) &<< 16
-            destination.storeBytes(of: wide, toByteOffset: i * 4, as: SIMD8<UInt32>.self)
-            i += 8
-        }
-        while i < count {
-            let h = source.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)
-            destination.storeBytes(of: UInt32(h) << 16, toByteOffset: i * 4, as: UInt32.self)
-            i += 1
+        elementwise(source, destination, count) { (s: UnsafePointer<UInt16>, d: UnsafeMutablePointer<UInt32>, n: Int) in
+            for i in 0..<n { d[i] = UInt32(s[i]) << 16 }
         }
     }
 

@@ -106,7 +106,12 @@ public struct Checkpoint: Sendable {
             if magic.starts(with: [0x50, 0x4B, 0x03, 0x04]) || magic.starts(with: [0x50, 0x4B, 0x05, 0x06]) {
                 return try NPZ.read(storage: storage, path: path, options: options)
             }
-            return try SafeTensors.read(storage: storage, path: path)
+            // No known magic: let the extension pick the parser, so the error explains what is wrong with it.
+            switch FilePaths.fileExtension(of: path) {
+            case "npy": return try NumPy.read(storage: storage, path: path, options: options)
+            case "npz": return try NPZ.read(storage: storage, path: path, options: options)
+            default: return try SafeTensors.read(storage: storage, path: path)
+            }
         } catch {
             throw error.at(path: path)
         }
