@@ -100,18 +100,20 @@ public struct Checkpoint: Sendable {
     public static func open(storage: ByteStorage, path: String, options: ReadOptions = ReadOptions()) throws(CkptError) -> Checkpoint {
         let magic: [UInt8] = storage.withUnsafeBytes { Array($0.prefix(6)) }
         do {
+            // A known extension decides (a safetensors header length can spell "PK\3\4"); magic bytes otherwise.
+            switch FilePaths.fileExtension(of: path) {
+            case "safetensors": return try SafeTensors.read(storage: storage, path: path)
+            case "npy": return try NumPy.read(storage: storage, path: path, options: options)
+            case "npz": return try NPZ.read(storage: storage, path: path, options: options)
+            default: break
+            }
             if magic.starts(with: NumPy.magic) {
                 return try NumPy.read(storage: storage, path: path, options: options)
             }
             if magic.starts(with: [0x50, 0x4B, 0x03, 0x04]) || magic.starts(with: [0x50, 0x4B, 0x05, 0x06]) {
                 return try NPZ.read(storage: storage, path: path, options: options)
             }
-            // No known magic: let the extension pick the parser, so the error explains what is wrong with it.
-            switch FilePaths.fileExtension(of: path) {
-            case "npy": return try NumPy.read(storage: storage, path: path, options: options)
-            case "npz": return try NPZ.read(storage: storage, path: path, options: options)
-            default: return try SafeTensors.read(storage: storage, path: path)
-            }
+            return try SafeTensors.read(storage: storage, path: path)
         } catch {
             throw error.at(path: path)
         }

@@ -15,8 +15,11 @@ extension NPZ {
             guard names.insert(tensor.name).inserted else {
                 throw CkptError(.duplicateName, "tensor name is used twice", path: path, tensor: tensor.name)
             }
-            do {
+            do throws(CkptError) {
                 try ZipArchive.checkName(tensor.name + ".npy")
+                guard tensor.name.utf8.count + 4 <= 0xFFFF else {
+                    throw CkptError(.invalidArgument, "name is longer than a zip member name can be (65,535 bytes)")
+                }
                 _ = try NumPy.descr(for: tensor.dtype)
             } catch {
                 throw error.at(tensor: tensor.name).at(path: path)

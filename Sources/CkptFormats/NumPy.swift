@@ -140,7 +140,8 @@ public enum NumPy {
             case "S", "U", "a": why = "string arrays are not tensors"
             case "M", "m": why = "datetime arrays are not tensors"
             case "f" where size == 1: why = "numpy has no 1-byte float (ml_dtypes writes float8_e5m2 this way; numpy.load rejects it too)"
-            case "f", "c": why = "extended-precision floats have no portable layout"
+            case "f" where size > 8, "c" where size > 16: why = "extended-precision floats have no portable layout"
+            case "f", "c": why = "no such floating-point size"
             default: why = "unknown type"
             }
             throw CkptError(.unsupportedDType, "descr '\(descr)': \(why)")

@@ -40,6 +40,13 @@ public enum ShardedSafeTensors {
         } catch {
             throw error.at(path: indexPath)
         }
+        guard case .object(let top) = json else {
+            throw CkptError(.shardIndex, "index is a JSON \(json.typeName), expected an object", path: indexPath)
+        }
+        var topKeys = Set<String>()
+        for member in top where !topKeys.insert(member.key).inserted {
+            throw CkptError(.shardIndex, "key '\(member.key)' appears twice in the index", path: indexPath)
+        }
         guard case .object(let weightMap)? = json["weight_map"] else {
             throw CkptError(.shardIndex, "index has no 'weight_map' object", path: indexPath)
         }
@@ -49,7 +56,7 @@ public enum ShardedSafeTensors {
             guard case .string(let shard) = value else {
                 throw CkptError(.shardIndex, "weight_map value is not a file name", path: indexPath, tensor: tensor)
             }
-            guard !shard.contains("/"), shard != "..", !shard.isEmpty else {
+            guard !shard.contains("/"), shard != "..", shard != ".", !shard.isEmpty, !shard.utf8.contains(0) else {
                 throw CkptError(.shardIndex, "shard name '\(shard)' must be a plain file name next to the index", path: indexPath, tensor: tensor)
             }
             guard shardOf.updateValue(shard, forKey: tensor) == nil else {
@@ -86,12 +93,8 @@ public enum ShardedSafeTensors {
         for (tensor, shard) in shardOf where !found.contains(tensor) {
             throw CkptError(.shardIndex, "index places the tensor in \(shard), which does not hold it", path: indexPath, tensor: tensor)
         }
-        if let total = json["metadata"]?["total_size"]?.unsignedInteger {
-            let actual = tensors.reduce(0) { $0 + $1.byteCount }
-            guard total == UInt64(actual) else {
-                throw CkptError(.shardIndex, "metadata.total_size is \(total) but the shards hold \(actual) tensor bytes", path: indexPath)
-            }
-        }
+        // metadata.total_size is informational: loaders ignore it, and producers that count shared storage once
+        // legitimately disagree with the sum of tensor bytes.
         return Checkpoint(format: .shardedSafetensors, path: indexPath, metadata: metadata, tensors: tensors, files: files)
     }
 
@@ -147,6 +150,12 @@ public enum ShardedSafeTensors {
         try FilePaths.makeDirectory(directory)
         let shards = plan(tensors, maximumShardBytes: maximumShardBytes)
         if shards.count <= 1 {
+            // A leftover index would win over the new file when the folder is read back.
+            if FileIdentity.of(FilePaths.join(directory, indexName)) != nil {
+                throw CkptError(
+                    .invalidArgument, "the folder holds \(indexName) from an earlier write; remove it or choose another folder",
+                    path: directory)
+            }
             try SafeTensors.write(shards.first ?? [], metadata: metadata, to: FilePaths.join(directory, "model.safetensors"), inputs: inputs, progress: progress)
             return
         }
@@ -172,6 +181,13 @@ public enum ShardedSafeTensors {
             throw error
         }
         // Shards first, index last: a reader that sees the index finds every shard it names.
-        for file in staged { try file.publish() }
+        for (i, file) in staged.enumerated() {
+            do {
+                try file.publish()
+            } catch {
+                staged[(i + 1)...].forEach { $0.discard() }
+                throw error
+            }
+        }
     }
 }

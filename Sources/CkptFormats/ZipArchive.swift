@@ -203,6 +203,11 @@ enum ZipArchive {
                     dataRange: dataStart..<dataEnd.partialValue, storage: storage, archivePath: path))
             position = next
         }
+        // Members may not share bytes (overlapping entries multiply inflate work: the "zip bomb" construction).
+        let ordered = members.sorted { $0.dataRange.lowerBound < $1.dataRange.lowerBound }
+        for (previous, next) in zip(ordered, ordered.dropFirst()) where next.dataRange.lowerBound < previous.dataRange.upperBound {
+            throw CkptError(.zipFormat, "members '\(previous.name)' and '\(next.name)' overlap in the archive")
+        }
         return members
     }
 

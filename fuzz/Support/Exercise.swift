@@ -1,0 +1,70 @@
+// Shared by every fuzz target: drives a parsed checkpoint through every lazy code path
+// (load = CRC check / inflate / byte swap / transpose, then dtype conversion), touching every byte that comes
+// back so AddressSanitizer sees any read outside the buffers the library hands out.
+import CkptCore
+import CkptFormats
+
+/// Folds every byte of `raw` into a running value so no read can be optimised away.
+@inline(never)
+func fuzzTouch(_ raw: UnsafeRawBufferPointer, into acc: inout UInt64) {
+    guard raw.count > 0 else { return }
+    var h = acc
+    for byte in raw { h = (h &* 0x100000001B3) ^ UInt64(byte) }
+    acc = h
+}
+
+@inline(never)
+func fuzzSink(_ value: UInt64) {
+    // An opaque store: keeps the checksum (and the reads behind it) alive.
+    withExtendedLifetime(value) {}
+}
+
+/// Loads every tensor, then streams it through OutputTensor, converting floating tensors.
+func fuzzExercise(_ checkpoint: Checkpoint) {
+    var acc: UInt64 = 0xCBF29CE484222325
+    _ = checkpoint.totalBytes
+    _ = checkpoint.totalParameters
+    for entry in checkpoint.tensors {
+        acc ^= UInt64(truncatingIfNeeded: entry.byteCount)
+        acc ^= UInt64(truncatingIfNeeded: entry.shape.elements)
+        if let bytes = try? entry.load() {
+            // A loaded tensor must be exactly the size it declares.
+            precondition(bytes.count == entry.byteCount, "load() returned \(bytes.count) bytes for \(entry.byteCount)")
+            bytes.withUnsafeBytes { fuzzTouch($0, into: &acc) }
+        }
+        // Pass-through (no conversion), then conversions when the dtype allows them.
+        var targets: [DType?] = [nil]
+        if entry.dtype.isConvertibleFloat {
+            targets.append(entry.dtype == .f16 ? .f32 : .f16)
+            targets.append(.bf16)
+        }
+        for target in targets {
+            guard let output = try? OutputTensor.from(entry, convertingTo: target) else { continue }
+            var written = 0
+            do {
+                try output.write { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+                    written += chunk.count
+                    fuzzTouch(chunk, into: &acc)
+                }
+                precondition(written == output.byteCount, "write produced \(written) of \(output.byteCount) bytes")
+            } catch {
+                // Any CkptError is an acceptable outcome for malformed input.
+            }
+        }
+    }
+    fuzzSink(acc)
+}
+
+/// Runs `parse` on a private copy of the input (ByteStorage copies, so the fuzzer's buffer is never retained).
+@inline(__always)
+func fuzzRun(_ data: UnsafePointer<UInt8>, _ size: Int,
+             _ parse: (ByteStorage) throws(CkptError) -> Checkpoint) {
+    let storage = ByteStorage(copying: UnsafeRawBufferPointer(start: data, count: size))
+    do {
+        let checkpoint = try parse(storage)
+        fuzzExercise(checkpoint)
+    } catch {
+        // Rejected input: fine. Render the error so its description code is exercised too.
+        _ = "\(error)"
+    }
+}
