@@ -183,3 +183,72 @@ def test_f8_header_dtype_and_integers_pass_through(tmp_path):
     assert (raw_tensor(out, "ids", np.int64) == tensors["ids"]).all()
     assert (raw_tensor(out, "mask", np.bool_) == tensors["mask"]).all()
     assert (raw_tensor(out, "u8", np.uint8) == tensors["u8"]).all()
+
+
+def _random_f64(n: int) -> np.ndarray:
+    bits = RNG.integers(0, 2**64, n, dtype=np.uint64)
+    near = RNG.integers(0, 2**52, n, dtype=np.uint64) | (RNG.integers(1023 - 140, 1023 + 130, n).astype(np.uint64) << 52)
+    x = np.concatenate([bits.view(np.float64), near.view(np.float64), np.array([0.0, -0.0, np.inf, -np.inf])])
+    return x[~np.isnan(x)]
+
+
+def _assert_non_nan_bits(got_bits: np.ndarray, want: np.ndarray, what: str) -> None:
+    """Bit-exact away from NaN; NaN at the same positions with the same sign (payload handling is not specified)."""
+    as_float = got_bits.view(want.dtype).astype(np.float64)
+    want_float = want.astype(np.float64)
+    nan = np.isnan(want_float)
+    assert (np.isnan(as_float) == nan).all(), what
+    assert (np.signbit(as_float[nan]) == np.signbit(want_float[nan])).all(), what
+    _assert_bits(got_bits[~nan], want[~nan], what)
+
+
+def test_f64_to_f32_matches_numpy(tmp_path):
+    x = np.concatenate([_random_f64(200_000), [np.nan, -np.nan, 2.0**-150, 2.0**-149 * 1.5, 3.4028235677973366e38]])
+    got = _convert(tmp_path, {"x": x}, "F32")["x"]
+    with np.errstate(all="ignore"):
+        _assert_bits(got, x.astype(np.float32), "F64→F32")
+
+
+def test_all_f16_bf16_codes_cross_conversion(tmp_path):
+    """Every F16 code → BF16 and every BF16 code → F16, F64 against ml_dtypes / numpy."""
+    codes = np.arange(2**16, dtype=np.uint16)
+    h, b = codes.view(np.float16), codes.view(ml_dtypes.bfloat16)
+    with np.errstate(all="ignore"):
+        to_bf16 = _convert(tmp_path, {"h": h}, "BF16")["h"]
+        _assert_non_nan_bits(to_bf16, h.astype(ml_dtypes.bfloat16), "F16→BF16")
+        to_f16 = _convert(tmp_path, {"b": b}, "F16")["b"]
+        _assert_non_nan_bits(to_f16, b.astype(np.float16), "BF16→F16")
+        to_f64 = _convert(tmp_path, {"h": h, "b": b}, "F64")
+        _assert_non_nan_bits(to_f64["h"], h.astype(np.float64), "F16→F64")
+        _assert_non_nan_bits(to_f64["b"], b.astype(np.float64), "BF16→F64")
+
+
+def _f64_to_bf16_single_rounding(x: np.ndarray) -> np.ndarray:
+    """Correctly rounded (one RNE step) float64 → bfloat16: round to odd into float32 (16 spare bits), then RNE."""
+    with np.errstate(all="ignore"):
+        r = x.astype(np.float32)
+        back = r.astype(np.float64)
+        inexact = (back != x) & np.isfinite(x)
+        # truncate toward zero where float32 rounding went away from zero, then force the last bit odd
+        away = inexact & (np.abs(back) > np.abs(x))
+        r = np.where(away, np.nextafter(r, np.float32(0)), r)
+        bits = r.view(np.uint32) | inexact.astype(np.uint32)
+        return bits.view(np.float32).astype(ml_dtypes.bfloat16)
+
+
+def test_f64_to_bf16_single_rounding(tmp_path):
+    """ckpt rounds F64 → BF16 once (round to nearest even on the exact value), like its F64 → F16 and numpy's
+    float64 → float16. ml_dtypes' float64 → bfloat16 cast goes through float32 (two roundings) and differs on
+    a few values; those are checked to really be double-rounding cases."""
+    x = _random_f64(300_000)
+    ulp = 2.0**-7
+    x = np.concatenate([x, [1 + ulp / 2 + 2.0**-40, 1 + ulp / 2 - 2.0**-40, 1 + ulp / 2, 1 + 3 * ulp / 2,
+                            float.fromhex("0x1.5affffeb15483p-91"), 2.0**-134, 2.0**-134 + 2.0**-170, 1e300, -1e-300]])
+    want = _f64_to_bf16_single_rounding(x)
+    got = _convert(tmp_path, {"x": x}, "BF16")["x"]
+    _assert_bits(got, want, "F64→BF16 (single rounding)")
+    with np.errstate(all="ignore"):
+        ml = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+        via_f32 = x.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    differs = ml != want.view(np.uint16)
+    assert (ml[differs] == via_f32[differs]).all()

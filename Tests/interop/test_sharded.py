@@ -146,3 +146,29 @@ def test_resharding_fixture_follows_huggingface_hub(tmp_path):
         assert sorted(shard) == sorted(names)
         for k in names:
             assert_same_array(shard[k], merged[k], name=k)
+
+
+def test_shards_with_dtype_conversion_use_converted_sizes(tmp_path):
+    import ml_dtypes
+
+    tensors = _model()
+    src = tmp_path / "model.safetensors"
+    save_file(tensors, src)
+    out = tmp_path / "bf16"
+    run_ckpt("convert", src, out, "--max-shard-size", "1MB", "--dtype", "BF16")
+    converted = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    index, files = _hf_index(converted, _file_order(src), 1_000_000)
+    assert (out / "model.safetensors.index.json").read_text() == json.dumps(index, indent=2, sort_keys=True) + "\n"
+    for fname, names in files.items():
+        _, header, data = read_safetensors_raw(out / fname)
+        assert sorted(header) == sorted(names)
+        for k in names:
+            assert header[k]["dtype"] == "BF16"
+            assert data[slice(*header[k]["data_offsets"])] == converted[k].tobytes(), k
+
+
+def test_diff_sharded_against_merged(tmp_path):
+    merged = tmp_path / "merged.npz"
+    np.savez(merged, **_fixture_merged())
+    run_ckpt("diff", FIXTURES / "sharded", merged, check=0)
+    run_ckpt("diff", FIXTURES / "sharded" / "model.safetensors.index.json", merged, check=0)

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets for the safetensors, .npy and .npz parsers and runs them.
+#
+#   fuzz/run.sh [TARGET|all] [SECONDS]
+#
+# TARGET: safetensors | numpy | npz | all (default all). SECONDS per target (default 60); 0 only replays the
+# seed corpus and regressions once (a quick check that nothing known crashes).
+# Environment: FUZZ_ARGS (extra libFuzzer flags, e.g. "-jobs=4 -workers=4" or "-seed=1"), SWIFTC (compiler).
+# Outputs live under .build-fuzz/ (gitignored): build products, corpus-<target>/ working corpora seeded from
+# fixtures/ (which is never written), artifacts/ (crash-*, oom-*, timeout-*, leak-*), logs/<target>.log.
+# Exit status: 0 when no target found a problem, 1 when one did, 2 on a usage or build error.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="$ROOT/.build-fuzz"
+SWIFTC="${SWIFTC:-swiftc}"
+TARGET="${1:-all}"
+SECONDS_PER_TARGET="${2:-60}"
+MAX_LEN=65536
+
+case "$TARGET" in
+    all) TARGETS=(safetensors numpy npz) ;;
+    safetensors|numpy|npz) TARGETS=("$TARGET") ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: fuzz/run.sh [safetensors|numpy|npz|all] [SECONDS]" >&2; exit 2 ;;
+esac
+[[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number" >&2; exit 2; }
+
+mkdir -p "$OUT/mods" "$OUT/obj" "$OUT/artifacts" "$OUT/logs"
+
+# Common flags: Swift 6 mode like the package, optimised with debug info, ASan + libFuzzer coverage. lld avoids
+# gold's flood of "Cannot export local symbol __asan_*" warnings.
+FLAGS=(-swift-version 6 -parse-as-library -O -g -sanitize=fuzzer,address -use-ld=lld)
+
+# Rebuilds $1 when any of the remaining paths is newer than it (or it does not exist).
+stale() {
+    local product="$1"; shift
+    [[ -e "$product" ]] || return 0
+    [[ -n "$(find "$@" -newer "$product" -print -quit 2>/dev/null)" ]]
+}
+
+build() {
+    local core_o="$OUT/obj/CkptCore.o" formats_o="$OUT/obj/CkptFormats.o"
+    if stale "$core_o" Sources/CkptCore fuzz/run.sh; then
+        echo "== building CkptCore (ASan + fuzzer coverage)"
+        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptCore \
+            -emit-module -emit-module-path "$OUT/mods/CkptCore.swiftmodule" \
+            Sources/CkptCore/*.swift -o "$core_o"
+        touch "$core_o"
+    fi
+    if stale "$formats_o" Sources/CkptFormats Sources/CCkptZlib "$core_o"; then
+        echo "== building CkptFormats (ASan + fuzzer coverage)"
+        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptFormats -I "$OUT/mods" -I Sources/CCkptZlib \
+            -emit-module -emit-module-path "$OUT/mods/CkptFormats.swiftmodule" \
+            Sources/CkptFormats/*.swift -o "$formats_o"
+        touch "$formats_o"
+    fi
+    local t src exe
+    for t in "${TARGETS[@]}"; do
+        src="$(source_for "$t")"
+        exe="$OUT/fuzz-$t"
+        if stale "$exe" "$src" fuzz/Support "$core_o" "$formats_o"; then
+            echo "== linking fuzz-$t"
+            "$SWIFTC" "${FLAGS[@]}" -module-name "CkptFuzz_$t" -I "$OUT/mods" -I Sources/CCkptZlib \
+                fuzz/Support/*.swift "$src" "$core_o" "$formats_o" -lz -o "$exe"
+        fi
+    done
+}
+
+source_for() {
+    case "$1" in
+        safetensors) echo fuzz/FuzzSafeTensors.swift ;;
+        numpy) echo fuzz/FuzzNumPy.swift ;;
+        npz) echo fuzz/FuzzNPZ.swift ;;
+    esac
+}
+
+# Seed files for a target: valid fixtures, the malformed fixtures of that format, and saved regressions.
+seeds_for() {
+    shopt -s nullglob
+    local files=()
+    case "$1" in
+        safetensors) files=(fixtures/safetensors/*.safetensors fixtures/sharded/*.safetensors
+                            fixtures/malformed/st_*) ;;
+        numpy) files=(fixtures/npy/*.npy fixtures/malformed/npy_*) ;;
+        npz) files=(fixtures/npz/*.npz fixtures/dinov2/*.npz fixtures/malformed/npz_*) ;;
+    esac
+    files+=(fuzz/regressions/"$1"/*)
+    shopt -u nullglob
+    local f
+    for f in "${files[@]}"; do [[ -f "$f" && "$(basename "$f")" != README* ]] && echo "$f"; done
+}
+
+# Copies the seeds into the working corpus (prefixed, so fixture names stay recognisable; never overwrites).
+prepare_corpus() {
+    local t="$1" dir="$OUT/corpus-$1" f
+    mkdir -p "$dir"
+    while IFS= read -r f; do
+        cp -n "$f" "$dir/seed-$(echo "$f" | tr '/' '_')" 2>/dev/null || true
+    done < <(seeds_for "$t")
+}
+
+# stat_of LOG NAME sum|max: a libFuzzer final statistic (summed or maxed over workers when -jobs is used).
+stat_of() {
+    { grep -o "stat::$2: *[0-9]*" "$1" || true; } |
+        awk -v mode="$3" '{v=$NF; if (mode=="max") {if (v>r) r=v} else r+=v} END{print r+0}'
+}
+
+declare -A SUMMARY
+FAILED=0
+
+run_target() {
+    local t="$1" exe="$OUT/fuzz-$1" corpus="$OUT/corpus-$1" log="$OUT/logs/$1.log"
+    prepare_corpus "$t"
+    local before after rc=0
+    before="$(ls "$OUT/artifacts" | grep -c "^$t-" || true)"
+    local args=(-max_len=$MAX_LEN -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+                -artifact_prefix="$OUT/artifacts/$t-")
+    if [[ "$SECONDS_PER_TARGET" == 0 ]]; then
+        echo "== replaying seeds + regressions for $t"
+        # Replays each file once (no mutation, corpus unchanged).
+        mapfile -t files < <(seeds_for "$t")
+        "$exe" "${args[@]}" ${FUZZ_ARGS:-} -runs=1 "${files[@]}" >"$log" 2>&1 || rc=$?
+    else
+        echo "== fuzzing $t for ${SECONDS_PER_TARGET}s (log: ${log#$ROOT/})"
+        "$exe" "${args[@]}" -max_total_time="$SECONDS_PER_TARGET" ${FUZZ_ARGS:-} "$corpus" >"$log" 2>&1 || rc=$?
+    fi
+    after="$(ls "$OUT/artifacts" | grep -c "^$t-" || true)"
+    local new=$((after - before))
+    local execs rate cov ft corp rss
+    execs="$(stat_of "$log" number_of_executed_units sum)"
+    rate="$(stat_of "$log" average_exec_per_sec sum)"
+    rss="$(stat_of "$log" peak_rss_mb max)"
+    cov="$( { grep -o 'cov: [0-9]*' "$log" || true; } | tail -1 | awk '{print $2}')"
+    ft="$( { grep -o 'ft: [0-9]*' "$log" || true; } | tail -1 | awk '{print $2}')"
+    corp="$(ls "$corpus" | wc -l)"
+    local status=ok
+    if [[ $rc -ne 0 || $new -gt 0 ]]; then
+        status="FAILED(rc=$rc)"
+        FAILED=1
+        grep -m1 -E 'ERROR: (AddressSanitizer|libFuzzer|LeakSanitizer)|Fatal error|SUMMARY' "$log" | sed 's/^/   /' || true
+        ls -t "$OUT/artifacts" | grep "^$t-" | head -5 | sed "s|^|   artifact: .build-fuzz/artifacts/|"
+    fi
+    SUMMARY[$t]="$(printf '%-12s execs=%-10s exec/s=%-7s cov=%-6s ft=%-6s corpus=%-5s peak_rss=%sMB crashes=%s %s' \
+        "$t" "$execs" "$rate" "${cov:-?}" "${ft:-?}" "$corp" "$rss" "$new" "$status")"
+}
+
+build
+for t in "${TARGETS[@]}"; do run_target "$t"; done
+echo "== summary"
+for t in "${TARGETS[@]}"; do echo "${SUMMARY[$t]}"; done
+exit $FAILED
