@@ -58,12 +58,12 @@ build() {
     fi
     local t src exe
     for t in "${TARGETS[@]}"; do
-        src="$(source_for "$t")"
+        read -r -a src <<<"$(source_for "$t")"
         exe="$OUT/fuzz-$t"
-        if stale "$exe" "$src" fuzz/Support "$core_o" "$formats_o"; then
+        if stale "$exe" "${src[@]}" fuzz/Support "$core_o" "$formats_o"; then
             echo "== linking fuzz-$t"
             "$SWIFTC" "${FLAGS[@]}" -module-name "CkptFuzz_$t" -I "$OUT/mods" -I Sources/CCkptZlib \
-                fuzz/Support/*.swift "$src" "$core_o" "$formats_o" -lz -o "$exe"
+                fuzz/Support/*.swift "${src[@]}" "$core_o" "$formats_o" -lz -o "$exe"
         fi
     done
 }
@@ -72,7 +72,7 @@ source_for() {
     case "$1" in
         safetensors) echo fuzz/FuzzSafeTensors.swift ;;
         numpy) echo fuzz/FuzzNumPy.swift ;;
-        npz) echo fuzz/FuzzNPZ.swift ;;
+        npz) echo fuzz/FuzzNPZ.swift fuzz/ZipFixup.swift ;;
     esac
 }
 
@@ -117,6 +117,7 @@ run_target() {
     before="$(ls "$OUT/artifacts" | grep -c "^$t-" || true)"
     local args=(-max_len=$MAX_LEN -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
                 -artifact_prefix="$OUT/artifacts/$t-")
+    [[ -f "fuzz/dicts/$t.dict" ]] && args+=(-dict="fuzz/dicts/$t.dict")
     if [[ "$SECONDS_PER_TARGET" == 0 ]]; then
         echo "== replaying seeds + regressions for $t"
         # Replays each file once (no mutation, corpus unchanged).

@@ -45,9 +45,9 @@ public struct CheckpointComparison: Sendable {
 public enum Comparison {
     /// Compares every tensor both checkpoints hold (in A's order), in parallel across cores.
     public static func compare(_ a: Checkpoint, _ b: Checkpoint) throws(CkptError) -> CheckpointComparison {
-        let indexB = Dictionary(b.tensors.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { x, _ in x })
-        let namesA = Set(a.tensors.map(\.name))
-        let pairs = a.tensors.compactMap { t in indexB[t.name].map { (t, b.tensors[$0]) } }
+        let indexB = Dictionary(b.tensors.enumerated().map { (NameKey($1.name), $0) }, uniquingKeysWith: { x, _ in x })
+        let namesA = Set(a.tensors.map { NameKey($0.name) })
+        let pairs = a.tensors.compactMap { t in indexB[NameKey(t.name)].map { (t, b.tensors[$0]) } }
         let results = UnsafeMutableBufferPointer<Result<TensorComparison, CkptError>?>.allocate(capacity: pairs.count)
         results.initialize(repeating: nil)
         defer { results.deallocate() }
@@ -77,8 +77,8 @@ public enum Comparison {
         }
         return CheckpointComparison(
             tensors: tensors,
-            onlyInA: a.tensors.map(\.name).filter { indexB[$0] == nil },
-            onlyInB: b.tensors.map(\.name).filter { !namesA.contains($0) })
+            onlyInA: a.tensors.map(\.name).filter { indexB[NameKey($0)] == nil },
+            onlyInB: b.tensors.map(\.name).filter { !namesA.contains(NameKey($0)) })
     }
 
     /// Compares two tensors.

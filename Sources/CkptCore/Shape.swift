@@ -43,3 +43,10 @@ public struct Shape: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { "[" + dims.map(String.init).joined(separator: ", ") + "]" }
 }
+
+/// A tensor name compared byte for byte. Swift's `String ==` treats canonically equivalent spellings ("é" and
+/// "e\u{301}") as equal; file formats compare names as bytes, so every name set and map in ckpt uses this key.
+public struct NameKey: Hashable, Sendable {
+    public let utf8: [UInt8]
+    public init(_ name: String) { utf8 = Array(name.utf8) }
+}

@@ -70,6 +70,11 @@ public enum FilePaths {
         return names.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }
     }
 
+    /// Removes `path` if it is an empty directory (cleanup after a failed write into a folder ckpt created).
+    public static func removeEmptyDirectory(_ path: String) {
+        _ = rmdir(path)
+    }
+
     /// Creates `path` as a directory if it does not exist yet.
     public static func makeDirectory(_ path: String) throws(CkptError) {
         if let identity = FileIdentity.of(path) {

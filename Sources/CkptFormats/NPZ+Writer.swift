@@ -10,9 +10,9 @@ extension NPZ {
         _ tensors: [OutputTensor], to path: String, compress: Bool,
         inputs: [FileIdentity] = [], progress: ProgressReporter? = nil
     ) throws(CkptError) {
-        var names = Set<String>()
+        var names = Set<NameKey>()
         for tensor in tensors {
-            guard names.insert(tensor.name).inserted else {
+            guard names.insert(NameKey(tensor.name)).inserted else {
                 throw CkptError(.duplicateName, "tensor name is used twice", path: path, tensor: tensor.name)
             }
             do throws(CkptError) {

@@ -8,30 +8,30 @@ public enum NPZ {
 
     public static func read(storage: ByteStorage, path: String, options: Checkpoint.ReadOptions) throws(CkptError) -> Checkpoint {
         let members = try ZipArchive.members(storage: storage, path: path)
-        var manifest: [String: DType] = [:]
+        var manifest: [NameKey: DType] = [:]
         if let member = members.first(where: { $0.name == dtypeManifestName }) {
             manifest = try readManifest(member)
         }
         var tensors: [TensorEntry] = []
         var skipped: [String] = []
-        var names = Set<String>()
+        var names = Set<NameKey>()
         for member in members where member.name != dtypeManifestName {
             guard member.name.hasSuffix(".npy") else {
                 skipped.append(member.name)
                 continue
             }
             let name = String(member.name.dropLast(4))
-            guard names.insert(name).inserted else {
+            guard names.insert(NameKey(name)).inserted else {
                 throw CkptError(.duplicateName, "two members hold the array '\(name)'", path: path, tensor: name)
             }
             do {
-                tensors.append(try entry(for: member, name: name, path: path, options: options, manifest: manifest[name]))
+                tensors.append(try entry(for: member, name: name, path: path, options: options, manifest: manifest[NameKey(name)]))
             } catch {
                 throw error.at(tensor: name).at(path: path)
             }
         }
         for name in manifest.keys where !names.contains(name) {
-            throw CkptError(.invalidMetadata, "\(dtypeManifestName) names an array the archive does not hold", path: path, tensor: name)
+            throw CkptError(.invalidMetadata, "\(dtypeManifestName) names an array the archive does not hold", path: path, tensor: String(decoding: name.utf8, as: UTF8.self))
         }
         var metadata: [String: String] = [:]
         if !skipped.isEmpty { metadata["skipped_members"] = skipped.joined(separator: ",") }
@@ -58,7 +58,7 @@ public enum NPZ {
         return TensorEntry(name: name, dtype: dtype, shape: shape, byteCount: byteCount, path: path, source: .zipMember(member, layout))
     }
 
-    private static func readManifest(_ member: ZipMember) throws(CkptError) -> [String: DType] {
+    private static func readManifest(_ member: ZipMember) throws(CkptError) -> [NameKey: DType] {
         guard member.uncompressedSize <= 16 << 20 else {
             throw CkptError(.tooLarge, "\(dtypeManifestName) is larger than 16 MiB")
         }
@@ -67,12 +67,14 @@ public enum NPZ {
         guard case .object(let entries) = json else {
             throw CkptError(.invalidMetadata, "\(dtypeManifestName) must be a JSON object of name → dtype")
         }
-        var result: [String: DType] = [:]
+        var result: [NameKey: DType] = [:]
         for (name, value) in entries {
             guard case .string(let text) = value, let dtype = DType(rawValue: text) else {
                 throw CkptError(.invalidMetadata, "\(dtypeManifestName): '\(name)' does not map to a dtype name")
             }
-            result[name] = dtype
+            guard result.updateValue(dtype, forKey: NameKey(name)) == nil else {
+                throw CkptError(.invalidMetadata, "\(dtypeManifestName): '\(name)' appears twice")
+            }
         }
         return result
     }

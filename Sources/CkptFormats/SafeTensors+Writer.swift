@@ -33,12 +33,12 @@ extension SafeTensors {
             first = false
         }
         var offset = 0
-        var names = Set<String>()
+        var names = Set<NameKey>()
         for tensor in tensors {
             guard tensor.dtype.isSafetensorsType else {
                 throw CkptError(.unsupportedDType, "\(tensor.dtype.name) has no safetensors dtype; convert it first", tensor: tensor.name)
             }
-            guard tensor.name != "__metadata__", names.insert(tensor.name).inserted else {
+            guard tensor.name != "__metadata__", names.insert(NameKey(tensor.name)).inserted else {
                 throw CkptError(.duplicateName, "tensor name is used twice or reserved", tensor: tensor.name)
             }
             if !first { json += "," }

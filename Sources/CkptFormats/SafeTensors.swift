@@ -46,11 +46,11 @@ public enum SafeTensors {
         }
 
         var metadata: [String: String] = [:]
-        var seen = Set<String>()
+        var seen = Set<NameKey>()
         var tensors: [TensorInfo] = []
         tensors.reserveCapacity(members.count)
         for (key, value) in members {
-            guard seen.insert(key).inserted else {
+            guard seen.insert(NameKey(key)).inserted else {
                 throw CkptError(.duplicateName, "name appears more than once in the header", tensor: key)
             }
             if key == "__metadata__" {

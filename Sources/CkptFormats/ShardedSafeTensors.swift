@@ -50,7 +50,7 @@ public enum ShardedSafeTensors {
         guard case .object(let weightMap)? = json["weight_map"] else {
             throw CkptError(.shardIndex, "index has no 'weight_map' object", path: indexPath)
         }
-        var shardOf: [String: String] = [:]
+        var shardOf: [NameKey: String] = [:]
         var shardOrder: [String] = []
         for (tensor, value) in weightMap {
             guard case .string(let shard) = value else {
@@ -59,7 +59,7 @@ public enum ShardedSafeTensors {
             guard !shard.contains("/"), shard != "..", shard != ".", !shard.isEmpty, !shard.utf8.contains(0) else {
                 throw CkptError(.shardIndex, "shard name '\(shard)' must be a plain file name next to the index", path: indexPath, tensor: tensor)
             }
-            guard shardOf.updateValue(shard, forKey: tensor) == nil else {
+            guard shardOf.updateValue(shard, forKey: NameKey(tensor)) == nil else {
                 throw CkptError(.duplicateName, "tensor listed twice in weight_map", path: indexPath, tensor: tensor)
             }
             if !shardOrder.contains(shard) { shardOrder.append(shard) }
@@ -68,7 +68,7 @@ public enum ShardedSafeTensors {
         var tensors: [TensorEntry] = []
         var metadata: [String: String] = [:]
         var files = [indexPath]
-        var found = Set<String>()
+        var found = Set<NameKey>()
         for shard in shardOrder.sorted(by: { $0.utf8.lexicographicallyPrecedes($1.utf8) }) {
             let shardPath = FilePaths.join(directory, shard)
             let checkpoint: Checkpoint
@@ -80,18 +80,18 @@ public enum ShardedSafeTensors {
             files.append(shardPath)
             for (key, value) in checkpoint.metadata { metadata[key] = value }
             for tensor in checkpoint.tensors {
-                guard shardOf[tensor.name] == shard else {
-                    let listed = shardOf[tensor.name].map { "the index places it in \($0)" } ?? "the index does not list it"
+                guard shardOf[NameKey(tensor.name)] == shard else {
+                    let listed = shardOf[NameKey(tensor.name)].map { "the index places it in \($0)" } ?? "the index does not list it"
                     throw CkptError(.shardIndex, "tensor found in \(shard) but \(listed)", path: shardPath, tensor: tensor.name)
                 }
-                guard found.insert(tensor.name).inserted else {
+                guard found.insert(NameKey(tensor.name)).inserted else {
                     throw CkptError(.duplicateName, "tensor appears in two shards", path: shardPath, tensor: tensor.name)
                 }
                 tensors.append(tensor)
             }
         }
         for (tensor, shard) in shardOf where !found.contains(tensor) {
-            throw CkptError(.shardIndex, "index places the tensor in \(shard), which does not hold it", path: indexPath, tensor: tensor)
+            throw CkptError(.shardIndex, "index places the tensor in \(shard), which does not hold it", path: indexPath, tensor: String(decoding: tensor.utf8, as: UTF8.self))
         }
         // metadata.total_size is informational: loaders ignore it, and producers that count shared storage once
         // legitimately disagree with the sum of tensor bytes.
@@ -127,16 +127,17 @@ public enum ShardedSafeTensors {
     }
 
     /// The index JSON exactly as transformers writes it (`json.dumps(…, indent=2, sort_keys=True) + "\n"`).
-    public static func indexJSON(totalSize: Int, weightMap: [String: String]) -> String {
+    public static func indexJSON(totalSize: Int, weightMap: [(tensor: String, shard: String)]) -> String {
         var json = "{\n  \"metadata\": {\n    \"total_size\": \(totalSize)\n  },\n  \"weight_map\": {"
-        let keys = weightMap.keys.sorted { Array($0.unicodeScalars.map(\.value)).lexicographicallyPrecedes(Array($1.unicodeScalars.map(\.value))) }
-        for (i, key) in keys.enumerated() {
+        // sort_keys orders by code point, which is the UTF-8 byte order.
+        let entries = weightMap.sorted { $0.tensor.utf8.lexicographicallyPrecedes($1.tensor.utf8) }
+        for (i, entry) in entries.enumerated() {
             json += i == 0 ? "\n    " : ",\n    "
-            JSONWriter.appendString(key, to: &json, asciiOnly: true)
+            JSONWriter.appendString(entry.tensor, to: &json, asciiOnly: true)
             json += ": "
-            JSONWriter.appendString(weightMap[key]!, to: &json, asciiOnly: true)
+            JSONWriter.appendString(entry.shard, to: &json, asciiOnly: true)
         }
-        json += keys.isEmpty ? "}\n}\n" : "\n  }\n}\n"
+        json += entries.isEmpty ? "}\n}\n" : "\n  }\n}\n"
         return json
     }
 
@@ -147,7 +148,20 @@ public enum ShardedSafeTensors {
         _ tensors: [OutputTensor], metadata: [String: String], to directory: String, maximumShardBytes: Int,
         inputs: [FileIdentity] = [], progress: ProgressReporter? = nil
     ) throws(CkptError) {
+        let createdDirectory = FileIdentity.of(directory) == nil
         try FilePaths.makeDirectory(directory)
+        do {
+            try writeShards(tensors, metadata: metadata, to: directory, maximumShardBytes: maximumShardBytes, inputs: inputs, progress: progress)
+        } catch {
+            if createdDirectory { FilePaths.removeEmptyDirectory(directory) }
+            throw error
+        }
+    }
+
+    private static func writeShards(
+        _ tensors: [OutputTensor], metadata: [String: String], to directory: String, maximumShardBytes: Int,
+        inputs: [FileIdentity], progress: ProgressReporter?
+    ) throws(CkptError) {
         let shards = plan(tensors, maximumShardBytes: maximumShardBytes)
         if shards.count <= 1 {
             // A leftover index would win over the new file when the folder is read back.
@@ -161,11 +175,13 @@ public enum ShardedSafeTensors {
         }
         var staged: [StagedFile] = []
         do throws(CkptError) {
-            var weightMap: [String: String] = [:]
+            var weightMap: [(tensor: String, shard: String)] = []
+            var written = Set<NameKey>()
             for (i, shard) in shards.enumerated() {
                 let name = shardName(i, of: shards.count)
                 for tensor in shard {
-                    guard weightMap.updateValue(name, forKey: tensor.name) == nil else {
+                    weightMap.append((tensor.name, name))
+                    guard written.insert(NameKey(tensor.name)).inserted else {
                         throw CkptError(.duplicateName, "tensor name is used twice", path: directory, tensor: tensor.name)
                     }
                 }

@@ -120,7 +120,7 @@ enum ZipArchive {
 
         var members: [ZipMember] = []
         members.reserveCapacity(entryCount)
-        var names = Set<String>()
+        var names = Set<NameKey>()
         var position = directoryOffset
         for _ in 0..<entryCount {
             guard position + 46 <= directoryEnd.partialValue, u32(bytes, position) == 0x0201_4B50 else {
@@ -142,7 +142,7 @@ enum ZipArchive {
             guard SafeTensors.validUTF8(nameBytes) else { throw CkptError(.zipFormat, "member name is not valid UTF-8") }
             let name = String(decoding: nameBytes, as: UTF8.self)
             try checkName(name)
-            guard names.insert(name).inserted else {
+            guard names.insert(NameKey(name)).inserted else {
                 throw CkptError(.duplicateName, "member '\(name)' appears twice in the archive")
             }
             // ZIP64 extended information: 64-bit values for exactly the fields saturated at 0xFFFFFFFF.

@@ -19,8 +19,7 @@ struct ShardedTests {
     @Test("index JSON is byte-identical to the fixture written with json.dumps(indent=2, sort_keys=True)")
     func indexText() throws {
         let checkpoint = try Checkpoint.open(Support.fixture("sharded"))
-        var weightMap: [String: String] = [:]
-        for t in checkpoint.tensors { weightMap[t.name] = FilePaths.fileName(of: t.path) }
+        let weightMap = checkpoint.tensors.map { (tensor: $0.name, shard: FilePaths.fileName(of: $0.path)) }
         let text = ShardedSafeTensors.indexJSON(totalSize: checkpoint.totalBytes, weightMap: weightMap)
         #expect(Array(text.utf8) == (try Support.read(Support.fixture("sharded/model.safetensors.index.json"))))
         #expect(checkpoint.format == .shardedSafetensors)

