@@ -54,18 +54,16 @@ extension NPZ {
             var crc: UInt32 = 0
             var size = 0
             if compress {
-                let deflater = try RawDeflater()
+                let deflater = ParallelDeflater()
                 let emit: OutputTensor.Sink = { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
                     crc = CRC32.checksum(chunk, continuing: crc)
                     size += chunk.count
-                    try deflater.compress(chunk, finish: false) { (out: UnsafeRawBufferPointer) throws(CkptError) in try file.write(out) }
+                    try deflater.compress(chunk) { (out: UnsafeRawBufferPointer) throws(CkptError) in try file.write(out) }
                     progress?.advance(bytes: chunk.count)
                 }
                 try header.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try emit(raw) }
                 try body(emit)
-                try deflater.compress(UnsafeRawBufferPointer(start: nil, count: 0), finish: true) { (out: UnsafeRawBufferPointer) throws(CkptError) in
-                    try file.write(out)
-                }
+                try deflater.finish { (out: UnsafeRawBufferPointer) throws(CkptError) in try file.write(out) }
             } else {
                 let emit: OutputTensor.Sink = { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
                     crc = CRC32.checksum(chunk, continuing: crc)

@@ -44,18 +44,10 @@ public enum NPZ {
         // The header sits in the first bytes of the member: read (or inflate) only those.
         let prefix = try member.prefix(10 + 4 + NumPy.maximumHeaderSize)
         let header = try prefix.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try NumPy.parseHeader(raw) }
-        let (dtype, swap) = try NumPy.resolve(header, voidDTypes: options.voidDTypes, manifest: manifest)
-        let shape = try Shape(header.shape)
-        let byteCount = try shape.byteCount(for: dtype)
-        let available = member.uncompressedSize - header.dataOffset
-        guard available >= byteCount else {
-            throw CkptError(.shortData, "array needs \(byteCount) data bytes but member '\(member.name)' has \(available)")
-        }
-        guard available == byteCount else {
-            throw CkptError(.trailingData, "\(available - byteCount) bytes follow the array data in member '\(member.name)'")
-        }
-        let layout = NpyLayout(dataOffset: header.dataOffset, swapBytes: swap, fortranOrder: header.fortranOrder)
-        return TensorEntry(name: name, dtype: dtype, shape: shape, byteCount: byteCount, path: path, source: .zipMember(member, layout))
+        let p = try NumPy.payload(
+            header, available: member.uncompressedSize, voidDTypes: options.voidDTypes, manifest: manifest,
+            container: "member '\(member.name)'")
+        return TensorEntry(name: name, dtype: p.dtype, shape: p.shape, byteCount: p.byteCount, path: path, source: .zipMember(member, p.layout))
     }
 
     private static func readManifest(_ member: ZipMember) throws(CkptError) -> [NameKey: DType] {

@@ -171,26 +171,43 @@ public enum NumPy {
         }
     }
 
+    /// What a parsed header describes once its dtype is resolved, with the payload size checked against the
+    /// `available` bytes after the header (shared by .npy files and .npz members).
+    struct Payload {
+        let dtype: DType
+        let shape: Shape
+        let byteCount: Int
+        let layout: NpyLayout
+    }
+
+    static func payload(
+        _ header: Header, available total: Int, voidDTypes: [Int: DType], manifest: DType? = nil, container: String
+    ) throws(CkptError) -> Payload {
+        let (dtype, swap) = try resolve(header, voidDTypes: voidDTypes, manifest: manifest)
+        let shape = try Shape(header.shape)
+        let byteCount = try shape.byteCount(for: dtype)
+        let available = total - header.dataOffset
+        guard available >= byteCount else {
+            throw CkptError(.shortData, "array needs \(byteCount) data bytes but \(container) has \(available)")
+        }
+        guard available == byteCount else {
+            throw CkptError(.trailingData, "\(available - byteCount) bytes follow the array data in \(container)")
+        }
+        return Payload(
+            dtype: dtype, shape: shape, byteCount: byteCount,
+            layout: NpyLayout(dataOffset: header.dataOffset, swapBytes: swap, fortranOrder: header.fortranOrder))
+    }
+
     /// Reads a single-array `.npy` file; the tensor is named after the file (without `.npy`).
     public static func read(storage: ByteStorage, path: String, options: Checkpoint.ReadOptions) throws(CkptError) -> Checkpoint {
         let (header, entry): (Header, TensorEntry) = try storage.withUnsafeBytes { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
             let header = try parseHeader(bytes)
-            let (dtype, swap) = try resolve(header, voidDTypes: options.voidDTypes)
-            let shape = try Shape(header.shape)
-            let byteCount = try shape.byteCount(for: dtype)
-            let available = bytes.count - header.dataOffset
-            guard available >= byteCount else {
-                throw CkptError(.shortData, "array needs \(byteCount) data bytes but the file has \(available)")
-            }
-            guard available == byteCount else {
-                throw CkptError(.trailingData, "\(available - byteCount) bytes follow the array data")
-            }
+            let p = try payload(header, available: bytes.count, voidDTypes: options.voidDTypes, container: "the file")
             var name = FilePaths.fileName(of: path)
             if name.lowercased().hasSuffix(".npy") { name = String(name.dropLast(4)) }
-            let data = TensorBytes(storage: storage, range: header.dataOffset..<header.dataOffset + byteCount)
-            let layout = NpyLayout(dataOffset: header.dataOffset, swapBytes: swap, fortranOrder: header.fortranOrder)
-            let source: TensorSource = layout.isCanonical(shape: shape) ? .bytes(data) : .npyPayload(data, layout)
-            return (header, TensorEntry(name: name, dtype: dtype, shape: shape, byteCount: byteCount, path: path, source: source))
+            let data = TensorBytes(storage: storage, range: header.dataOffset..<header.dataOffset + p.byteCount)
+            let source: TensorSource = p.layout.isCanonical(shape: p.shape) ? .bytes(data) : .npyPayload(data, p.layout)
+            return (header, TensorEntry(name: name, dtype: p.dtype, shape: p.shape, byteCount: p.byteCount, path: path, source: source))
         }
         var metadata: [String: String] = ["npy_version": "\(header.version.major).\(header.version.minor)", "descr": header.descr]
         if header.fortranOrder { metadata["fortran_order"] = "True" }

@@ -23,13 +23,23 @@ struct ZipMember: Sendable {
         switch method {
         case .stored:
             let bytes = TensorBytes(storage: storage, range: dataRange)
-            let crc = bytes.withUnsafeBytes { CRC32.checksum($0) }
+            // Checksum in chunks, dropping each from the resident set: the caller streams the data again later, and
+            // peak memory must stay near one chunk, not the member size.
+            var crc: UInt32 = 0
+            var offset = dataRange.lowerBound
+            while offset < dataRange.upperBound {
+                let chunk = offset..<min(dataRange.upperBound, offset + (8 << 20))
+                crc = storage.withUnsafeBytes(in: chunk) { CRC32.checksum($0, continuing: crc) }
+                storage.doneReading(chunk)
+                offset = chunk.upperBound
+            }
             guard crc == crc32 else {
                 throw CkptError(.crcMismatch, "CRC-32 of member '\(name)' is \(hex(crc)), the archive says \(hex(crc32))")
             }
             return bytes
         case .deflated:
             let output = try ByteStorage(uninitializedCount: uncompressedSize) { (buffer: UnsafeMutableRawBufferPointer) throws(CkptError) in
+                defer { storage.doneReading(dataRange) }  // the compressed bytes are consumed
                 try storage.withUnsafeBytes(in: dataRange) { (input: UnsafeRawBufferPointer) throws(CkptError) in
                     _ = try RawInflate.inflate(input, into: buffer)
                 }

@@ -1,5 +1,6 @@
 import CCkptZlib
 import CkptCore
+import Dispatch
 
 /// CRC-32 (the zip/PNG polynomial) via zlib.
 public enum CRC32 {
@@ -9,54 +10,85 @@ public enum CRC32 {
     }
 }
 
-/// A raw-deflate (zip method 8) stream. Owns the heap-allocated z_stream (zlib keeps a pointer back to it, so it
-/// must not move) and ends it in `deinit`.
-struct RawDeflater: ~Copyable {
-    private let stream: UnsafeMutablePointer<z_stream>
-    private let output: UnsafeMutablePointer<UInt8>
-    private static let outputCapacity = 1 << 18
+/// Raw deflate (zip method 8) on every core, the way pigz does it: the input is cut into 1 MiB blocks, each block
+/// is compressed by its own zlib stream ending in a sync flush (byte-aligned, not final), and the last block of
+/// the member ends with Z_FINISH. The concatenation is one valid deflate stream that any inflater reads; the only
+/// cost is that no block can refer back into the previous one (negligible for tensor data).
+final class ParallelDeflater {
+    private let blockSize = 1 << 20
+    private let batchBlocks = max(2, Parallel.coreCount * 2)
+    private let level: Int32
+    private let pending: UnsafeMutableRawPointer
+    private var pendingCount = 0
 
-    init(level: Int32 = Z_DEFAULT_COMPRESSION) throws(CkptError) {
+    init(level: Int32 = Z_DEFAULT_COMPRESSION) {
+        self.level = level
+        pending = UnsafeMutableRawPointer.allocate(byteCount: blockSize * batchBlocks, alignment: 64)
+    }
+
+    deinit { pending.deallocate() }
+
+    /// Buffers `input`, compressing and emitting whole batches of blocks as they fill.
+    func compress(_ input: UnsafeRawBufferPointer, _ sink: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
+        var offset = 0
+        let capacity = blockSize * batchBlocks
+        while offset < input.count {
+            let n = min(capacity - pendingCount, input.count - offset)
+            (pending + pendingCount).copyMemory(from: input.baseAddress! + offset, byteCount: n)
+            pendingCount += n
+            offset += n
+            // Keep the last batch back until `finish`, so the final block can be marked final.
+            if pendingCount == capacity && offset < input.count { try flush(final: false, sink) }
+        }
+    }
+
+    /// Compresses what is buffered and ends the stream.
+    func finish(_ sink: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
+        try flush(final: true, sink)
+    }
+
+    private func flush(final: Bool, _ sink: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
+        let blocks = max(1, (pendingCount + blockSize - 1) / blockSize)
+        let bound = blockSize + blockSize / 1000 + 1024  // deflate's worst-case expansion plus the flush markers
+        let outputs = UnsafeMutableRawPointer.allocate(byteCount: bound * blocks, alignment: 64)
+        defer { outputs.deallocate() }
+        let sizes = UnsafeMutableBufferPointer<Int>.allocate(capacity: blocks)
+        defer { sizes.deallocate() }
+        sizes.initialize(repeating: -1)
+        nonisolated(unsafe) let input = UnsafeRawPointer(pending), output = outputs, produced = sizes
+        let total = pendingCount, blockSize = self.blockSize, level = self.level
+        DispatchQueue.concurrentPerform(iterations: blocks) { i in
+            let start = i * blockSize
+            let count = max(0, min(blockSize, total - start))
+            let last = final && i == blocks - 1
+            produced[i] = ParallelDeflater.deflateBlock(
+                input + start, count, into: output + i * bound, capacity: bound, level: level, finish: last)
+        }
+        for i in 0..<blocks {
+            guard sizes[i] >= 0 else { throw CkptError(.io, "zlib deflate failed") }
+            try sink(UnsafeRawBufferPointer(start: outputs + i * bound, count: sizes[i]))
+        }
+        pendingCount = 0
+    }
+
+    /// Compresses one block with a fresh raw-deflate stream; returns the compressed size, or -1 on failure.
+    private static func deflateBlock(
+        _ input: UnsafeRawPointer, _ count: Int, into output: UnsafeMutableRawPointer, capacity: Int, level: Int32, finish: Bool
+    ) -> Int {
+        // zlib keeps a pointer back to its z_stream: use one address for the stream's whole life.
         let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
         stream.initialize(to: z_stream())
-        // windowBits -15: raw deflate, no zlib header, as zip requires.
-        let status = ckpt_deflateInit2(stream, level, Z_DEFLATED, -MAX_WBITS, 8, Z_DEFAULT_STRATEGY)
-        guard status == Z_OK else {
-            stream.deallocate()
-            throw CkptError(.io, "zlib deflateInit2 failed", cause: "zlib status \(status)")
-        }
-        self.stream = stream
-        self.output = UnsafeMutablePointer<UInt8>.allocate(capacity: RawDeflater.outputCapacity)
-    }
-
-    deinit {
-        deflateEnd(stream)
-        stream.deallocate()
-        output.deallocate()
-    }
-
-    /// Compresses `input` (or finishes the stream when `finish`), handing compressed bytes to `sink`.
-    func compress(_ input: UnsafeRawBufferPointer, finish: Bool, _ sink: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
-        var remaining = input
-        repeat {
-            // avail_in is 32-bit: feed at most 1 GiB at a time.
-            let feed = min(remaining.count, 1 << 30)
-            stream.pointee.next_in = UnsafeMutablePointer(mutating: remaining.baseAddress?.assumingMemoryBound(to: Bytef.self))
-            stream.pointee.avail_in = UInt32(feed)
-            let last = finish && feed == remaining.count
-            while true {
-                stream.pointee.next_out = output
-                stream.pointee.avail_out = UInt32(RawDeflater.outputCapacity)
-                let status = deflate(stream, last ? Z_FINISH : Z_NO_FLUSH)
-                guard status == Z_OK || status == Z_STREAM_END || status == Z_BUF_ERROR else {
-                    throw CkptError(.io, "zlib deflate failed", cause: "zlib status \(status)")
-                }
-                let produced = RawDeflater.outputCapacity - Int(stream.pointee.avail_out)
-                if produced > 0 { try sink(UnsafeRawBufferPointer(start: output, count: produced)) }
-                if last ? status == Z_STREAM_END : (stream.pointee.avail_in == 0 && stream.pointee.avail_out > 0) { break }
-            }
-            remaining = feed == remaining.count ? UnsafeRawBufferPointer(start: nil, count: 0) : UnsafeRawBufferPointer(rebasing: remaining[feed...])
-        } while remaining.count > 0
+        defer { stream.deallocate() }
+        // Raw deflate (windowBits -15): zip members carry no zlib header.
+        guard ckpt_deflateInit2(stream, level, Z_DEFLATED, -MAX_WBITS, 8, Z_DEFAULT_STRATEGY) == Z_OK else { return -1 }
+        defer { deflateEnd(stream) }
+        stream.pointee.next_in = UnsafeMutablePointer(mutating: input.assumingMemoryBound(to: Bytef.self))
+        stream.pointee.avail_in = UInt32(count)
+        stream.pointee.next_out = output.assumingMemoryBound(to: Bytef.self)
+        stream.pointee.avail_out = UInt32(capacity)
+        let status = deflate(stream, finish ? Z_FINISH : Z_SYNC_FLUSH)
+        let done = finish ? status == Z_STREAM_END : (status == Z_OK && stream.pointee.avail_in == 0)
+        return done ? capacity - Int(stream.pointee.avail_out) : -1
     }
 }
 

@@ -9,7 +9,7 @@ enum Formatting {
     static func printf(_ format: String, _ value: Double) -> String {
         var buffer = [CChar](repeating: 0, count: 64)
         _ = withVaList([value]) { vsnprintf(&buffer, buffer.count, format, $0) }
-        return String(cString: buffer)
+        return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
     /// `1234567` → `1,234,567`.
