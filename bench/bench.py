@@ -249,7 +249,8 @@ def compare_npz(a, b):
                 return False, f"{k}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
             if x.tobytes() != y.tobytes():
                 return False, f"{k}: array bytes differ"
-    return True, "bit-identical arrays, same compression"
+    same_file = os.path.getsize(a) == os.path.getsize(b) and files_equal(a, b)
+    return True, "bit-identical arrays, same compression" + ("; identical files" if same_file else "")
 
 
 def compare_inspect(py_json, ckpt_json):
@@ -397,6 +398,7 @@ def machine_info(ckpt, py):
             os.path.getmtime(ckpt), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "swift": sh(["swift", "--version"]).splitlines()[0] if shutil.which("swift") else "?",
         "python": vers[0], "numpy": vers[1], "safetensors": vers[2], "ml_dtypes": vers[3],
+        "loadavg_start": os.getloadavg()[0],
         "git_commit": commit + (" (+uncommitted Sources changes)" if dirty else ""),
     }
 
@@ -409,7 +411,8 @@ def render(info, results, mode, big, largest):
     L = []
     L.append(f"### ckpt benchmark ({mode}) — {info['date']}")
     L.append("")
-    L.append(f"- machine: {info['nproc']} cores, {info['cpu']}, {info['memory']} RAM, Linux {info['kernel']}")
+    L.append(f"- machine: {info['nproc']} cores, {info['cpu']}, {info['memory']} RAM, Linux {info['kernel']}; "
+             f"1-min load average {info['loadavg_start']:.2f} at start, {info['loadavg_end']:.2f} at end")
     L.append(f"- ckpt {info['ckpt_version']} ({info['ckpt_binary']}, built {info['ckpt_binary_mtime']}), "
              f"git {info['git_commit']}, {info['swift']}")
     L.append(f"- Python {info['python']}, numpy {info['numpy']}, safetensors {info['safetensors']}, "
@@ -551,6 +554,7 @@ def main():
         print(f" ckpt {fmt_s(r['ckpt']['median_s'])}, python {fmt_s(r['python']['median_s'])}, "
               f"match={'yes' if r['match'] else 'NO'} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(f"total {time.perf_counter() - t_all:.0f} s\n")
+    info["loadavg_end"] = os.getloadavg()[0]
     if os.path.getmtime(ckpt) != ckpt_mtime:
         print("WARNING: the ckpt binary changed during the run; results mix two builds.\n")
         info["ckpt_binary_mtime"] += " (CHANGED during run!)"

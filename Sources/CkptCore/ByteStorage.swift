@@ -21,11 +21,11 @@ public final class ByteStorage: @unchecked Sendable {
     public init<E: Error>(
         uninitializedCount count: Int, initialize: (UnsafeMutableRawBufferPointer) throws(E) -> Void
     ) throws(E) {
-        let pointer = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 64)
+        let pointer = LargeAllocation.allocate(count)
         do {
             try initialize(UnsafeMutableRawBufferPointer(start: pointer, count: count))
         } catch {
-            pointer.deallocate()
+            LargeAllocation.deallocate(pointer, count: count)
             throw error
         }
         self.base = pointer
@@ -48,7 +48,7 @@ public final class ByteStorage: @unchecked Sendable {
     }
 
     deinit {
-        if ownsHeap { base?.deallocate() }
+        if ownsHeap, let base { LargeAllocation.deallocate(base, count: count) }
     }
 
     public var isMapped: Bool { mapping != nil }

@@ -42,11 +42,11 @@ public struct OutputFile: ~Copyable {
         self.path = path
         self.temporaryPath = temporary
         self.fd = descriptor
-        self.buffer = UnsafeMutableRawPointer.allocate(byteCount: OutputFile.bufferCapacity, alignment: 64)
+        self.buffer = LargeAllocation.allocate(OutputFile.bufferCapacity)
     }
 
     deinit {
-        buffer.deallocate()
+        LargeAllocation.deallocate(buffer, count: OutputFile.bufferCapacity)
         if !committed {
             close(fd)
             unlink(temporaryPath)

@@ -84,8 +84,8 @@ public struct OutputTensor: Sendable {
     ) throws(CkptError) {
         let inWidth = from.byteWidth!, outWidth = to.byteWidth!
         let perChunk = max(8, chunkBytes / max(inWidth, outWidth))
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: perChunk * outWidth, alignment: 64)
-        defer { buffer.deallocate() }
+        let buffer = LargeAllocation.allocate(perChunk * outWidth)
+        defer { LargeAllocation.deallocate(buffer, count: perChunk * outWidth) }
         var done = 0
         while done < count {
             let n = min(perChunk, count - done)

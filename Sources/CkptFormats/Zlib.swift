@@ -20,13 +20,20 @@ final class ParallelDeflater {
     private let level: Int32
     private let pending: UnsafeMutableRawPointer
     private var pendingCount = 0
+    /// deflate's worst-case expansion of one block, plus room for the flush markers.
+    private var outputBound: Int { blockSize + blockSize / 1000 + 1024 }
+    private let outputs: UnsafeMutableRawPointer
 
     init(level: Int32 = Z_DEFAULT_COMPRESSION) {
         self.level = level
-        pending = UnsafeMutableRawPointer.allocate(byteCount: blockSize * batchBlocks, alignment: 64)
+        pending = LargeAllocation.allocate(blockSize * batchBlocks)
+        outputs = LargeAllocation.allocate((blockSize + blockSize / 1000 + 1024) * batchBlocks)
     }
 
-    deinit { pending.deallocate() }
+    deinit {
+        LargeAllocation.deallocate(pending, count: blockSize * batchBlocks)
+        LargeAllocation.deallocate(outputs, count: outputBound * batchBlocks)
+    }
 
     /// Buffers `input`, compressing and emitting whole batches of blocks as they fill.
     func compress(_ input: UnsafeRawBufferPointer, _ sink: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
@@ -49,9 +56,7 @@ final class ParallelDeflater {
 
     private func flush(final: Bool, _ sink: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
         let blocks = max(1, (pendingCount + blockSize - 1) / blockSize)
-        let bound = blockSize + blockSize / 1000 + 1024  // deflate's worst-case expansion plus the flush markers
-        let outputs = UnsafeMutableRawPointer.allocate(byteCount: bound * blocks, alignment: 64)
-        defer { outputs.deallocate() }
+        let bound = outputBound
         let sizes = UnsafeMutableBufferPointer<Int>.allocate(capacity: blocks)
         defer { sizes.deallocate() }
         sizes.initialize(repeating: -1)
