@@ -2,23 +2,12 @@
 // directory and local header) to match its mutated contents, so mutations get past the CRC check and reach the
 // .npy parsing, byte swapping and transposing that `load()` does behind it. Only half of the mutations are fixed
 // up, so the CRC-mismatch paths stay covered. Only linked into fuzz-npz (see run.sh).
-#if canImport(Glibc)
-import Glibc
-#endif
 import CCkptZlib
-
-private typealias MutateFunction = @convention(c) (UnsafeMutablePointer<UInt8>, Int, Int) -> Int
-
-/// libFuzzer's own mutator, looked up at run time (it lives in the fuzzer runtime linked into the binary).
-private let libFuzzerMutate: MutateFunction? = {
-    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "LLVMFuzzerMutate") else { return nil }
-    return unsafeBitCast(symbol, to: MutateFunction.self)
-}()
+import CFuzzerHooks
 
 @_cdecl("LLVMFuzzerCustomMutator")
 public func fuzzCustomMutator(_ data: UnsafeMutablePointer<UInt8>, _ size: Int, _ maxSize: Int, _ seed: UInt32) -> Int {
-    guard let mutate = libFuzzerMutate else { return size }
-    let newSize = mutate(data, size, maxSize)
+    let newSize = LLVMFuzzerMutate(data, size, maxSize)
     if seed & 1 == 0 {
         zipFixCRCs(UnsafeMutableRawBufferPointer(start: data, count: newSize))
     }

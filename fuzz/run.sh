@@ -5,7 +5,8 @@
 #
 # TARGET: safetensors | numpy | npz | all (default all). SECONDS per target (default 60); 0 only replays the
 # seed corpus and regressions once (a quick check that nothing known crashes).
-# Environment: FUZZ_ARGS (extra libFuzzer flags, e.g. "-jobs=4 -workers=4" or "-seed=1"), SWIFTC (compiler).
+# Environment: FUZZ_ARGS (extra libFuzzer flags, e.g. "-jobs=4 -workers=4" or "-seed=1"), SWIFTC (compiler),
+# FUZZ_SKIP_REGRESSIONS=1 (do not seed with fuzz/regressions/<target>/, e.g. while a saved crash is unfixed).
 # Outputs live under .build-fuzz/ (gitignored): build products, corpus-<target>/ working corpora seeded from
 # fixtures/ (which is never written), artifacts/ (crash-*, oom-*, timeout-*, leak-*), logs/<target>.log.
 # Exit status: 0 when no target found a problem, 1 when one did, 2 on a usage or build error.
@@ -27,6 +28,12 @@ case "$TARGET" in
 esac
 [[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number" >&2; exit 2; }
 
+# The Swift runtime's crash backtracer fights ASan (its memory server trips ASan and can hang the process):
+# leave crash reports to libFuzzer/ASan. Deterministic hashing keeps Set/Dictionary order, and so coverage,
+# stable from run to run.
+export SWIFT_BACKTRACE=enable=no
+export SWIFT_DETERMINISTIC_HASHING=1
+
 mkdir -p "$OUT/mods" "$OUT/obj" "$OUT/artifacts" "$OUT/logs"
 
 # Common flags: Swift 6 mode like the package, optimised with debug info, ASan + libFuzzer coverage. lld avoids
@@ -42,7 +49,14 @@ stale() {
 
 build() {
     local core_o="$OUT/obj/CkptCore.o" formats_o="$OUT/obj/CkptFormats.o"
-    if stale "$core_o" Sources/CkptCore fuzz/run.sh; then
+    # One build at a time (two run.sh started together would otherwise write the same objects).
+    exec 9>"$OUT/build.lock"
+    flock 9
+    # Rebuild everything when the compiler or the flags change.
+    local stamp="$OUT/obj/flags.stamp"
+    local flags_now="$("$SWIFTC" --version 2>&1 | head -1) ${FLAGS[*]}"
+    [[ -f "$stamp" && "$(cat "$stamp")" == "$flags_now" ]] || { rm -f "$OUT"/obj/*.o; echo "$flags_now" >"$stamp"; }
+    if stale "$core_o" Sources/CkptCore; then
         echo "== building CkptCore (ASan + fuzzer coverage)"
         "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptCore \
             -emit-module -emit-module-path "$OUT/mods/CkptCore.swiftmodule" \
@@ -60,12 +74,13 @@ build() {
     for t in "${TARGETS[@]}"; do
         read -r -a src <<<"$(source_for "$t")"
         exe="$OUT/fuzz-$t"
-        if stale "$exe" "${src[@]}" fuzz/Support "$core_o" "$formats_o"; then
+        if stale "$exe" "${src[@]}" fuzz/Support fuzz/CFuzzerHooks "$core_o" "$formats_o"; then
             echo "== linking fuzz-$t"
-            "$SWIFTC" "${FLAGS[@]}" -module-name "CkptFuzz_$t" -I "$OUT/mods" -I Sources/CCkptZlib \
+            "$SWIFTC" "${FLAGS[@]}" -module-name "CkptFuzz_$t" -I "$OUT/mods" -I Sources/CCkptZlib -I fuzz/CFuzzerHooks \
                 fuzz/Support/*.swift "${src[@]}" "$core_o" "$formats_o" -lz -o "$exe"
         fi
     done
+    flock -u 9
 }
 
 source_for() {
@@ -76,7 +91,8 @@ source_for() {
     esac
 }
 
-# Seed files for a target: valid fixtures, the malformed fixtures of that format, and saved regressions.
+# Seed files for a target: valid fixtures, the malformed fixtures of that format, hand-made seeds for paths the
+# fixtures miss (fuzz/seeds/<target>/) and saved crashers (fuzz/regressions/<target>/).
 seeds_for() {
     shopt -s nullglob
     local files=()
@@ -86,7 +102,10 @@ seeds_for() {
         numpy) files=(fixtures/npy/*.npy fixtures/malformed/npy_*) ;;
         npz) files=(fixtures/npz/*.npz fixtures/dinov2/*.npz fixtures/malformed/npz_*) ;;
     esac
-    files+=(fuzz/regressions/"$1"/*)
+    # Saved crashers replay first in every run; FUZZ_SKIP_REGRESSIONS=1 leaves them out (to keep fuzzing while
+    # a known crash is still unfixed).
+    files+=(fuzz/seeds/"$1"/*)
+    [[ "${FUZZ_SKIP_REGRESSIONS:-0}" == 1 ]] || files+=(fuzz/regressions/"$1"/*)
     shopt -u nullglob
     local f
     for f in "${files[@]}"; do [[ -f "$f" && "$(basename "$f")" != README* ]] && echo "$f"; done
@@ -96,6 +115,8 @@ seeds_for() {
 prepare_corpus() {
     local t="$1" dir="$OUT/corpus-$1" f
     mkdir -p "$dir"
+    # Copies of saved crashers stay out of the working corpus when asked to skip them.
+    [[ "${FUZZ_SKIP_REGRESSIONS:-0}" == 1 ]] && rm -f "$dir"/seed-fuzz_regressions_*
     while IFS= read -r f; do
         cp -n "$f" "$dir/seed-$(echo "$f" | tr '/' '_')" 2>/dev/null || true
     done < <(seeds_for "$t")
@@ -129,6 +150,8 @@ run_target() {
     fi
     after="$(ls "$OUT/artifacts" | grep -c "^$t-" || true)"
     local new=$((after - before))
+    # A replay (or a crash libFuzzer wrote no artifact for) still counts as one crash.
+    [[ $rc -ne 0 && $new -eq 0 ]] && new=1
     local execs rate cov ft corp rss
     execs="$(stat_of "$log" number_of_executed_units sum)"
     rate="$(stat_of "$log" average_exec_per_sec sum)"
@@ -141,7 +164,8 @@ run_target() {
         status="FAILED(rc=$rc)"
         FAILED=1
         grep -m1 -E 'ERROR: (AddressSanitizer|libFuzzer|LeakSanitizer)|Fatal error|SUMMARY' "$log" | sed 's/^/   /' || true
-        ls -t "$OUT/artifacts" | grep "^$t-" | head -5 | sed "s|^|   artifact: .build-fuzz/artifacts/|"
+        { ls -t "$OUT/artifacts" | grep "^$t-" || true; } | head -5 | sed "s|^|   artifact: .build-fuzz/artifacts/|"
+        echo "   full report: ${log#$ROOT/}"
     fi
     SUMMARY[$t]="$(printf '%-12s execs=%-10s exec/s=%-7s cov=%-6s ft=%-6s corpus=%-5s peak_rss=%sMB crashes=%s %s' \
         "$t" "$execs" "$rate" "${cov:-?}" "${ft:-?}" "$corp" "$rss" "$new" "$status")"

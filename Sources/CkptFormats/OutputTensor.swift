@@ -83,7 +83,7 @@ public struct OutputTensor: Sendable {
         _ bytes: TensorBytes, from: DType, to: DType, count: Int, _ sink: Sink
     ) throws(CkptError) {
         let inWidth = from.byteWidth!, outWidth = to.byteWidth!
-        let perChunk = max(8, chunkBytes / max(inWidth, outWidth))
+        let perChunk = max(1, min(count, chunkBytes / max(inWidth, outWidth)))
         let buffer = LargeAllocation.allocate(perChunk * outWidth)
         defer { LargeAllocation.deallocate(buffer, count: perChunk * outWidth) }
         var done = 0

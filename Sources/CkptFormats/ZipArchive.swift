@@ -180,7 +180,8 @@ enum ZipArchive {
                 throw CkptError(.zipFormat, "member '\(name)' uses compression method \(methodCode); only stored (0) and deflate (8) are supported")
             }
             // The local header repeats the name; its own extra length decides where the data starts.
-            guard localOffset + 30 <= directoryOffset, u32(bytes, localOffset) == 0x0403_4B50 else {
+            // Written so that a hostile ZIP64 offset near Int.max cannot overflow.
+            guard localOffset <= directoryOffset - 30, u32(bytes, localOffset) == 0x0403_4B50 else {
                 throw CkptError(.zipFormat, "member '\(name)': no local file header at offset \(localOffset)")
             }
             let localNameLength = u16(bytes, localOffset + 26)

@@ -95,3 +95,26 @@ struct MalformedCorpusTests {
         #expect(code?.rawValue == entry.code)
     }
 }
+
+@Suite("Fuzzer regressions")
+struct FuzzRegressionTests {
+    static let files: [String] = {
+        let root = Support.repositoryRoot + "/fuzz/regressions"
+        let targets = (try? FilePaths.contents(of: root)) ?? []
+        return targets.flatMap { target in
+            ((try? FilePaths.contents(of: root + "/" + target)) ?? []).map { "fuzz/regressions/\(target)/\($0)" }
+        }
+    }()
+
+    @Test("inputs that once crashed a fuzz target now fail with a ckpt error", arguments: files)
+    func regression(file: String) {
+        let path = Support.repositoryRoot + "/" + file
+        let code = Support.errorCode { () throws(CkptError) in try Checkpoint.open(path) }
+        #expect(code != nil)
+    }
+
+    @Test("there are regression inputs to replay")
+    func present() {
+        #expect(!Self.files.isEmpty)
+    }
+}
