@@ -7,6 +7,8 @@ public final class ByteStorage: @unchecked Sendable {
     public let count: Int
     private let mapping: MappedFile?
     private let ownsHeap: Bool
+    /// The mapped file's path (nil for in-memory storage).
+    public let path: String?
 
     /// Maps `path` read-only.
     public init(mapping path: String) throws(CkptError) {
@@ -15,6 +17,7 @@ public final class ByteStorage: @unchecked Sendable {
         self.count = file.count
         self.mapping = consume file
         self.ownsHeap = false
+        self.path = path
     }
 
     /// An owned, uninitialised buffer of `count` bytes, filled by `initialize` before it is shared.
@@ -32,6 +35,7 @@ public final class ByteStorage: @unchecked Sendable {
         self.count = count
         self.mapping = nil
         self.ownsHeap = true
+        self.path = nil
     }
 
     /// An owned copy of `bytes` (used for small in-memory inputs, e.g. fuzzing and tests).
@@ -66,6 +70,18 @@ public final class ByteStorage: @unchecked Sendable {
     ) throws(E) -> R {
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "range outside storage")
         return try body(UnsafeRawBufferPointer(start: base.map { $0 + range.lowerBound }, count: range.count))
+    }
+
+    /// A copy of `range` (which the caller has validated) that maps no pages: `pread` for mapped files.
+    public func copyBytes(_ range: Range<Int>) throws(CkptError) -> [UInt8] {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count, "range outside storage")
+        if isMapped {
+            guard let bytes = mapping?.read(range) else {
+                throw CkptError(.io, "cannot read bytes \(range.lowerBound)..<\(range.upperBound)", path: path, cause: errnoText())
+            }
+            return bytes
+        }
+        return withUnsafeBytes(in: range) { Array($0) }
     }
 
     /// Hint that `range` is about to be read in full (mapped storage only).

@@ -27,6 +27,31 @@ public struct TensorEntry: Sendable {
         self.source = source
     }
 
+    /// Streams the tensor's bytes (C order, little-endian) in chunks of at most `maxBytes` (a multiple of every
+    /// element size), dropping each chunk's input pages from memory once `body` has used it.
+    ///
+    /// Stored zip members are checksummed on the way, in the same single pass, and a CRC mismatch is thrown after
+    /// the last chunk: a caller that writes what it receives must discard that output on error, as ckpt's
+    /// atomic writers do. Everything else is loaded (and verified) first, as ``load()`` does.
+    public func forEachChunk(maxBytes: Int, _ body: (UnsafeRawBufferPointer) throws(CkptError) -> Void) throws(CkptError) {
+        do {
+            if case .zipMember(let member, let layout) = source, member.method == .stored, layout.isCanonical(shape: shape) {
+                try member.streamStored(payloadOffset: layout.dataOffset, payloadCount: byteCount, maxBytes: maxBytes, body)
+                return
+            }
+            let bytes = try load()
+            var offset = 0
+            repeat {
+                let range = bytes.range.lowerBound + offset..<bytes.range.lowerBound + min(bytes.count, offset + maxBytes)
+                try bytes.storage.withUnsafeBytes(in: range, body)
+                bytes.storage.doneReading(range)
+                offset = range.upperBound - bytes.range.lowerBound
+            } while offset < bytes.count
+        } catch {
+            throw error.at(tensor: name).at(path: path)
+        }
+    }
+
     /// The tensor's bytes in C order, little-endian: a zero-copy view of the input where the file layout already
     /// is that, otherwise a decoded copy (inflated, CRC-checked, byte-swapped or transposed as needed).
     public func load() throws(CkptError) -> TensorBytes {

@@ -56,46 +56,27 @@ public struct OutputTensor: Sendable {
             throw CkptError(.unsupportedConversion, "cannot convert \(entry.dtype.name) to \(outputType.name)", path: entry.path, tensor: entry.name)
         }
         return try OutputTensor(name: entry.name, dtype: outputType, shape: entry.shape) { (sink: Sink) throws(CkptError) in
-            let bytes = try entry.load()
             if outputType == entry.dtype {
-                try streamUnchanged(bytes, sink)
+                try entry.forEachChunk(maxBytes: chunkBytes, sink)
             } else {
-                try streamConverted(bytes, from: entry.dtype, to: outputType, count: entry.shape.elements, sink)
+                try streamConverted(entry, to: outputType, sink)
             }
         }
     }
 
+    /// Chunk size for streaming: a multiple of every element size, small enough to keep memory flat.
     static let chunkBytes = 8 << 20
 
-    private static func streamUnchanged(_ bytes: TensorBytes, _ sink: Sink) throws(CkptError) {
-        var offset = 0
-        while offset < bytes.count {
-            let n = min(chunkBytes, bytes.count - offset)
-            let range = bytes.range.lowerBound + offset..<bytes.range.lowerBound + offset + n
-            try bytes.storage.withUnsafeBytes(in: range) { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(raw) }
-            bytes.storage.doneReading(range)
-            offset += n
-        }
-        if bytes.count == 0 { try sink(UnsafeRawBufferPointer(start: nil, count: 0)) }
-    }
-
-    private static func streamConverted(
-        _ bytes: TensorBytes, from: DType, to: DType, count: Int, _ sink: Sink
-    ) throws(CkptError) {
-        let inWidth = from.byteWidth!, outWidth = to.byteWidth!
-        let perChunk = max(1, min(count, chunkBytes / max(inWidth, outWidth)))
-        let buffer = LargeAllocation.allocate(perChunk * outWidth)
-        defer { LargeAllocation.deallocate(buffer, count: perChunk * outWidth) }
-        var done = 0
-        while done < count {
-            let n = min(perChunk, count - done)
-            let range = bytes.range.lowerBound + done * inWidth..<bytes.range.lowerBound + (done + n) * inWidth
-            bytes.storage.withUnsafeBytes(in: range) { raw in
-                DTypeConversion.convertParallel(from: from, to: to, count: n, source: raw.baseAddress!, destination: buffer)
-            }
-            bytes.storage.doneReading(range)
+    private static func streamConverted(_ entry: TensorEntry, to target: DType, _ sink: Sink) throws(CkptError) {
+        let inWidth = entry.dtype.byteWidth!, outWidth = target.byteWidth!
+        let capacity = max(1, min(entry.byteCount, chunkBytes) / inWidth) * outWidth
+        let buffer = LargeAllocation.allocate(capacity)
+        defer { LargeAllocation.deallocate(buffer, count: capacity) }
+        try entry.forEachChunk(maxBytes: chunkBytes) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+            let n = chunk.count / inWidth
+            guard n > 0 else { return }
+            DTypeConversion.convertParallel(from: entry.dtype, to: target, count: n, source: chunk.baseAddress!, destination: buffer)
             try sink(UnsafeRawBufferPointer(start: buffer, count: n * outWidth))
-            done += n
         }
     }
 }

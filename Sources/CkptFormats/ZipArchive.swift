@@ -52,16 +52,41 @@ struct ZipMember: Sendable {
         }
     }
 
+    /// Streams a stored member's payload (the bytes after `payloadOffset`) in chunks while computing the member's
+    /// CRC-32; throws `crcMismatch` after the last chunk if it is wrong.
+    func streamStored(
+        payloadOffset: Int, payloadCount: Int, maxBytes: Int, _ body: (UnsafeRawBufferPointer) throws(CkptError) -> Void
+    ) throws(CkptError) {
+        precondition(method == .stored && payloadOffset + payloadCount == dataRange.count)
+        var crc = try storage.copyBytes(dataRange.lowerBound..<dataRange.lowerBound + payloadOffset).withBytes { CRC32.checksum($0) }
+        var offset = dataRange.lowerBound + payloadOffset
+        repeat {
+            let range = offset..<min(dataRange.upperBound, offset + maxBytes)
+            try storage.withUnsafeBytes(in: range) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+                crc = CRC32.checksum(chunk, continuing: crc)
+                try body(chunk)
+            }
+            storage.doneReading(range)
+            offset = range.upperBound
+        } while offset < dataRange.upperBound
+        guard crc == crc32 else {
+            throw CkptError(.crcMismatch, "CRC-32 of member '\(name)' is \(hex(crc)), the archive says \(hex(crc32))")
+        }
+    }
+
     /// The first `count` uncompressed bytes (for reading an .npy header without inflating the whole member).
     func prefix(_ count: Int) throws(CkptError) -> [UInt8] {
         let n = min(count, uncompressedSize)
         switch method {
         case .stored:
-            return storage.withUnsafeBytes(in: dataRange.lowerBound..<dataRange.lowerBound + n) { Array($0) }
+            return try storage.copyBytes(dataRange.lowerBound..<dataRange.lowerBound + n)
         case .deflated:
+            // n output bytes never need more than a little over n input bytes (stored blocks cost 5 bytes per
+            // 64 KiB), so a bounded pread of the start of the stream is enough.
+            let input = try storage.copyBytes(dataRange.lowerBound..<dataRange.lowerBound + min(compressedSize, 2 * n + 1024))
             let result = try ByteStorage(uninitializedCount: n) { (out: UnsafeMutableRawBufferPointer) throws(CkptError) in
-                try storage.withUnsafeBytes(in: dataRange) { (input: UnsafeRawBufferPointer) throws(CkptError) in
-                    _ = try RawInflate.inflate(input, into: out, prefixOnly: true)
+                try input.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in
+                    _ = try RawInflate.inflate(raw, into: out, prefixOnly: true)
                 }
             }
             return result.withUnsafeBytes { Array($0) }
@@ -181,16 +206,20 @@ enum ZipArchive {
             }
             // The local header repeats the name; its own extra length decides where the data starts.
             // Written so that a hostile ZIP64 offset near Int.max cannot overflow.
-            guard localOffset <= directoryOffset - 30, u32(bytes, localOffset) == 0x0403_4B50 else {
+            guard localOffset <= directoryOffset - 30 - nameLength else {
                 throw CkptError(.zipFormat, "member '\(name)': no local file header at offset \(localOffset)")
             }
-            let localNameLength = u16(bytes, localOffset + 26)
-            let localExtraLength = u16(bytes, localOffset + 28)
-            let dataStart = localOffset + 30 + localNameLength + localExtraLength
-            guard localNameLength == nameLength,
-                dataStart <= directoryOffset,
-                UnsafeRawBufferPointer(rebasing: bytes[localOffset + 30..<localOffset + 30 + nameLength]).elementsEqual(nameBytes)
-            else {
+            // Read through pread, not the mapping: see ByteStorage.copyBytes.
+            let local = try storage.copyBytes(localOffset..<localOffset + 30 + nameLength)
+            let localHeader = try local.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) -> (Int, Int, Int, Bool) in
+                (u32(raw, 0), u16(raw, 26), u16(raw, 28), UnsafeRawBufferPointer(rebasing: raw[30...]).elementsEqual(nameBytes))
+            }
+            guard localHeader.0 == 0x0403_4B50 else {
+                throw CkptError(.zipFormat, "member '\(name)': no local file header at offset \(localOffset)")
+            }
+            let localNameLength = localHeader.1
+            let dataStart = localOffset + 30 + localNameLength + localHeader.2
+            guard localNameLength == nameLength, dataStart <= directoryOffset, localHeader.3 else {
                 throw CkptError(.zipFormat, "member '\(name)': local header does not match the central directory")
             }
             let dataEnd = dataStart.addingReportingOverflow(compressed)

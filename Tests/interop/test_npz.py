@@ -226,3 +226,26 @@ def test_fixture_npz_read_like_numpy(tmp_path, fixture, target):
     assert sorted(got) == sorted(want)
     for k, v in want.items():
         assert_same_array(got[k], v, name=k)
+
+
+def test_ckpt_writes_zip64_end_records_for_many_members(tmp_path):
+    """More than 65,535 members need the ZIP64 end-of-central-directory record and locator. ckpt writes them;
+    zipfile and numpy.load read every member back, and ckpt reads its own archive."""
+    count = 70_000
+    src = tmp_path / "many.safetensors"
+    tensors = {f"t{i:05d}": np.array([i], dtype=np.int32) for i in range(count)}
+    save_file(tensors, src, metadata={"format": "pt"})
+    out = tmp_path / "many.npz"
+    run_ckpt("convert", src, out, timeout=300)
+    blob = out.read_bytes()
+    assert b"PK\x06\x06" in blob[-200:] and b"PK\x06\x07" in blob[-200:], "ZIP64 end record and locator expected"
+    eocd = blob[-22:]
+    assert eocd[:4] == b"PK\x05\x06" and struct.unpack("<H", eocd[10:12])[0] == 0xFFFF
+    with zipfile.ZipFile(out) as z:
+        assert len(z.infolist()) == count
+    loaded = np.load(out)
+    assert len(loaded.files) == count
+    for i in (0, 1, 65_535, 65_536, count - 1):
+        assert loaded[f"t{i:05d}"].tolist() == [i]
+    info = inspect_json(out)
+    assert len(info["tensors"]) == count and info["total_bytes"] == 4 * count
