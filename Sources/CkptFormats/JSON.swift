@@ -49,6 +49,13 @@ public indirect enum JSONValue: Equatable, Sendable {
         return value
     }
 
+    /// For an object, the first key that appears twice (compared byte for byte), if any.
+    public var repeatedKey: String? {
+        guard case .object(let members) = self else { return nil }
+        var seen = Set<NameKey>()
+        return members.first { !seen.insert(NameKey($0.key)).inserted }?.key
+    }
+
     public subscript(key: String) -> JSONValue? {
         guard case .object(let members) = self else { return nil }
         return members.last(where: { $0.key == key })?.value

@@ -148,12 +148,11 @@ public enum SafeTensors {
     }
 
     private static func parseTensor(_ name: String, _ value: JSONValue) throws(CkptError) -> TensorInfo {
-        guard case .object(let fields) = value else {
+        guard case .object = value else {
             throw CkptError(.invalidHeader, "entry is a JSON \(value.typeName), expected an object", tensor: name)
         }
-        var fieldNames = Set<String>()
-        for field in fields where !fieldNames.insert(field.key).inserted {
-            throw CkptError(.invalidHeader, "field '\(field.key)' appears twice in the entry", tensor: name)
+        if let field = value.repeatedKey {
+            throw CkptError(.invalidHeader, "field '\(field)' appears twice in the entry", tensor: name)
         }
         guard case .string(let dtypeName)? = value["dtype"] else {
             throw CkptError(.invalidHeader, "missing or non-string 'dtype'", tensor: name)

@@ -40,12 +40,11 @@ public enum ShardedSafeTensors {
         } catch {
             throw error.at(path: indexPath)
         }
-        guard case .object(let top) = json else {
+        guard case .object = json else {
             throw CkptError(.shardIndex, "index is a JSON \(json.typeName), expected an object", path: indexPath)
         }
-        var topKeys = Set<String>()
-        for member in top where !topKeys.insert(member.key).inserted {
-            throw CkptError(.shardIndex, "key '\(member.key)' appears twice in the index", path: indexPath)
+        if let key = json.repeatedKey {
+            throw CkptError(.shardIndex, "key '\(key)' appears twice in the index", path: indexPath)
         }
         guard case .object(let weightMap)? = json["weight_map"] else {
             throw CkptError(.shardIndex, "index has no 'weight_map' object", path: indexPath)
