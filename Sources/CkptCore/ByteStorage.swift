@@ -84,11 +84,8 @@ public final class ByteStorage: @unchecked Sendable {
         return withUnsafeBytes(in: range) { Array($0) }
     }
 
-    /// Hint that `range` is about to be read in full (mapped storage only).
-    public func willRead(_ range: Range<Int>) { mapping?.advise(range, willNeed: true) }
-
     /// Drop `range` from the resident set once it has been consumed (mapped storage only).
-    public func doneReading(_ range: Range<Int>) { mapping?.advise(range, willNeed: false) }
+    public func doneReading(_ range: Range<Int>) { mapping?.release(range) }
 }
 
 /// A tensor's bytes: a range of a ``ByteStorage``.
@@ -112,7 +109,6 @@ public struct TensorBytes: Sendable {
         try storage.withUnsafeBytes(in: range, body)
     }
 
-    public func willRead() { storage.willRead(range) }
     public func doneReading() { storage.doneReading(range) }
 }
 

@@ -80,17 +80,18 @@ public struct MappedFile: ~Copyable {
         try body(UnsafeRawBufferPointer(start: base, count: count))
     }
 
-    /// Tells the kernel a range will be read sequentially (read-ahead) or is no longer needed (drops it from
-    /// this process's resident set; the page cache keeps it). Keeps peak RSS of streaming conversions low.
-    public func advise(_ range: Range<Int>, willNeed: Bool) {
+    /// Drops a consumed range from this process's resident set (the page cache keeps it). Keeps the peak RSS
+    /// of streaming conversions near one chunk.
+    ///
+    /// The range widens to 2 MiB boundaries: the kernel maps whole large folios (up to 2 MiB) on a fault, so
+    /// touching a few bytes can make megabytes resident. Dropping a neighbour's pages is harmless: they come
+    /// back from the page cache on the next access.
+    public func release(_ range: Range<Int>) {
         guard let base, !range.isEmpty else { return }
-        // Releases widen to 2 MiB boundaries: the kernel maps whole large folios (up to 2 MiB) on a fault, so
-        // touching a few bytes can make megabytes resident. Dropping a neighbour's pages is harmless: they come
-        // back from the page cache on the next access.
-        let unit = willNeed ? Int(sysconf(Int32(_SC_PAGESIZE))) : MappedFile.releaseUnit
+        let unit = MappedFile.releaseUnit
         let start = range.lowerBound / unit * unit
-        let end = willNeed ? min(count, range.upperBound) : min(count, (range.upperBound + unit - 1) / unit * unit)
+        let end = min(count, (range.upperBound + unit - 1) / unit * unit)
         guard end > start else { return }
-        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), end - start, willNeed ? MADV_WILLNEED : MADV_DONTNEED)
+        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), end - start, MADV_DONTNEED)
     }
 }

@@ -11,9 +11,6 @@ public struct Shape: Hashable, Sendable, CustomStringConvertible {
         _ = try elementCount()
     }
 
-    /// Shape of already-validated dims (internal callers that computed them).
-    public init(validated dims: [Int]) { self.dims = dims }
-
     public var rank: Int { dims.count }
 
     /// Product of the dimensions (1 for a scalar), or an `overflow` error.

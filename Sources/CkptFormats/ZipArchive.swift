@@ -13,7 +13,6 @@ struct ZipMember: Sendable {
     /// Absolute range of the member's (compressed) data in the archive.
     let dataRange: Range<Int>
     let storage: ByteStorage
-    let archivePath: String
 
     /// Largest ratio deflate can reach (about 1032:1): bounds what a declared size may make us allocate.
     static let maximumDeflateRatio = 1032
@@ -240,7 +239,7 @@ enum ZipArchive {
             members.append(
                 ZipMember(
                     name: name, method: method, crc32: crc, compressedSize: compressed, uncompressedSize: uncompressed,
-                    dataRange: dataStart..<dataEnd.partialValue, storage: storage, archivePath: path))
+                    dataRange: dataStart..<dataEnd.partialValue, storage: storage))
             position = next
         }
         // Members may not share bytes (overlapping entries multiply inflate work: the "zip bomb" construction).

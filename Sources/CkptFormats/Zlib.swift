@@ -99,11 +99,10 @@ final class ParallelDeflater {
 
 /// Inflates a raw-deflate zip member into a caller-sized buffer, never writing past it.
 enum RawInflate {
-    enum Outcome { case complete, truncated }
-
     /// Inflates `input` into `output`, which holds exactly the size the zip entry declares.
-    /// - Returns: `.complete` when the stream ended exactly at the end of `output`. Throws `inflateOverrun` when
-    ///   the stream has more data than declared, `zipFormat` on corrupt data or a stream shorter than declared.
+    /// - Returns: the number of bytes produced: all of `output` when the stream ended exactly there. Throws
+    ///   `inflateOverrun` when the stream has more data than declared, `zipFormat` on corrupt data or a stream
+    ///   shorter than declared.
     /// With `prefixOnly`, stops quietly once `output` is full (used to peek at an .npy header).
     static func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, prefixOnly: Bool = false) throws(CkptError) -> Int {
         let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)

@@ -148,6 +148,25 @@ struct CLITests {
         #expect(CLI.files(in: dir).isEmpty)
     }
 
+    @Test("progress goes to stderr on a terminal only")
+    func progress() throws {
+        let dir = CLI.temporaryDirectory()
+        let quiet = try CLI.run(["convert", CLI.fixture("sharded"), dir + "/a.safetensors", "--dtype", "F16"])
+        #expect(quiet.status == 0 && quiet.stderr.isEmpty && quiet.stdout.isEmpty)
+        // `script` gives the command a pseudo-terminal, as an interactive shell would.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/script")
+        process.arguments = ["-qec", "\(CLI.binary) convert \(CLI.fixture("sharded")) \(dir)/b.safetensors --dtype F16", "/dev/null"]
+        let out = Pipe()
+        process.standardOutput = out
+        try process.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        #expect(text.contains("convert: 10/10 tensors"), "\(text)")
+        #expect(text.contains("(100%)"))
+    }
+
     @Test("never overwrites the input")
     func sameFile() throws {
         let dir = CLI.temporaryDirectory()
