@@ -5,7 +5,7 @@ import PackageDescription
 let package = Package(
     name: "ckpt",
     products: [
-        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge"]),
         .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
@@ -28,16 +28,19 @@ let package = Package(
         .target(name: "CkptFormats", dependencies: ["CkptCore", "CCkptZlib"]),
         // Tensor comparison metrics (diff) on OpenBLAS.
         .target(name: "CkptAnalysis", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
+        // Adapter merging (PEFT LoRA/DoRA, SSF, BitFit, FacT) and ViT key naming (timm ⇄ HF).
+        .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [
-                "CkptCore", "CkptFormats", "CkptAnalysis",
+                "CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "CkptCoreTests", dependencies: ["CkptCore"]),
         .testTarget(name: "CkptFormatsTests", dependencies: ["CkptCore", "CkptFormats", "CCkptZlib"]),
         .testTarget(name: "CkptCLITests", dependencies: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
+        .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
     ],
     swiftLanguageModes: [.v6]
 )

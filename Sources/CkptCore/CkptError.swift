@@ -34,6 +34,13 @@ public struct CkptError: Error, CustomStringConvertible, Sendable, Equatable {
         case invalidArgument
         case sameInputOutput
         case tooLarge
+        // Adapter merging.
+        case adapterConfig
+        case pickleRefused
+        case unmatchedKey
+        case notMergeable
+        case shapeMismatch
+        case nonFinite
     }
 
     public var code: Code

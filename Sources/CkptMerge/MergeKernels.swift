@@ -1,0 +1,86 @@
+import CCkptOpenBLAS
+import CkptCore
+import CkptFormats
+
+/// A tensor as F32 values in C order, viewed as a matrix of `rows` × `columns` (rows = first dimension).
+struct FloatMatrix: Sendable {
+    var values: [Float]
+    let shape: Shape
+
+    var rows: Int { shape.dims.first ?? 1 }
+    var columns: Int { shape.dims.isEmpty ? 1 : shape.dims.dropFirst().reduce(1, *) }
+
+    init(values: [Float], shape: Shape) {
+        precondition(values.count == shape.elements)
+        self.values = values
+        self.shape = shape
+    }
+
+    static func zeros(_ shape: Shape) -> FloatMatrix {
+        FloatMatrix(values: [Float](repeating: 0, count: shape.elements), shape: shape)
+    }
+}
+
+extension TensorEntry {
+    /// The tensor decoded to F32 (exact for F16/BF16/F8; F64 rounded once). Integer tensors are refused.
+    func floatMatrix() throws(CkptError) -> FloatMatrix {
+        guard dtype.isConvertibleFloat else {
+            throw CkptError(.unsupportedDType, "\(dtype.name) tensor cannot take part in a merge (floating tensors only)", path: path, tensor: name)
+        }
+        let bytes = try load()
+        var values = [Float](repeating: 0, count: shape.elements)
+        let count = values.count
+        bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+            values.withUnsafeMutableBytes { out in
+                guard count > 0 else { return }
+                DTypeConversion.convert(from: dtype, to: .f32, count: count, source: raw.baseAddress!, destination: out.baseAddress!)
+            }
+        }
+        return FloatMatrix(values: values, shape: shape)
+    }
+}
+
+/// The arithmetic of merging, in F32 with F64 where a reduction needs it (norms, the SSF bias).
+enum MergeKernels {
+    /// C[rows × n] += alpha · op(A) · op(B), row-major, through OpenBLAS sgemm.
+    static func addProduct(
+        into c: UnsafeMutablePointer<Float>, rows m: Int, columns n: Int, inner k: Int, alpha: Float,
+        a: UnsafePointer<Float>, lda: Int, transposeA: Bool, b: UnsafePointer<Float>, ldb: Int, transposeB: Bool, ldc: Int
+    ) {
+        guard m > 0, n > 0, k > 0 else { return }
+        cblas_sgemm(
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+            Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), 1, c, Int32(ldc))
+    }
+
+    /// Euclidean norm of each row (`alongRows`) or each column of a rows × columns matrix, accumulated in F64.
+    static func norms(_ values: [Float], rows: Int, columns: Int, alongRows: Bool) -> [Double] {
+        var result = [Double](repeating: 0, count: alongRows ? rows : columns)
+        values.withUnsafeBufferPointer { v in
+            for r in 0..<rows {
+                let row = v.baseAddress! + r * columns
+                if alongRows {
+                    var sum = 0.0
+                    for c in 0..<columns { let x = Double(row[c]); sum += x * x }
+                    result[r] = sum
+                } else {
+                    for c in 0..<columns { let x = Double(row[c]); result[c] += x * x }
+                }
+            }
+        }
+        return result.map { $0.squareRoot() }
+    }
+
+    /// Index of the first non-finite value, if any.
+    static func firstNonFinite(_ values: [Float]) -> Int? {
+        values.withUnsafeBufferPointer { v in
+            guard !v.isEmpty else { return nil }
+            // Branch-free scan first (the common case is all finite), then locate.
+            var bad: UInt32 = 0
+            let bits = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
+            for i in 0..<v.count { bad |= (bits[i] & 0x7F80_0000) == 0x7F80_0000 ? 1 : 0 }
+            guard bad != 0 else { return nil }
+            return v.firstIndex { !$0.isFinite }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+import CkptCore
+import CkptFormats
+
+/// One line of the merge plan, as `--dry-run` and `--json` report it.
+public struct MergePlanEntry: Sendable {
+    public var target: String
+    /// `lora`, `dora`, `lora-bias`, `replace`, `ssf`, `fact`, `bitfit`, `keep-unmerged`.
+    public var rule: String
+    /// The adapter file or folder the change comes from.
+    public var source: String
+    /// The adapter tensor(s) behind the change.
+    public var sourceTensors: [String]
+    public var scaling: Double?
+    public var rank: Int?
+    public var weight: Double?
+    /// Rows of the target written (fused q/k/v placements).
+    public var rows: Range<Int>?
+    public var note: String?
+
+    public init(
+        target: String, rule: String, source: String, sourceTensors: [String], scaling: Double? = nil, rank: Int? = nil,
+        weight: Double? = nil, rows: Range<Int>? = nil, note: String? = nil
+    ) {
+        self.target = target
+        self.rule = rule
+        self.source = source
+        self.sourceTensors = sourceTensors
+        self.scaling = scaling
+        self.rank = rank
+        self.weight = weight
+        self.rows = rows
+        self.note = note
+    }
+}
+
+/// How a low-rank pair B·A lays out against the target weight.
+enum LowRankLayout: String, Sendable {
+    /// nn.Linear: W [out, in] += s·B[out, r]·A[r, in].
+    case linear
+    /// nn.Conv2d: A [r, Cin, kh, kw] is flattened to [r, Cin·kh·kw], B is [out, r, 1, 1].
+    case conv
+    /// nn.Embedding [num, dim] and fan_in_fan_out (Conv1D) weights [in, out]: W += s·(B·A)ᵀ.
+    case transposed
+}
+
+/// One additive change to one target tensor; every change is relative to the *original* base value, so several
+/// adapters combine as the exact weighted sum W + Σ wᵢ·ΔWᵢ whatever their order.
+struct Contribution: Sendable {
+    enum Delta: Sendable {
+        /// ΔW = scaling · B·A (laid out per `layout`).
+        case lowRank(a: TensorEntry, b: TensorEntry, layout: LowRankLayout, scaling: Double)
+        /// ΔW = (m / ‖W + s·B·A‖) ⊙ (W + s·B·A) − W, the norm taken from the original W (PEFT's DoRA merge).
+        case dora(a: TensorEntry, b: TensorEntry, magnitude: TensorEntry, layout: LowRankLayout, scaling: Double)
+        /// Δb = scaling · v (a LoRA `lora_B.bias`).
+        case scaledVector(TensorEntry, scaling: Double)
+        /// ΔW = R − W: the adapter stores the trained tensor itself (modules_to_save, trained biases, BitFit).
+        case replacement(TensorEntry)
+        /// A delta computed from factors (FacT), already scaled; `rows` × the target's columns.
+        case computed(description: String, @Sendable () throws(CkptError) -> FloatMatrix)
+    }
+
+    var delta: Delta
+    var weight: Double
+    var placement: TensorPlacement
+    /// The only change to its target (set by the planner): a full-weight replacement or DoRA result is then
+    /// stored directly instead of as W + (W' − W), which could differ from W' in the last bit.
+    var isSole = false
+}
+
+/// SSF folded into the op before it: the weight's output rows are scaled (`shift == nil`), the bias becomes
+/// s ⊙ b + t. The same rule serves Linear/Conv (rows are output channels) and LayerNorm (γ, β).
+struct ScaleShiftFold: Sendable {
+    var scale: TensorEntry
+    var shift: TensorEntry?
+    var sourceRows: Range<Int>?
+}
+
+/// A tensor of the output: the base tensor (or a new one) and what happens to it.
+struct PlannedTensor: Sendable {
+    var name: String
+    var shape: Shape
+    var base: TensorEntry?
+    var outputDType: DType
+    var contributions: [Contribution] = []
+    var folds: [ScaleShiftFold] = []
+
+    var isUnchanged: Bool { contributions.isEmpty && folds.isEmpty && base != nil && base!.shape == shape }
+
+    func outputTensor() throws(CkptError) -> OutputTensor {
+        if isUnchanged, let base {
+            return try OutputTensor.from(base, convertingTo: outputDType)
+        }
+        let planned = self
+        return try OutputTensor(name: name, dtype: outputDType, shape: shape) { (sink: OutputTensor.Sink) throws(CkptError) in
+            let merged = try planned.materialize()
+            try Self.emit(merged.values, as: planned.outputDType, tensor: planned.name, sink)
+        }
+    }
+
+    /// The merged values in F32.
+    func materialize() throws(CkptError) -> FloatMatrix {
+        let original: FloatMatrix
+        if let base, base.shape == shape {
+            original = try base.floatMatrix()
+        } else {
+            original = .zeros(shape)
+        }
+        var merged = original
+        for contribution in contributions {
+            do {
+                try contribution.accumulate(into: &merged, original: original)
+            } catch {
+                throw error.at(tensor: name)
+            }
+        }
+        for fold in folds {
+            try fold.apply(to: &merged, tensor: name)
+        }
+        if let index = MergeKernels.firstNonFinite(merged.values) {
+            throw CkptError(.nonFinite, "merged value at flat index \(index) is \(merged.values[index]); nothing was written", tensor: name)
+        }
+        return merged
+    }
+
+    static func emit(_ values: [Float], as dtype: DType, tensor: String, _ sink: OutputTensor.Sink) throws(CkptError) {
+        guard dtype.isConvertibleFloat, DTypeConversion.canConvert(from: .f32, to: dtype) else {
+            throw CkptError(.unsupportedConversion, "cannot write a merged tensor as \(dtype.name)", tensor: tensor)
+        }
+        let chunk = 1 << 20
+        var start = 0
+        let outWidth = dtype.byteWidth!
+        var buffer = [UInt8](repeating: 0, count: min(values.count, chunk) * outWidth)
+        while start < values.count {
+            let n = min(chunk, values.count - start)
+            values.withUnsafeBytes { source in
+                buffer.withUnsafeMutableBytes { destination in
+                    DTypeConversion.convert(
+                        from: .f32, to: dtype, count: n, source: source.baseAddress! + start * 4, destination: destination.baseAddress!)
+                }
+            }
+            try buffer.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in
+                try sink(UnsafeRawBufferPointer(rebasing: raw[0..<n * outWidth]))
+            }
+            start += n
+        }
+    }
+}
+
+extension Contribution {
+    /// Resolves the placement's row ranges against the source's logical row count and the target.
+    func rowRanges(sourceRows count: Int, target: FloatMatrix) throws(CkptError) -> (source: Range<Int>, target: Range<Int>) {
+        let source = placement.sourceRows ?? 0..<count
+        let destination = placement.targetRows ?? 0..<target.rows
+        guard source.lowerBound >= 0, source.upperBound <= count, destination.upperBound <= target.rows,
+            source.count == destination.count
+        else {
+            throw CkptError(
+                .shapeMismatch,
+                "adapter rows \(source.lowerBound)..<\(source.upperBound) of \(count) do not fit rows \(destination.lowerBound)..<\(destination.upperBound) of the target \(target.shape)")
+        }
+        return (source, destination)
+    }
+
+    func accumulate(into merged: inout FloatMatrix, original: FloatMatrix) throws(CkptError) {
+        let w = weight
+        switch delta {
+        case .lowRank(let aEntry, let bEntry, let layout, let scaling):
+            let (a, b) = try LowRankFactors.load(a: aEntry, b: bEntry, layout: layout, target: merged.shape)
+            if layout == .transposed {
+                guard placement.sourceRows == nil, placement.targetRows == nil else {
+                    throw CkptError(.notMergeable, "a transposed (embedding / fan_in_fan_out) LoRA cannot be split over fused rows")
+                }
+                let rank = a.rows, columns = merged.columns, rows = merged.rows
+                a.values.withUnsafeBufferPointer { ap in
+                    b.values.withUnsafeBufferPointer { bp in
+                        merged.values.withUnsafeMutableBufferPointer { c in
+                            MergeKernels.addProduct(
+                                into: c.baseAddress!, rows: rows, columns: columns, inner: rank, alpha: Float(w * scaling),
+                                a: ap.baseAddress!, lda: a.columns, transposeA: true, b: bp.baseAddress!, ldb: rank, transposeB: true, ldc: columns)
+                        }
+                    }
+                }
+                return
+            }
+            let (source, target) = try rowRanges(sourceRows: b.rows, target: merged)
+            let rank = a.rows, columns = merged.columns
+            a.values.withUnsafeBufferPointer { ap in
+                b.values.withUnsafeBufferPointer { bp in
+                    merged.values.withUnsafeMutableBufferPointer { c in
+                        MergeKernels.addProduct(
+                            into: c.baseAddress! + target.lowerBound * columns, rows: target.count, columns: columns, inner: rank,
+                            alpha: Float(w * scaling), a: bp.baseAddress! + source.lowerBound * rank, lda: rank, transposeA: false,
+                            b: ap.baseAddress!, ldb: columns, transposeB: false, ldc: columns)
+                    }
+                }
+            }
+        case .dora(let aEntry, let bEntry, let magnitudeEntry, let layout, let scaling):
+            try accumulateDoRA(
+                into: &merged, original: original, a: aEntry, b: bEntry, magnitude: magnitudeEntry, layout: layout, scaling: scaling)
+        case .scaledVector(let entry, let scaling):
+            let vector = try entry.floatMatrix()
+            guard merged.columns == 1, vector.columns == 1 else {
+                throw CkptError(.shapeMismatch, "'\(entry.name)' \(entry.shape) cannot be added to a tensor of shape \(merged.shape)")
+            }
+            let (source, target) = try rowRanges(sourceRows: vector.rows, target: merged)
+            for (s, t) in zip(source, target) { merged.values[t] += Float(w * scaling * Double(vector.values[s])) }
+        case .replacement(let entry):
+            let replacement = try entry.floatMatrix()
+            guard replacement.columns == merged.columns, placement.sourceRows != nil || placement.targetRows != nil || replacement.shape == merged.shape
+            else {
+                throw CkptError(.shapeMismatch, "replacement '\(entry.name)' has shape \(entry.shape), the target \(merged.shape)")
+            }
+            let (source, target) = try rowRanges(sourceRows: replacement.rows, target: merged)
+            let columns = merged.columns
+            for (s, t) in zip(source, target) {
+                for c in 0..<columns {
+                    let i = t * columns + c, value = replacement.values[s * columns + c]
+                    if w == 1 && isSole {
+                        merged.values[i] = value
+                    } else {
+                        merged.values[i] += Float(w * (Double(value) - Double(original.values[i])))
+                    }
+                }
+            }
+        case .computed(let description, let compute):
+            let delta = try compute()
+            guard delta.columns == merged.columns else {
+                throw CkptError(.shapeMismatch, "\(description) gives \(delta.shape), the target is \(merged.shape)")
+            }
+            let (source, target) = try rowRanges(sourceRows: delta.rows, target: merged)
+            let columns = merged.columns
+            for (s, t) in zip(source, target) {
+                for c in 0..<columns { merged.values[t * columns + c] += Float(w) * delta.values[s * columns + c] }
+            }
+        }
+    }
+
+    private func accumulateDoRA(
+        into merged: inout FloatMatrix, original: FloatMatrix, a aEntry: TensorEntry, b bEntry: TensorEntry,
+        magnitude magnitudeEntry: TensorEntry, layout: LowRankLayout, scaling: Double
+    ) throws(CkptError) {
+        let (a, b) = try LowRankFactors.load(a: aEntry, b: bEntry, layout: layout, target: original.shape)
+        let magnitude = try magnitudeEntry.floatMatrix().values
+        let columns = original.columns
+        if layout == .transposed {
+            // Norms per output feature = per column of the stored [in, out] / [num, dim] weight.
+            guard placement.sourceRows == nil, placement.targetRows == nil, magnitude.count == columns else {
+                throw CkptError(.shapeMismatch, "DoRA magnitude '\(magnitudeEntry.name)' has \(magnitude.count) values for \(columns) output features")
+            }
+            var v = original.values
+            let rank = a.rows
+            a.values.withUnsafeBufferPointer { ap in
+                b.values.withUnsafeBufferPointer { bp in
+                    v.withUnsafeMutableBufferPointer { c in
+                        MergeKernels.addProduct(
+                            into: c.baseAddress!, rows: original.rows, columns: columns, inner: rank, alpha: Float(scaling),
+                            a: ap.baseAddress!, lda: a.columns, transposeA: true, b: bp.baseAddress!, ldb: rank, transposeB: true, ldc: columns)
+                    }
+                }
+            }
+            let norms = MergeKernels.norms(v, rows: original.rows, columns: columns, alongRows: false)
+            for r in 0..<original.rows {
+                for c in 0..<columns {
+                    let i = r * columns + c
+                    let rescaled = Double(magnitude[c]) / norms[c] * Double(v[i])
+                    merged.values[i] += Float(weight * (rescaled - Double(original.values[i])))
+                }
+            }
+            return
+        }
+        let (source, target) = try rowRanges(sourceRows: b.rows, target: original)
+        guard magnitude.count == b.rows else {
+            throw CkptError(.shapeMismatch, "DoRA magnitude '\(magnitudeEntry.name)' has \(magnitude.count) values for \(b.rows) output rows")
+        }
+        var v = Array(original.values[target.lowerBound * columns..<target.upperBound * columns])
+        let rank = a.rows
+        a.values.withUnsafeBufferPointer { ap in
+            b.values.withUnsafeBufferPointer { bp in
+                v.withUnsafeMutableBufferPointer { c in
+                    MergeKernels.addProduct(
+                        into: c.baseAddress!, rows: target.count, columns: columns, inner: rank, alpha: Float(scaling),
+                        a: bp.baseAddress! + source.lowerBound * rank, lda: rank, transposeA: false, b: ap.baseAddress!, ldb: columns,
+                        transposeB: false, ldc: columns)
+                }
+            }
+        }
+        let norms = MergeKernels.norms(v, rows: target.count, columns: columns, alongRows: true)
+        for (k, (s, t)) in zip(source, target).enumerated() {
+            let factor = Double(magnitude[s]) / norms[k]
+            for c in 0..<columns {
+                let rescaled = factor * Double(v[k * columns + c])
+                let i = t * columns + c
+                if weight == 1 && isSole {
+                    merged.values[i] = Float(rescaled)
+                } else {
+                    merged.values[i] += Float(weight * (rescaled - Double(original.values[i])))
+                }
+            }
+        }
+    }
+}
+
+/// The two LoRA factors as matrices, checked against the target's shape.
+enum LowRankFactors {
+    static func load(a aEntry: TensorEntry, b bEntry: TensorEntry, layout: LowRankLayout, target: Shape) throws(CkptError) -> (
+        a: FloatMatrix, b: FloatMatrix
+    ) {
+        try check(a: aEntry, b: bEntry, layout: layout, target: target)
+        return (try aEntry.floatMatrix(), try bEntry.floatMatrix())
+    }
+
+    /// Shape rules, checked when planning (so `--dry-run` catches them) and again before computing.
+    static func check(a aEntry: TensorEntry, b bEntry: TensorEntry, layout: LowRankLayout, target: Shape) throws(CkptError) {
+        let a = aEntry.shape, b = bEntry.shape
+        func mismatch(_ rule: String) -> CkptError {
+            CkptError(.shapeMismatch, "LoRA A \(a) and B \(b) do not fit the target \(target): \(rule)", path: aEntry.path, tensor: aEntry.name)
+        }
+        guard a.rank >= 2, b.rank >= 2, let rank = a.dims.first, rank > 0 else { throw mismatch("factors must be matrices") }
+        let aColumns = a.dims.dropFirst().reduce(1, *), bColumns = b.dims.dropFirst().reduce(1, *)
+        if layout == .conv, target.rank == 4, a.rank == 4, a.dims[1] != target.dims[1] {
+            throw CkptError(
+                .notMergeable,
+                "conv LoRA on a grouped convolution (groups = \(a.dims[1] / max(1, target.dims[1]))) cannot be merged; PEFT refuses it too",
+                path: aEntry.path, tensor: aEntry.name)
+        }
+        guard bColumns == rank else { throw mismatch("B must have rank \(rank) columns") }
+        switch layout {
+        case .linear:
+            guard target.rank == 2, aColumns == target.dims[1], b.dims[0] == target.dims[0] || b.dims[0] % 3 == 0 || target.dims[0] % 3 == 0 else {
+                throw mismatch("A's input size must equal the weight's")
+            }
+        case .conv:
+            guard b.rank == 4, b.dims[2] == 1, b.dims[3] == 1 else { throw mismatch("conv LoRA B must be a 1×1 kernel [out, r, 1, 1]") }
+            guard target.rank == 4, a.rank == 4, Array(a.dims[2...]) == Array(target.dims[2...]) else {
+                throw mismatch("conv LoRA A must have the weight's kernel size")
+            }
+        case .transposed:
+            guard target.rank == 2, aColumns == target.dims[0], b.dims[0] == target.dims[1] else { throw mismatch("(B·A)ᵀ must have the weight's shape") }
+        }
+    }
+}
+
+extension ScaleShiftFold {
+    func apply(to merged: inout FloatMatrix, tensor: String) throws(CkptError) {
+        let scale = try self.scale.floatMatrix().values
+        let shift = try self.shift?.floatMatrix().values
+        let source = sourceRows ?? 0..<scale.count
+        guard source.upperBound <= scale.count, source.count == merged.rows, shift == nil || shift!.count == scale.count else {
+            throw CkptError(
+                .shapeMismatch, "SSF '\(self.scale.name)' has \(scale.count) channels, the target \(merged.shape) has \(merged.rows)",
+                tensor: tensor)
+        }
+        let columns = merged.columns
+        for (row, s) in source.enumerated() {
+            if let shift {
+                guard columns == 1 else {
+                    throw CkptError(.shapeMismatch, "SSF shift applies to a bias vector, not \(merged.shape)", tensor: tensor)
+                }
+                merged.values[row] = Float(Double(scale[s]) * Double(merged.values[row]) + Double(shift[s]))
+            } else {
+                for c in 0..<columns { merged.values[row * columns + c] *= scale[s] }
+            }
+        }
+    }
+}

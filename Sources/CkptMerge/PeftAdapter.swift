@@ -1,0 +1,232 @@
+import CkptCore
+import CkptFormats
+
+/// The fields of PEFT's `adapter_config.json` (LoraConfig) that decide a merge.
+public struct PeftLoraConfig: Sendable {
+    public var rank: Int
+    public var alpha: Double
+    public var useRSLoRA: Bool
+    public var useDoRA: Bool
+    public var fanInFanOut: Bool
+    public var loraBias: Bool
+    public var bias: String
+    /// Regex/suffix keys → rank or alpha, in file order (PEFT ≥ 0.15 takes the first key that matches).
+    public var rankPattern: [(key: String, value: Double)]
+    public var alphaPattern: [(key: String, value: Double)]
+    public var modulesToSave: [String]
+
+    /// Scaling for a layer of `rank` (from `lora_A`'s shape): α/r, or α/√r with rsLoRA. α comes from
+    /// `alpha_pattern` when a key matches the module, else `lora_alpha`.
+    public func scaling(module: String, rank: Int) throws(CkptError) -> (scaling: Double, alpha: Double) {
+        let alpha = try Self.patternValue(alphaPattern, module: module) ?? self.alpha
+        let r = Double(rank)
+        return (useRSLoRA ? alpha / r.squareRoot() : alpha / r, alpha)
+    }
+
+    /// The rank `rank_pattern` promises for `module`, if any key matches.
+    public func patternRank(module: String) throws(CkptError) -> Int? {
+        try Self.patternValue(rankPattern, module: module).map { Int($0) }
+    }
+
+    /// PEFT ≥ 0.15 `get_pattern_key`: the first key k (file order) with `re.match(rf"(.*\.)?({k})$", module)`.
+    static func patternValue(_ pattern: [(key: String, value: Double)], module: String) throws(CkptError) -> Double? {
+        for (key, value) in pattern {
+            let regex: Regex<AnyRegexOutput>
+            do {
+                regex = try Regex("(.*\\.)?(\(key))")
+            } catch {
+                throw CkptError(.adapterConfig, "pattern key '\(key)' is not a regular expression ckpt can read", cause: "\(error)")
+            }
+            if (try? regex.wholeMatch(in: module)) != nil { return value }
+        }
+        return nil
+    }
+}
+
+/// A PEFT adapter folder: `adapter_config.json` + `adapter_model.safetensors`.
+public struct PeftAdapter: Sendable {
+    public let folder: String
+    public let configPath: String
+    public let config: PeftLoraConfig
+    public let tensors: Checkpoint
+    public let weight: Double
+
+    static let maximumConfigBytes = 16 << 20
+
+    /// `init_lora_weights` values that rewrite the base at initialisation: such an adapter is only correct on
+    /// top of the residual base, unless PEFT converted it when saving (which rewrites the value to `true`).
+    static let baseMutatingInits = ["pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga"]
+
+    public static func open(_ path: String, weight: Double) throws(CkptError) -> PeftAdapter {
+        guard let identity = FileIdentity.of(path) else { throw CkptError(.notFound, "no such adapter folder", path: path) }
+        let folder = identity.isDirectory ? path : FilePaths.directory(of: path)
+        let configPath = FilePaths.join(folder, "adapter_config.json")
+        let weightsPath = FilePaths.join(folder, "adapter_model.safetensors")
+        guard FileIdentity.of(weightsPath) != nil else {
+            if FileIdentity.of(FilePaths.join(folder, "adapter_model.bin")) != nil {
+                throw CkptError(
+                    .pickleRefused,
+                    "adapter_model.bin is a Python pickle, which ckpt never loads (unpickling runs code). Re-save it as safetensors, e.g. "
+                        + "`PeftModel.from_pretrained(base, dir).save_pretrained(out, safe_serialization=True)`, or "
+                        + "`safetensors.torch.save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors', metadata={'format': 'pt'})`",
+                    path: FilePaths.join(folder, "adapter_model.bin"))
+            }
+            throw CkptError(.notFound, "adapter folder has no adapter_model.safetensors", path: folder)
+        }
+        let config = try parseConfig(configPath)
+        let tensors = try Checkpoint.open(weightsPath)
+        return PeftAdapter(folder: folder, configPath: configPath, config: config, tensors: tensors, weight: weight)
+    }
+
+    static func parseConfig(_ path: String) throws(CkptError) -> PeftLoraConfig {
+        guard FileIdentity.of(path) != nil else {
+            throw CkptError(.adapterConfig, "adapter folder has no adapter_config.json", path: path)
+        }
+        let storage = try ByteStorage(mapping: path)
+        guard storage.count <= maximumConfigBytes else {
+            throw CkptError(.tooLarge, "adapter_config.json is larger than \(maximumConfigBytes) bytes", path: path)
+        }
+        let json: JSONValue
+        do {
+            json = try storage.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try JSONParser.parse(raw) }
+        } catch {
+            throw error.at(path: path)
+        }
+        func fail(_ message: String, _ code: CkptError.Code = .adapterConfig) -> CkptError { CkptError(code, message, path: path) }
+        guard case .object = json else { throw fail("adapter_config.json is a JSON \(json.typeName), expected an object") }
+        if let key = json.repeatedKey { throw fail("key '\(key)' appears twice") }
+        func isSet(_ key: String) -> Bool {
+            switch json[key] {
+            case nil, .null?, .bool(false)?: return false
+            case .array(let items)?: return !items.isEmpty
+            case .object(let members)?: return !members.isEmpty
+            default: return true
+            }
+        }
+        guard case .string(let type)? = json["peft_type"] else { throw fail("'peft_type' is missing") }
+        guard type == "LORA" else {
+            throw fail(
+                "peft_type \(type) is not a LoRA adapter: ckpt merges LoRA and DoRA. "
+                    + (["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "ADAPTION_PROMPT"].contains(type)
+                        ? "Prompt and prefix tuning add tokens at run time and cannot be folded into weights."
+                        : "Merge it with PEFT, or open an issue for \(type) support."), .notMergeable)
+        }
+        // Configurations PEFT itself cannot merge, or whose adapter is only valid on a base that was changed.
+        if isSet("layer_replication") {
+            throw fail("layer_replication shares base layers between replicated blocks; PEFT refuses to merge such an adapter too", .notMergeable)
+        }
+        for key in ["alora_invocation_tokens", "arrow_config", "target_parameters", "use_qalora", "use_bdlora", "kasa_config", "monteclora_config"]
+        where isSet(key) {
+            throw fail("'\(key)' is set: that LoRA variant has its own forward and no plain-weight merge in ckpt", .notMergeable)
+        }
+        if case .string(let initValue)? = json["init_lora_weights"] {
+            let lowered = initValue.lowercased()
+            if baseMutatingInits.contains(where: { lowered.hasPrefix($0) }) {
+                throw fail(
+                    "init_lora_weights '\(initValue)' rewrites the base weights at initialisation, so this adapter is only valid on that "
+                        + "residual base. Re-save it with PEFT's path_initial_model_for_weight_conversion (which turns it into a plain LoRA), "
+                        + "then merge", .notMergeable)
+            }
+        }
+        func number(_ key: String, default value: Double? = nil) throws(CkptError) -> Double {
+            switch json[key] {
+            case .number(let text)?:
+                guard let parsed = Double(text), parsed.isFinite else { throw fail("'\(key)' is not a finite number") }
+                return parsed
+            case nil, .null?:
+                if let value { return value }
+                throw fail("'\(key)' is missing")
+            default:
+                throw fail("'\(key)' must be a number")
+            }
+        }
+        func flag(_ key: String) throws(CkptError) -> Bool {
+            switch json[key] {
+            case .bool(let value)?: return value
+            case nil, .null?: return false
+            default: throw fail("'\(key)' must be true or false")
+            }
+        }
+        func pattern(_ key: String) throws(CkptError) -> [(key: String, value: Double)] {
+            switch json[key] {
+            case .object(let members)?:
+                var result: [(key: String, value: Double)] = []
+                for (name, value) in members {
+                    guard case .number(let text) = value, let parsed = Double(text), parsed.isFinite else {
+                        throw fail("'\(key)' value for '\(name)' must be a number")
+                    }
+                    result.append((name, parsed))
+                }
+                return result
+            case nil, .null?: return []
+            default: throw fail("'\(key)' must be an object")
+            }
+        }
+        let rank = try number("r", default: 8)
+        guard rank >= 1, rank == rank.rounded() else { throw fail("'r' must be a positive integer") }
+        var modules: [String] = []
+        switch json["modules_to_save"] {
+        case .array(let items)?:
+            for item in items {
+                guard case .string(let name) = item else { throw fail("'modules_to_save' must list module names") }
+                modules.append(name)
+            }
+        case nil, .null?: break
+        default: throw fail("'modules_to_save' must be a list")
+        }
+        var bias = "none"
+        if case .string(let value)? = json["bias"] { bias = value }
+        guard ["none", "all", "lora_only"].contains(bias) else { throw fail("'bias' must be none, all or lora_only, not '\(bias)'") }
+        return PeftLoraConfig(
+            rank: Int(rank), alpha: try number("lora_alpha", default: 8), useRSLoRA: try flag("use_rslora"), useDoRA: try flag("use_dora"),
+            fanInFanOut: try flag("fan_in_fan_out"), loraBias: try flag("lora_bias"), bias: bias, rankPattern: try pattern("rank_pattern"),
+            alphaPattern: try pattern("alpha_pattern"), modulesToSave: modules)
+    }
+}
+
+/// What one key of a PEFT adapter file is.
+enum PeftKey: Equatable {
+    enum LoRAPart: Equatable { case a, b, bBias, embeddingA, embeddingB, magnitude }
+    /// A LoRA factor of `module`.
+    case lora(module: String, part: LoRAPart)
+    /// A full trained tensor that replaces the base's (modules_to_save, bias="all"/"lora_only").
+    case replacement(name: String)
+    /// `original_module` copies kept by modules_to_save: the untrained base, nothing to merge.
+    case ignored
+    /// A PEFT tuner parameter ckpt does not merge (LoHa, LoKr, IA3, OFT, VeRA, prompts…).
+    case unsupported(String)
+
+    static let prefixes = ["base_model.model.", "base_model.", "module.", "_orig_mod."]
+    static let otherTuners = [
+        "hada_", "lokr_", "ia3_l", "oft_", "boft_", "vera_", "lora_E", "ranknum", "prompt_embeddings", "lora_embedding_E",
+    ]
+
+    /// Classifies a saved key (adapter name already removed by PEFT, but an in-memory `.default` is tolerated).
+    static func classify(_ key: String) -> PeftKey {
+        var name = key
+        for prefix in prefixes where name.hasPrefix(prefix) { name.removeFirst(prefix.count) }
+        var parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        if parts.contains("original_module") { return .ignored }
+        // Wrapper segments PEFT inserts: `base_layer` (tuner layers), `modules_to_save.<adapter>`.
+        parts.removeAll { $0 == "base_layer" }
+        if let index = parts.firstIndex(of: "modules_to_save") {
+            parts.remove(at: index)
+            if index < parts.count - 1 { parts.remove(at: index) }  // the adapter name, when still present
+        }
+        if let tuner = parts.first(where: { part in otherTuners.contains { part.hasPrefix($0) } }) {
+            return .unsupported(tuner)
+        }
+        let markers: [(String, LoRAPart)] = [
+            ("lora_A", .a), ("lora_B", .b), ("lora_embedding_A", .embeddingA), ("lora_embedding_B", .embeddingB),
+            ("lora_magnitude_vector", .magnitude),
+        ]
+        for (marker, part) in markers {
+            guard let index = parts.lastIndex(of: marker) else { continue }
+            let module = parts[..<index].joined(separator: ".")
+            let tail = parts[(index + 1)...].filter { $0 != "default" }
+            if part == .b && tail.last == "bias" { return .lora(module: module, part: .bBias) }
+            return .lora(module: module, part: part)
+        }
+        return .replacement(name: parts.joined(separator: "."))
+    }
+}
