@@ -43,3 +43,30 @@ for t in rows[:5]:
     print(f"  {t['name']:60s} sqnr {t['sqnr_db']:6.1f} dB  max_abs {t['max_abs_error']:.3g}")
 PY
 echo "(diff exit status $status: 1 means 'not bit-identical', as expected after rounding to F16)"
+
+echo
+echo "== ckpt merge: a DoRA + rsLoRA adapter made with the real PEFT on this backbone (transformers-5 names) → one plain checkpoint"
+ADAPTER=.cache/adapters/peft/dinov2_hf_dora_rslora
+if [ ! -f "$ADAPTER/adapter_model.safetensors" ]; then
+    echo "(making the adapter and PEFT's own merge_and_unload() golden with fixtures/adapters/generate_peft.py --real)"
+    .venv/bin/python fixtures/adapters/generate_peft.py --real > /dev/null
+fi
+MERGED=.cache/dinov2/dinov2_vits14_imgfocus.merged.safetensors
+$CKPT merge "$MODEL" "$MERGED" --lora "$ADAPTER" --dry-run > .cache/dinov2/merge-plan.txt
+head -n 4 .cache/dinov2/merge-plan.txt | cut -f 1-5
+echo "  … ($(($(wc -l < .cache/dinov2/merge-plan.txt) - 2)) plan entries; --dry-run wrote nothing)"
+start=$EPOCHREALTIME
+$CKPT merge "$MODEL" "$MERGED" --lora "$ADAPTER" > .cache/dinov2/merge-plan.txt
+tail -n 1 .cache/dinov2/merge-plan.txt
+end=$EPOCHREALTIME
+set +e
+$CKPT diff "$MERGED" "$ADAPTER/merged.safetensors" --json > .cache/dinov2/merge-diff.json
+set -e
+.venv/bin/python - "$start" "$end" <<'PY'
+import json, sys
+d = json.load(open(".cache/dinov2/merge-diff.json"))
+changed = [t for t in d["tensors"] if t["max_abs_error"] > 0]
+worst = max((t["relative_error"] for t in d["tensors"]), default=0.0)
+print(f"merged in {float(sys.argv[2]) - float(sys.argv[1]):.3f} s; against PEFT merge_and_unload(): "
+      f"{len(d['tensors'])} tensors, worst relative L2 error {worst:.2e} (target ≤ 1e-6), {len(changed)} not bit-identical")
+PY

@@ -25,4 +25,10 @@ if ! .venv/bin/python -c "import numpy, safetensors, ml_dtypes, huggingface_hub,
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q -r scripts/requirements.txt
 fi
+# PEFT/transformers on CPU torch: the reference for adapter merging (fixtures and interop tests). The CPU wheel
+# comes from the machine image's pip find-links; PyPI only has multi-GB CUDA builds.
+if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "peft==0.21.2" || ! .venv/bin/pip freeze | grep -qx "torch==2.13.0+cpu"; then
+    echo "setup: installing torch (CPU), transformers and peft into .venv"
+    .venv/bin/pip install -q -r scripts/requirements-torch.txt
+fi
 echo "setup: ok (swift $(swift --version 2>/dev/null | head -1 | sed 's/.*version \([0-9.]*\).*/\1/'), $(pkg-config --modversion openblas 2>/dev/null || echo openblas), $(.venv/bin/python --version))"

