@@ -208,7 +208,12 @@ public struct MergePlanner {
         var ordered: [PlannedTensor] = []
         func emit(_ name: String) {
             var planned = tensors[name]!
-            if planned.contributions.count == 1 { planned.contributions[0].isSole = true }
+            // A change is sole when no other change touches its rows (e.g. q, k and v biases replacing the three
+            // row blocks of a fused qkv bias): it is then stored exactly rather than as W + (W' − W).
+            let ranges = planned.contributions.map { $0.placement.targetRows ?? 0..<Int.max }
+            for i in planned.contributions.indices {
+                planned.contributions[i].isSole = !ranges.indices.contains { j in j != i && ranges[j].overlaps(ranges[i]) }
+            }
             ordered.append(planned)
             for created in createdAfter[name] ?? [] { emit(created) }
         }
