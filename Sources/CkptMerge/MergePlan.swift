@@ -119,6 +119,13 @@ struct PlannedTensor: Sendable {
         if let index = MergeKernels.firstNonFinite(merged.values) {
             throw CkptError(.nonFinite, "merged value at flat index \(index) is \(merged.values[index]); nothing was written", tensor: name)
         }
+        // Values that round past the largest finite F16 (65504; Inf from 65520) or BF16 would be written as ±Inf.
+        let overflow: Float? = outputDType == .f16 ? 65520 : outputDType == .bf16 ? Float(bitPattern: 0x7F7F_8000) : nil
+        if let overflow, let index = merged.values.firstIndex(where: { abs($0) >= overflow }) {
+            throw CkptError(
+                .nonFinite, "merged value \(merged.values[index]) at flat index \(index) overflows \(outputDType.name) (it would be written as ±Inf); write F32",
+                tensor: name)
+        }
         return merged
     }
 

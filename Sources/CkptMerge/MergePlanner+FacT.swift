@@ -62,6 +62,16 @@ extension MergePlanner {
                 }
                 used.formUnion(names)
                 let s = names.map { byName[$0]! }
+                for core in s[0..<4] where core.shape.dims != [rank, rank] {
+                    throw CkptError(.shapeMismatch, "FacT-TT core \(core.shape) must be [d, d] with d = \(rank)", path: file.path, tensor: core.name)
+                }
+                guard s[4].shape.rank == 2, s[4].shape.dims[1] == rank, s[4].shape.dims[0] % rank == 0, s[5].shape.rank == 2,
+                    s[5].shape.dims[0] == rank, s[5].shape.dims[1] == s[4].shape.dims[0]
+                else {
+                    throw CkptError(
+                        .shapeMismatch, "FacT-TT MLP cores \(s[4].shape), \(s[5].shape) must be [k·d, d] and [d, k·d] with d = \(rank)", path: file.path,
+                        tensor: s[4].name)
+                }
                 let tt = FacTTensorTrain(factors: factors, sq: s[0], sk: s[1], sv: s[2], sp: s[3], s1: s[4], s2: s[5])
                 try addFacT(block, "attn.qkv", path: file.path, tensors: Array(names[0..<3])) { () throws(CkptError) in try tt.qkv() }
                 try addFacT(block, "attn.proj", path: file.path, tensors: [names[3]]) { () throws(CkptError) in try tt.proj() }
@@ -91,6 +101,24 @@ extension MergePlanner {
         _ block: Int, _ module: String, path: String, tensors: [String], _ compute: @escaping @Sendable () throws(CkptError) -> FloatMatrix
     ) throws(CkptError) {
         let name = "blocks.\(block).\(module).weight"
+        // The delta's logical shape follows from U [d, D] and the module: check it against the base before writing.
+        if let width = request.fact?.tensors.first(where: { Self.normalised($0.name) == "FacTu.weight" })?.shape.dims.last,
+            let placements = try resolver.resolve(name)
+        {
+            for placement in placements {
+                let shape = self.tensors[placement.target]!.shape
+                let columns = shape.dims.dropFirst().reduce(1, *), rows = shape.dims.first ?? 0
+                let expectedColumns = module == "mlp.fc2" ? columns : width
+                let fits = shape.rank == 2 && columns == expectedColumns && (module != "mlp.fc2" || (columns % width == 0 && rows == width))
+                    && (module != "attn.qkv" || placement.sourceRows != nil || placement.targetRows != nil || rows == 3 * width)
+                    && (module != "attn.proj" || rows == width) && (module != "mlp.fc1" || rows % width == 0)
+                guard fits else {
+                    throw CkptError(
+                        .shapeMismatch, "FacT works on D = \(width) (FacTu's input size), but '\(placement.target)' has shape \(shape)",
+                        path: path, tensor: "FacTu.weight")
+                }
+            }
+        }
         let line = MergePlanEntry(target: name, rule: "fact", source: path, sourceTensors: tensors, scaling: request.factScale)
         guard try contribute(to: name, .computed(description: "FacT delta for \(name)", compute), weight: 1, entry: line) else {
             unmatched.append((path, name, resolver.nearestNames(to: name)))

@@ -88,9 +88,22 @@ extension MergePlanner {
         } else {
             layout = .linear
         }
+        guard config.useDoRA == (parts[.magnitude] != nil) else {
+            throw CkptError(
+                .adapterConfig,
+                config.useDoRA
+                    ? "use_dora is set but '\(module)' has no lora_magnitude_vector: merging it as plain LoRA would be wrong"
+                    : "'\(module)' has a lora_magnitude_vector but use_dora is not set", path: adapter.configPath, tensor: a.name)
+        }
         let rule: String
         let delta: Contribution.Delta
         if let magnitude = parts[.magnitude] {
+            let outputs = b.shape.dims[0]  // B's rows: output features (embedding: the embedding dim)
+            guard magnitude.shape.elements == outputs else {
+                throw CkptError(
+                    .shapeMismatch, "DoRA magnitude \(magnitude.shape) must hold one value per output feature (\(outputs))", path: source,
+                    tensor: magnitude.name)
+            }
             rule = "dora"
             delta = .dora(a: a, b: b, magnitude: magnitude, layout: layout, scaling: scaling)
         } else {

@@ -92,15 +92,20 @@ extension MergePlanner {
                 path: path, tensor: scale.name)
         }
         let biasPlacements = try resolver.resolve(module + ".bias")
+        let channels = scale.shape.elements
         for placement in placements {
+            let rows = tensors[placement.target]!.shape.dims.first ?? 1
+            let used = placement.sourceRows ?? 0..<channels
+            guard placement.targetRows == nil, used.upperBound <= channels, used.count == rows else {
+                throw CkptError(
+                    .shapeMismatch, "SSF '\(scale.name)' has \(channels) channels but '\(placement.target)' has \(rows) output channels",
+                    path: path, tensor: scale.name)
+            }
             tensors[placement.target]!.folds.append(ScaleShiftFold(scale: scale, shift: nil, sourceRows: placement.sourceRows))
             entries.append(
                 MergePlanEntry(
                     target: placement.target, rule: "ssf", source: path, sourceTensors: [scale.name], rows: placement.targetRows,
                     note: "weight rows × scale"))
-            guard placement.targetRows == nil else {
-                throw CkptError(.notMergeable, "SSF after '\(module)' would scale part of a fused tensor; not supported", path: path, tensor: scale.name)
-            }
             // The bias that goes with this weight: the base's, or a new one (s ⊙ 0 + t) right after the weight.
             let biasTarget: String
             if let match = biasPlacements?.first(where: { $0.sourceRows == placement.sourceRows }) {

@@ -103,7 +103,13 @@ public struct MergePlanner {
         if case .replacement(let replacement) = delta, placements.count == 1, placements[0].sourceRows == nil,
             placements[0].targetRows == nil, let target = tensors[placements[0].target], replacement.shape != target.shape
         {
-            // A trained module of another size (a head for a different number of classes) replaces the base's.
+            // A trained head of another size (a different number of classes) replaces the base's; any other tensor
+            // of another shape means the adapter was made for another model.
+            guard Self.isHeadLike(target.name), target.contributions.isEmpty, target.folds.isEmpty else {
+                throw CkptError(
+                    .shapeMismatch, "'\(replacement.name)' \(replacement.shape) cannot replace '\(target.name)' \(target.shape): shapes differ",
+                    path: entry.source, tensor: replacement.name)
+            }
             guard weight == 1 else {
                 throw CkptError(
                     .shapeMismatch, "'\(replacement.name)' \(replacement.shape) replaces '\(target.name)' \(target.shape); a weighted merge needs equal shapes",
@@ -161,7 +167,7 @@ public struct MergePlanner {
         for entry in file.tensors where !skip(entry.name) {
             if let method = NonMergeable.method(of: entry.name) {
                 if request.keepUnmerged {
-                    keepUnmerged(entry, source: file.path, method: method)
+                    try keepUnmerged(entry, source: file.path, method: method)
                 } else {
                     refused.append("\(entry.name) (\(method))")
                 }
@@ -179,8 +185,10 @@ public struct MergePlanner {
         if !refused.isEmpty { throw NonMergeable.refusal(refused, path: file.path) }
     }
 
-    mutating func keepUnmerged(_ entry: TensorEntry, source: String, method: String) {
-        guard tensors[entry.name] == nil else { return }
+    mutating func keepUnmerged(_ entry: TensorEntry, source: String, method: String) throws(CkptError) {
+        guard tensors[entry.name] == nil else {
+            throw CkptError(.duplicateName, "--keep-unmerged: the output already has a tensor of this name", path: source, tensor: entry.name)
+        }
         tensors[entry.name] = PlannedTensor(name: entry.name, shape: entry.shape, base: entry, outputDType: outputDType(for: entry))
         appended.append(entry.name)
         entries.append(MergePlanEntry(target: entry.name, rule: "keep-unmerged", source: source, sourceTensors: [entry.name], note: method))

@@ -14,32 +14,66 @@ public struct PeftLoraConfig: Sendable {
     public var rankPattern: [(key: String, value: Double)]
     public var alphaPattern: [(key: String, value: Double)]
     public var modulesToSave: [String]
+    /// How `rank_pattern`/`alpha_pattern` keys were matched by the PEFT version that wrote the config.
+    public var patternRules: PatternRules = .current
+
+    /// PEFT changed how pattern keys match module names (adapters.md §1.3); an adapter is merged the way the
+    /// version that trained it resolved its ranks and alphas. Configs without `peft_version` use the current rule.
+    public enum PatternRules: Sendable, Equatable {
+        /// ≥ 0.15: first key k (file order) with `re.match(rf"(.*\.)?({k})$", module)`, rank and alpha independently.
+        case current
+        /// 0.14: `re.match(rf".*\.{k}$", module)`, rank and alpha independently.
+        case v0_14
+        /// ≤ 0.13: one key chosen from rank_pattern then alpha_pattern keys with `.*\.{k}$` (else the module name),
+        /// then both values looked up by that key (peft#2194).
+        case v0_13
+
+        init(peftVersion: [Int]?) {
+            guard let version = peftVersion, version.count == 2, version[0] == 0 else { self = .current; return }
+            self = version[1] >= 15 ? .current : version[1] == 14 ? .v0_14 : .v0_13
+        }
+    }
 
     /// Scaling for a layer of `rank` (from `lora_A`'s shape): α/r, or α/√r with rsLoRA. α comes from
     /// `alpha_pattern` when a key matches the module, else `lora_alpha`.
     public func scaling(module: String, rank: Int) throws(CkptError) -> (scaling: Double, alpha: Double) {
-        let alpha = try Self.patternValue(alphaPattern, module: module) ?? self.alpha
+        let alpha = try patternValue(alphaPattern, module: module) ?? self.alpha
         let r = Double(rank)
         return (useRSLoRA ? alpha / r.squareRoot() : alpha / r, alpha)
     }
 
     /// The rank `rank_pattern` promises for `module`, if any key matches.
     public func patternRank(module: String) throws(CkptError) -> Int? {
-        try Self.patternValue(rankPattern, module: module).map { Int($0) }
+        try patternValue(rankPattern, module: module).map { Int($0) }
     }
 
-    /// PEFT ≥ 0.15 `get_pattern_key`: the first key k (file order) with `re.match(rf"(.*\.)?({k})$", module)`.
-    static func patternValue(_ pattern: [(key: String, value: Double)], module: String) throws(CkptError) -> Double? {
-        for (key, value) in pattern {
-            let regex: Regex<AnyRegexOutput>
-            do {
-                regex = try Regex("(.*\\.)?(\(key))")
-            } catch {
-                throw CkptError(.adapterConfig, "pattern key '\(key)' is not a regular expression ckpt can read", cause: "\(error)")
+    func patternValue(_ pattern: [(key: String, value: Double)], module: String) throws(CkptError) -> Double? {
+        switch patternRules {
+        case .current:
+            for entry in pattern where try Self.matches("(.*\\.)?(\(entry.key))", module) { return entry.value }
+            return nil
+        case .v0_14:
+            for entry in pattern where try Self.matches(".*\\.\(entry.key)", module) { return entry.value }
+            return nil
+        case .v0_13:
+            var chosen = module
+            for key in rankPattern.map(\.key) + alphaPattern.map(\.key) where try Self.matches(".*\\.\(key)", module) {
+                chosen = key
+                break
             }
-            if (try? regex.wholeMatch(in: module)) != nil { return value }
+            return pattern.first { $0.key == chosen }?.value
         }
-        return nil
+    }
+
+    /// Whole-string match, as Python's `re.match(p + "$")` for these patterns.
+    static func matches(_ pattern: String, _ module: String) throws(CkptError) -> Bool {
+        let regex: Regex<AnyRegexOutput>
+        do {
+            regex = try Regex(pattern)
+        } catch {
+            throw CkptError(.adapterConfig, "pattern '\(pattern)' is not a regular expression ckpt can read", cause: "\(error)")
+        }
+        return (try? regex.wholeMatch(in: module)) != nil
     }
 }
 
@@ -52,6 +86,8 @@ public struct PeftAdapter: Sendable {
     public let weight: Double
 
     static let maximumConfigBytes = 16 << 20
+    /// Bound on ranks and pattern values read from a config (real ranks are ≤ a few thousand).
+    static let maximumRank = Double(1 << 24)
 
     /// `init_lora_weights` values that rewrite the base at initialisation: such an adapter is only correct on
     /// top of the residual base, unless PEFT converted it when saving (which rewrites the value to `true`).
@@ -150,10 +186,11 @@ public struct PeftAdapter: Sendable {
         func pattern(_ key: String) throws(CkptError) -> [(key: String, value: Double)] {
             switch json[key] {
             case .object(let members)?:
+                if let repeated = json[key]!.repeatedKey { throw fail("'\(key)' lists '\(repeated)' twice") }
                 var result: [(key: String, value: Double)] = []
                 for (name, value) in members {
-                    guard case .number(let text) = value, let parsed = Double(text), parsed.isFinite else {
-                        throw fail("'\(key)' value for '\(name)' must be a number")
+                    guard case .number(let text) = value, let parsed = Double(text), parsed.isFinite, abs(parsed) <= Self.maximumRank else {
+                        throw fail("'\(key)' value for '\(name)' must be a number of magnitude at most \(Int(Self.maximumRank))")
                     }
                     result.append((name, parsed))
                 }
@@ -163,7 +200,12 @@ public struct PeftAdapter: Sendable {
             }
         }
         let rank = try number("r", default: 8)
-        guard rank >= 1, rank == rank.rounded() else { throw fail("'r' must be a positive integer") }
+        guard rank >= 1, rank <= Self.maximumRank, rank == rank.rounded() else {
+            throw fail("'r' must be a positive integer of at most \(Int(Self.maximumRank))")
+        }
+        for (name, value) in try pattern("rank_pattern") where value < 1 || value != value.rounded() {
+            throw fail("rank_pattern value for '\(name)' must be a positive integer")
+        }
         var modules: [String] = []
         switch json["modules_to_save"] {
         case .array(let items)?:
@@ -175,12 +217,20 @@ public struct PeftAdapter: Sendable {
         default: throw fail("'modules_to_save' must be a list")
         }
         var bias = "none"
-        if case .string(let value)? = json["bias"] { bias = value }
+        switch json["bias"] {
+        case .string(let value)?: bias = value
+        case nil, .null?: break
+        default: throw fail("'bias' must be a string")
+        }
+        var version: [Int]? = nil
+        if case .string(let text)? = json["peft_version"] {
+            version = text.split(separator: ".").prefix(2).map { Int($0.prefix { $0.isNumber }) ?? 0 }
+        }
         guard ["none", "all", "lora_only"].contains(bias) else { throw fail("'bias' must be none, all or lora_only, not '\(bias)'") }
         return PeftLoraConfig(
             rank: Int(rank), alpha: try number("lora_alpha", default: 8), useRSLoRA: try flag("use_rslora"), useDoRA: try flag("use_dora"),
             fanInFanOut: try flag("fan_in_fan_out"), loraBias: try flag("lora_bias"), bias: bias, rankPattern: try pattern("rank_pattern"),
-            alphaPattern: try pattern("alpha_pattern"), modulesToSave: modules)
+            alphaPattern: try pattern("alpha_pattern"), modulesToSave: modules, patternRules: PeftLoraConfig.PatternRules(peftVersion: version))
     }
 }
 

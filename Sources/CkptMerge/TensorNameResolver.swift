@@ -43,8 +43,9 @@ public struct TensorNameResolver: Sendable {
     /// The placements of `name`, or nil when nothing in the base corresponds. Throws when the name is ambiguous.
     public func resolve(_ name: String) throws(CkptError) -> [TensorPlacement]? {
         if shapes[name] != nil { return [TensorPlacement(target: name)] }
-        // Same module under another prefix: the base adds one (`backbone.x` for `x`) or the name has one.
-        let suffixMatches = names.filter { $0.hasSuffix("." + name) || name.hasSuffix("." + $0) }
+        // Same module under a model-wrapper prefix (`backbone.x` for `x`, or the other way round). Only known wrapper
+        // segments may differ, so `patch_embed.norm.weight` never lands on the top-level `norm.weight`.
+        let suffixMatches = names.filter { Self.differsByWrapperPrefix($0, name) || Self.differsByWrapperPrefix(name, $0) }
         if suffixMatches.count == 1 { return [TensorPlacement(target: suffixMatches[0])] }
         if suffixMatches.count > 1 {
             throw CkptError(.unmatchedKey, "'\(name)' matches several base tensors: \(suffixMatches.prefix(4).joined(separator: ", "))", tensor: name)
@@ -78,6 +79,13 @@ public struct TensorNameResolver: Sendable {
         default:
             return try unique(parsed.role).map { [TensorPlacement(target: $0)] }
         }
+    }
+
+    /// True when `longer` is `shorter` under one or more wrapper segments.
+    static func differsByWrapperPrefix(_ longer: String, _ shorter: String) -> Bool {
+        guard longer.count > shorter.count, longer.hasSuffix("." + shorter) else { return false }
+        let prefix = longer.dropLast(shorter.count + 1)
+        return ViTName.isWrapperPrefix(String(prefix))
     }
 
     /// Up to `count` base names closest to `name` (edit distance), for "did you mean" messages.

@@ -67,6 +67,17 @@ public struct ViTName: Hashable, Sendable, CustomStringConvertible {
     // Block containers: timm `blocks.N`, HF v4 `encoder.layer.N`, HF v5 ViT `layers.N`.
     static let containers: [[String]] = [["encoder", "layer"], ["blocks"], ["layers"]]
 
+    /// Segments models are commonly wrapped in: HF `base_model_prefix` values, timm/torch training wrappers.
+    static let wrapperSegments: Set<String> = [
+        "backbone", "model", "module", "_orig_mod", "base_model", "vit", "dinov2", "deit", "beit", "bert", "roberta", "distilbert",
+        "transformer", "visual", "vision_model", "encoder_model", "net", "swin", "convnext",
+    ]
+
+    /// True for "" and for prefixes made only of wrapper segments (`backbone.`, `model.vit.`).
+    static func isWrapperPrefix(_ prefix: String) -> Bool {
+        prefix.split(separator: ".").allSatisfy { wrapperSegments.contains(String($0)) }
+    }
+
     /// Parses a full tensor name; nil when it is not a recognised ViT tensor (a BERT name, an adapter key…).
     public static func parse(_ name: String) -> ViTName? {
         let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
@@ -90,16 +101,18 @@ public struct ViTName: Hashable, Sendable, CustomStringConvertible {
                 }
             }
         }
-        // Top level: <prefix><path>[.<param>]
+        // Top level: <prefix><path>[.<param>], where the prefix may only be model wrappers (`backbone.`, `vit.`):
+        // `norm`, `head` and the like are common words (`patch_embed.norm` is not the final norm).
         for entry in globalParameters where name == entry.path || name.hasSuffix("." + entry.path) {
-            return ViTName(role: entry.role, parameter: .value, prefix: String(name.dropLast(entry.path.count)))
+            let prefix = String(name.dropLast(entry.path.count))
+            guard isWrapperPrefix(prefix) else { continue }
+            return ViTName(role: entry.role, parameter: .value, prefix: prefix)
         }
         if let last = parts.last, let parameter = Parameter(rawValue: last), parameter != .value, parts.count >= 2 {
             let module = parts.dropLast().joined(separator: ".")
             for entry in globalModules where module == entry.path || module.hasSuffix("." + entry.path) {
                 let prefix = String(module.dropLast(entry.path.count))
-                // `norm`/`head` are common words: only accept them at the model's top level, not inside blocks.
-                if containers.contains(where: { c in prefix.contains(c.joined(separator: ".") + ".") }) { continue }
+                guard isWrapperPrefix(prefix) else { continue }
                 return ViTName(role: entry.role, parameter: parameter, prefix: prefix)
             }
         }

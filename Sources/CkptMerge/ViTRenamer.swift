@@ -2,8 +2,9 @@ import CkptCore
 import CkptFormats
 
 /// `convert --rename`: rewrites a ViT checkpoint's keys into timm or Hugging Face naming, fusing q/k/v into timm's
-/// `attn.qkv` (rows [q; k; v]) or splitting it. Prefixes such as `backbone.` or `vit.` are dropped; tensors that
-/// are not recognised ViT tensors keep their names.
+/// `attn.qkv` (rows [q; k; v]) or splitting it. The model's prefix (`backbone.`, `vit.`) is dropped from every tensor
+/// that has it; tensors that are not recognised ViT tensors otherwise keep their names. HF names are written as a
+/// bare model's (`ViTModel`/`Dinov2Model`: no `vit.` prefix; the timm `head` becomes `classifier`).
 public enum ViTRenamer {
     public static func rename(_ checkpoint: Checkpoint, to scheme: ViTNamingScheme, dtype: DType?) throws(CkptError) -> (
         tensors: [OutputTensor], notes: [String]
@@ -31,10 +32,21 @@ public enum ViTRenamer {
             }
             output.append(tensor)
         }
+        // The model's prefix (`backbone.`, `vit.`) goes from every tensor that carries it, recognised or not.
+        let prefixes = Set(parsed.compactMap { $0?.prefix })
+        let modelPrefix = prefixes.count == 1 ? prefixes.first! : ""
         for (entry, name) in zip(checkpoint.tensors, parsed) {
             guard let name else {
                 unrecognised.append(entry.name)
-                try append(try OutputTensor.from(entry, convertingTo: dtype))
+                let source = try OutputTensor.from(entry, convertingTo: dtype)
+                guard !modelPrefix.isEmpty, entry.name.hasPrefix(modelPrefix) else {
+                    try append(source)
+                    continue
+                }
+                try append(
+                    try OutputTensor(name: String(entry.name.dropFirst(modelPrefix.count)), dtype: source.dtype, shape: source.shape) {
+                        (sink: OutputTensor.Sink) throws(CkptError) in try source.write(to: sink)
+                    })
                 continue
             }
             let outputType = dtype != nil && entry.dtype.isConvertibleFloat ? dtype! : entry.dtype
@@ -57,7 +69,12 @@ public enum ViTRenamer {
                     try OutputTensor(name: target, dtype: outputType, shape: try Shape(dims)) { (sink: OutputTensor.Sink) throws(CkptError) in
                         for part in [entry, k, v] { try stream(part, rows: nil, as: outputType, sink) }
                     })
-            case (.timm, .key), (.timm, .value):
+            case (.timm, .key(let layer)), (.timm, .value(let layer)):
+                guard byKey[ViTName.Key(role: .query(layer), parameter: name.parameter)] != nil else {
+                    throw CkptError(
+                        .invalidArgument, "timm fuses q, k and v into attn.qkv, but block \(layer) has no query \(name.parameter.rawValue)",
+                        path: checkpoint.path, tensor: entry.name)
+                }
                 continue
             case (.hf, .qkv(let layer)):
                 guard let rows = entry.shape.dims.first, rows % 3 == 0 else {

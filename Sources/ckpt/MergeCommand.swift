@@ -12,8 +12,9 @@ struct MergeCommand: ParsableCommand {
             exact weighted sum W + Σ wᵢ·ΔWᵢ. Arithmetic is F32 (F64 for norms and SSF biases), rounded once to the \
             output dtype (default: each base tensor's). Adapter keys are matched across prefixes, timm/HF naming and \
             fused/separate q/k/v; an adapter tensor that matches nothing is an error. SSF parameters inside BASE are \
-            folded too. Tensors of methods that cannot be folded (VPT prompts, Convpass, AdaptFormer, prefix tuning) \
-            are refused unless --keep-unmerged. OUT is written atomically; nothing is written on error.
+            folded too. Tensors of methods that cannot be folded (VPT prompts, Convpass, AdaptFormer and prefix \
+            tokens in BASE or in --ssf/--bitfit/--fact files) are refused unless --keep-unmerged; PEFT prompt-learning \
+            adapters are always refused. OUT is written atomically; nothing is written on error.
             """)
 
     @Argument(help: "Base checkpoint (.safetensors, .npz, a folder or *.index.json of shards).")

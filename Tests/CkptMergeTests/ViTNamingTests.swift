@@ -71,6 +71,15 @@ struct ViTNamingTests {
         #expect(try hf.resolve("encoder.layer.1.attention.q_proj.weight") == nil)
     }
 
+    @Test("only model-wrapper prefixes may differ: patch_embed.norm never lands on the top-level norm")
+    func wrapperPrefixes() throws {
+        let base = try resolver([("norm.weight", [8]), ("bert.encoder.layer.0.attention.self.query.weight", [8, 8])])
+        #expect(try base.resolve("patch_embed.norm.weight") == nil)
+        #expect(try base.resolve("model.norm.weight")?.first?.target == "norm.weight")
+        #expect(try base.resolve("encoder.layer.0.attention.self.query.weight")?.first?.target == "bert.encoder.layer.0.attention.self.query.weight")
+        #expect(try base.resolve("x.encoder.layer.0.attention.self.query.weight") == nil)
+    }
+
     @Test("a name two base models share is ambiguous, not guessed")
     func ambiguous() throws {
         let two = try resolver([("teacher.blocks.0.norm1.weight", [4]), ("student.blocks.0.norm1.weight", [4])])
@@ -103,6 +112,21 @@ struct PeftConfigTests {
         #expect(try c.scaling(module: "blocks.0.xqkv", rank: 4).alpha == 16)  // and start at a segment boundary
         #expect(try c.scaling(module: "blocks.0.mlp.fc1", rank: 4).alpha == 16)  // '^' anchors at the whole name
         #expect(try c.scaling(module: "fc1", rank: 4).alpha == 2)
+    }
+
+    @Test("older PEFT versions resolve patterns their own way (0.14: no bare top-level match; ≤ 0.13: one shared key)")
+    func versionedPatterns() throws {
+        var c = config(rank: [("qkv", 4)], alpha: [("blocks.0.attn.qkv", 2), ("fc1", 3)])
+        c.patternRules = .v0_14
+        #expect(try c.scaling(module: "model.blocks.0.attn.qkv", rank: 4).alpha == 2)
+        #expect(try c.scaling(module: "blocks.0.attn.qkv", rank: 4).alpha == 16)  // '.*\.key' needs a dot before the key
+        #expect(try c.scaling(module: "fc1", rank: 4).alpha == 16)  // '.*\.fc1' needs a dot before it
+        c.patternRules = .v0_13
+        // The rank key 'qkv' is found first, so alpha_pattern is looked up by 'qkv' and misses (peft#2194).
+        #expect(try c.scaling(module: "blocks.0.attn.qkv", rank: 4).alpha == 16)
+        #expect(PeftLoraConfig.PatternRules(peftVersion: [0, 13]) == .v0_13)
+        #expect(PeftLoraConfig.PatternRules(peftVersion: [0, 21]) == .current)
+        #expect(PeftLoraConfig.PatternRules(peftVersion: nil) == .current)
     }
 
     @Test("scaling is alpha/r, or alpha/sqrt(r) with rsLoRA")
