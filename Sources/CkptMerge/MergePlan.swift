@@ -87,7 +87,9 @@ struct PlannedTensor: Sendable {
     var isUnchanged: Bool { contributions.isEmpty && folds.isEmpty && base != nil && base!.shape == shape }
 
     func outputTensor() throws(CkptError) -> OutputTensor {
-        if isUnchanged, let base {
+        // Unchanged tensors stream through; narrowing them to F16/BF16 goes through the checked path, so a value
+        // that would overflow to Inf is refused like a merged one.
+        if isUnchanged, let base, outputDType == base.dtype || !(outputDType == .f16 || outputDType == .bf16) {
             return try OutputTensor.from(base, convertingTo: outputDType)
         }
         let planned = self

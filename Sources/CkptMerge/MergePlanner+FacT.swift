@@ -29,6 +29,9 @@ extension MergePlanner {
             throw CkptError(.shapeMismatch, "FacTu \(u.shape) and FacTv \(v.shape) must be [d, D] and [D, d]", path: file.path, tensor: u.name)
         }
         let rank = u.shape.dims[0]
+        guard rank > 0, u.shape.dims[1] > 0 else {
+            throw CkptError(.shapeMismatch, "FacTu \(u.shape) must have a positive rank and width", path: file.path, tensor: u.name)
+        }
         var used: Set<String> = ["FacTu.weight", "FacTv.weight"]
         let isTucker = byName["FacTc"] != nil || byName["FacTp"] != nil
         let blocks = blockIndices()
@@ -65,7 +68,7 @@ extension MergePlanner {
                 for core in s[0..<4] where core.shape.dims != [rank, rank] {
                     throw CkptError(.shapeMismatch, "FacT-TT core \(core.shape) must be [d, d] with d = \(rank)", path: file.path, tensor: core.name)
                 }
-                guard s[4].shape.rank == 2, s[4].shape.dims[1] == rank, s[4].shape.dims[0] % rank == 0, s[5].shape.rank == 2,
+                guard s[4].shape.rank == 2, s[4].shape.dims[1] == rank, s[4].shape.dims[0] >= rank, s[4].shape.dims[0] % rank == 0, s[5].shape.rank == 2,
                     s[5].shape.dims[0] == rank, s[5].shape.dims[1] == s[4].shape.dims[0]
                 else {
                     throw CkptError(

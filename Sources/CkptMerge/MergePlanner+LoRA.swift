@@ -34,7 +34,25 @@ extension MergePlanner {
         for module in moduleOrder {
             try planLoRAModule(module, parts: modules[module]!, config: config, adapter: adapter)
         }
+        // PEFT may save one trained tensor twice (bias="all" with modules_to_save writes `head.bias` and
+        // `head.modules_to_save.bias`): identical copies count once, different ones are refused.
+        var seen: [String: TensorEntry] = [:]
+        var unique: [(name: String, entry: TensorEntry)] = []
         for (name, entry) in replacements {
+            guard let first = seen[name] else {
+                seen[name] = entry
+                unique.append((name, entry))
+                continue
+            }
+            let firstBytes = try first.load().withUnsafeBytes { Array($0) }
+            let entryBytes = try entry.load().withUnsafeBytes { Array($0) }
+            let same = first.shape == entry.shape && first.dtype == entry.dtype && firstBytes == entryBytes
+            guard same else {
+                throw CkptError(
+                    .adapterConfig, "'\(first.name)' and '\(entry.name)' are both the trained '\(name)' but differ", path: source, tensor: entry.name)
+            }
+        }
+        for (name, entry) in unique {
             let isModuleToSave = config.modulesToSave.contains { saved in
                 let owner = name.split(separator: ".").dropLast().joined(separator: ".")
                 return owner == saved || owner.hasSuffix("." + saved)

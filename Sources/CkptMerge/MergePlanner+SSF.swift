@@ -106,20 +106,32 @@ extension MergePlanner {
                 MergePlanEntry(
                     target: placement.target, rule: "ssf", source: path, sourceTensors: [scale.name], rows: placement.targetRows,
                     note: "weight rows × scale"))
-            // The bias that goes with this weight: the base's, or a new one (s ⊙ 0 + t) right after the weight.
+            // The bias that goes with this weight (resolved per placement: HF BEiT has no key bias): the base's, or a
+            // new one (s ⊙ 0 + t) right after the weight.
             let biasTarget: String
-            if let match = biasPlacements?.first(where: { $0.sourceRows == placement.sourceRows }) {
+            if let match = biasPlacements?.first(where: { $0.sourceRows == placement.sourceRows && $0.targetRows == nil }) {
                 biasTarget = match.target
             } else {
                 guard placement.target.hasSuffix(".weight") else {
                     throw CkptError(.notMergeable, "cannot name a bias for '\(placement.target)'", path: path, tensor: scale.name)
                 }
-                biasTarget = String(placement.target.dropLast("weight".count)) + "bias"
-                let rows = placement.sourceRows?.count ?? scale.shape.elements
-                let dtype = tensors[placement.target]!.outputDType
-                tensors[biasTarget] = PlannedTensor(name: biasTarget, shape: try Shape([rows]), base: nil, outputDType: dtype)
-                createdAfter[placement.target, default: []].append(biasTarget)
-                notes.append("'\(biasTarget)' is created: the SSF shift after '\(module)' needs a bias the base layer does not have")
+                let stem = String(placement.target.dropLast("weight".count))
+                biasTarget = stem + "bias"
+                // BEiT/EVA keep the qkv bias as separate `q_bias`/`v_bias`: a new `qkv.bias` would not load and they
+                // would stay unscaled.
+                let parent = stem.dropLast().split(separator: ".").dropLast().map { $0 + "." }.joined()
+                if let sibling = ["q_bias", "k_bias", "v_bias"].map({ parent + $0 }).first(where: { resolver.contains($0) }) {
+                    throw CkptError(
+                        .notMergeable, "SSF after '\(module)' needs its bias, but the base keeps it as '\(sibling)' (BEiT/EVA layout); not supported",
+                        path: path, tensor: scale.name)
+                }
+                if tensors[biasTarget] == nil {
+                    let rows = placement.sourceRows?.count ?? scale.shape.elements
+                    let dtype = tensors[placement.target]!.outputDType
+                    tensors[biasTarget] = PlannedTensor(name: biasTarget, shape: try Shape([rows]), base: nil, outputDType: dtype)
+                    createdAfter[placement.target, default: []].append(biasTarget)
+                    notes.append("'\(biasTarget)' is created: the SSF shift after '\(module)' needs a bias the base layer does not have")
+                }
             }
             tensors[biasTarget]!.folds.append(ScaleShiftFold(scale: scale, shift: shift, sourceRows: placement.sourceRows))
             entries.append(

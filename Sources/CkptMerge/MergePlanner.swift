@@ -120,6 +120,19 @@ public struct MergePlanner {
         }
         for placement in placements {
             let targetShape = tensors[placement.target]!.shape
+            if case .replacement = delta, weight == 1 {
+                // Two full replacements of the same rows (BitFit and a PEFT bias="all", say) cannot both hold.
+                let rows = placement.targetRows ?? 0..<Int.max
+                if let other = tensors[placement.target]!.contributions.first(where: { existing in
+                    guard case .replacement(let earlier) = existing.delta, existing.weight == 1 else { return false }
+                    _ = earlier
+                    return (existing.placement.targetRows ?? 0..<Int.max).overlaps(rows)
+                }), case .replacement(let earlier) = other.delta {
+                    throw CkptError(
+                        .notMergeable, "'\(placement.target)' is replaced by both '\(earlier.name)' (\(earlier.path)) and this tensor; keep one",
+                        path: entry.source, tensor: entry.sourceTensors.first)
+                }
+            }
             switch delta {
             case .lowRank(let a, let b, let layout, _), .dora(let a, let b, _, let layout, _):
                 try LowRankFactors.check(a: a, b: b, layout: layout, target: targetShape)

@@ -54,10 +54,14 @@ public struct TensorNameResolver: Sendable {
         let parameter = parsed.parameter
         func unique(_ role: ViTName.Role) throws(CkptError) -> String? {
             guard let candidates = byKey[ViTName.Key(role: role, parameter: parameter)], !candidates.isEmpty else { return nil }
-            if candidates.count == 1 { return candidates[0].name }
             if let same = candidates.first(where: { $0.prefix == parsed.prefix }) { return same.name }
+            // Another prefix only when both are model wrappers (`backbone.` vs none): `text_model.` never lands on
+            // `vision_model.`.
+            let compatible = candidates.filter { ViTName.isWrapperPrefix($0.prefix) && ViTName.isWrapperPrefix(parsed.prefix) }
+            if compatible.isEmpty { return nil }
+            if compatible.count == 1 { return compatible[0].name }
             throw CkptError(
-                .unmatchedKey, "'\(name)' could be any of \(candidates.map(\.name).joined(separator: ", ")) (several models in one base?)",
+                .unmatchedKey, "'\(name)' could be any of \(compatible.map(\.name).joined(separator: ", ")) (several models in one base?)",
                 tensor: name)
         }
         switch parsed.role {

@@ -55,8 +55,7 @@ public enum ViTRenamer {
                 // Fuse at the query's position; key and value are consumed here.
                 guard let k = byKey[ViTName.Key(role: .key(layer), parameter: name.parameter)],
                     let v = byKey[ViTName.Key(role: .value(layer), parameter: name.parameter)],
-                    k.dtype == entry.dtype, v.dtype == entry.dtype, Array(k.shape.dims.dropFirst()) == Array(entry.shape.dims.dropFirst()),
-                    Array(v.shape.dims.dropFirst()) == Array(entry.shape.dims.dropFirst())
+                    k.dtype == entry.dtype, v.dtype == entry.dtype, k.shape == entry.shape, v.shape == entry.shape
                 else {
                     throw CkptError(
                         .invalidArgument, "timm fuses q, k and v into attn.qkv, but the matching key/value tensor is missing or differs",

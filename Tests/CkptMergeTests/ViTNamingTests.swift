@@ -82,9 +82,12 @@ struct ViTNamingTests {
 
     @Test("a name two base models share is ambiguous, not guessed")
     func ambiguous() throws {
-        let two = try resolver([("teacher.blocks.0.norm1.weight", [4]), ("student.blocks.0.norm1.weight", [4])])
-        #expect(throws: CkptError.self) { try two.resolve("blocks.0.norm1.weight") }
-        #expect(try two.resolve("student.blocks.0.norm1.weight")?.first?.target == "student.blocks.0.norm1.weight")
+        let two = try resolver([("backbone.blocks.0.norm1.weight", [4]), ("model.blocks.0.norm1.weight", [4])])
+        #expect(throws: CkptError.self) { try two.resolve("encoder.layer.0.norm1.weight") }
+        #expect(try two.resolve("model.encoder.layer.0.norm1.weight")?.first?.target == "model.blocks.0.norm1.weight")
+        // Prefixes that are not model wrappers name different models: no cross-naming guess at all.
+        let towers = try resolver([("vision_model.encoder.layers.0.mlp.fc1.weight", [4, 4])])
+        #expect(try towers.resolve("text_model.encoder.layers.0.mlp.fc1.weight") == nil)
     }
 
     @Test("nearest names rank by edit distance")
