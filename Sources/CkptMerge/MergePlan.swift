@@ -87,9 +87,17 @@ struct PlannedTensor: Sendable {
     var isUnchanged: Bool { contributions.isEmpty && folds.isEmpty && base != nil && base!.shape == shape }
 
     func outputTensor() throws(CkptError) -> OutputTensor {
-        // Unchanged tensors stream through; narrowing them to F16/BF16 goes through the checked path, so a value
-        // that would overflow to Inf is refused like a merged one.
-        if isUnchanged, let base, outputDType == base.dtype || !(outputDType == .f16 || outputDType == .bf16) {
+        // Unchanged tensors stream through, rounded once (F64 directly); narrowing one to F16/BF16 first checks that
+        // no finite value would overflow to Inf, as for merged tensors (existing NaN/Inf, e.g. masks, pass).
+        if isUnchanged, let base {
+            if let overflow = Self.overflowThreshold(outputDType), base.dtype != outputDType, base.dtype.isConvertibleFloat {
+                let values = try base.floatMatrix().values
+                if let index = values.firstIndex(where: { $0.isFinite && abs($0) >= overflow }) {
+                    throw CkptError(
+                        .nonFinite, "value \(values[index]) at flat index \(index) overflows \(outputDType.name) (it would be written as ±Inf)",
+                        path: base.path, tensor: name)
+                }
+            }
             return try OutputTensor.from(base, convertingTo: outputDType)
         }
         let planned = self
@@ -122,13 +130,21 @@ struct PlannedTensor: Sendable {
             throw CkptError(.nonFinite, "merged value at flat index \(index) is \(merged.values[index]); nothing was written", tensor: name)
         }
         // Values that round past the largest finite F16 (65504; Inf from 65520) or BF16 would be written as ±Inf.
-        let overflow: Float? = outputDType == .f16 ? 65520 : outputDType == .bf16 ? Float(bitPattern: 0x7F7F_8000) : nil
-        if let overflow, let index = merged.values.firstIndex(where: { abs($0) >= overflow }) {
+        if let overflow = Self.overflowThreshold(outputDType), let index = merged.values.firstIndex(where: { abs($0) >= overflow }) {
             throw CkptError(
                 .nonFinite, "merged value \(merged.values[index]) at flat index \(index) overflows \(outputDType.name) (it would be written as ±Inf); write F32",
                 tensor: name)
         }
         return merged
+    }
+
+    /// The smallest magnitude that rounds to Inf in `dtype` (F16: 65520; BF16: just below F32's largest finite).
+    static func overflowThreshold(_ dtype: DType) -> Float? {
+        switch dtype {
+        case .f16: 65520
+        case .bf16: Float(bitPattern: 0x7F7F_8000)
+        default: nil
+        }
     }
 
     static func emit(_ values: [Float], as dtype: DType, tensor: String, _ sink: OutputTensor.Sink) throws(CkptError) {

@@ -54,7 +54,7 @@ public struct PeftLoraConfig: Sendable {
             return nil
         case .v0_14:
             for entry in pattern where try Self.matches(".*\\.\(entry.key)", module) { return entry.value }
-            return nil
+            return pattern.first { $0.key == module }?.value  // 0.14 falls back to the module's own name
         case .v0_13:
             var chosen = module
             for key in rankPattern.map(\.key) + alphaPattern.map(\.key) where try Self.matches(".*\\.\(key)", module) {

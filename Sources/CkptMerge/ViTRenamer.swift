@@ -100,7 +100,7 @@ public enum ViTRenamer {
         var notes: [String] = []
         if !unrecognised.isEmpty {
             notes.append(
-                "\(unrecognised.count) tensor(s) are not ViT tensors ckpt knows and keep their names: \(unrecognised.prefix(5).joined(separator: ", "))\(unrecognised.count > 5 ? ", …" : "")")
+                "\(unrecognised.count) tensor(s) are not ViT tensors ckpt knows and keep their names\(modelPrefix.isEmpty ? "" : " (less the '\(modelPrefix)' prefix)"): \(unrecognised.prefix(5).joined(separator: ", "))\(unrecognised.count > 5 ? ", …" : "")")
         }
         return (output, notes)
     }
