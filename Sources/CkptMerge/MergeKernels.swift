@@ -36,12 +36,35 @@ extension TensorEntry {
                 DTypeConversion.convert(from: dtype, to: .f32, count: count, source: raw.baseAddress!, destination: out.baseAddress!)
             }
         }
+        bytes.doneReading()  // the F32 copy is what we use; let the mapped pages go
         return FloatMatrix(values: values, shape: shape)
+    }
+
+    /// The first finite value whose magnitude is at least `threshold`, scanning chunk by chunk (pages released).
+    func firstFiniteValue(atLeast threshold: Float) throws(CkptError) -> (index: Int, value: Float)? {
+        guard dtype.isConvertibleFloat, let width = dtype.byteWidth else { return nil }
+        var offset = 0
+        var found: (index: Int, value: Float)? = nil
+        var buffer = [Float]()
+        try forEachChunk(maxBytes: 4 << 20) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+            let n = chunk.count / width
+            defer { offset += n }
+            guard found == nil, n > 0 else { return }
+            if buffer.count < n { buffer = [Float](repeating: 0, count: n) }
+            buffer.withUnsafeMutableBytes { out in
+                DTypeConversion.convert(from: dtype, to: .f32, count: n, source: chunk.baseAddress!, destination: out.baseAddress!)
+            }
+            if let i = buffer[0..<n].firstIndex(where: { $0.isFinite && abs($0) >= threshold }) { found = (offset + i, buffer[i]) }
+        }
+        return found
     }
 }
 
 /// The arithmetic of merging, in F32 with F64 where a reduction needs it (norms, the SSF bias).
 enum MergeKernels {
+    /// Rank-r updates gain nothing from OpenBLAS's second thread, which would only spin against the writer.
+    static func useSingleThreadedBLAS() { openblas_set_num_threads(1) }
+
     /// C[rows × n] += alpha · op(A) · op(B), row-major, through OpenBLAS sgemm.
     static func addProduct(
         into c: UnsafeMutablePointer<Float>, rows m: Int, columns n: Int, inner k: Int, alpha: Float,

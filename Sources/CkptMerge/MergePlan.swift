@@ -65,6 +65,13 @@ struct Contribution: Sendable {
     /// The only change to its target (set by the planner): a full-weight replacement or DoRA result is then
     /// stored directly instead of as W + (W' − W), which could differ from W' in the last bit.
     var isSole = false
+
+    var needsOriginal: Bool {
+        switch delta {
+        case .dora, .replacement: true
+        default: false
+        }
+    }
 }
 
 /// SSF folded into the op before it: the weight's output rows are scaled (`shift == nil`), the bias becomes
@@ -90,15 +97,19 @@ struct PlannedTensor: Sendable {
         // Unchanged tensors stream through, rounded once (F64 directly); narrowing one to F16/BF16 first checks that
         // no finite value would overflow to Inf, as for merged tensors (existing NaN/Inf, e.g. masks, pass).
         if isUnchanged, let base {
-            if let overflow = Self.overflowThreshold(outputDType), base.dtype != outputDType, base.dtype.isConvertibleFloat {
-                let values = try base.floatMatrix().values
-                if let index = values.firstIndex(where: { $0.isFinite && abs($0) >= overflow }) {
-                    throw CkptError(
-                        .nonFinite, "value \(values[index]) at flat index \(index) overflows \(outputDType.name) (it would be written as ±Inf)",
-                        path: base.path, tensor: name)
-                }
+            guard let overflow = Self.overflowThreshold(outputDType), base.dtype != outputDType, base.dtype.isConvertibleFloat else {
+                return try OutputTensor.from(base, convertingTo: outputDType)
             }
-            return try OutputTensor.from(base, convertingTo: outputDType)
+            let converted = try OutputTensor.from(base, convertingTo: outputDType)
+            let name = self.name, target = outputDType
+            return try OutputTensor(name: name, dtype: target, shape: shape) { (sink: OutputTensor.Sink) throws(CkptError) in
+                if let (index, value) = try base.firstFiniteValue(atLeast: overflow) {
+                    throw CkptError(
+                        .nonFinite, "value \(value) at flat index \(index) overflows \(target.name) (it would be written as ±Inf)", path: base.path,
+                        tensor: name)
+                }
+                try converted.write(to: sink)
+            }
         }
         let planned = self
         return try OutputTensor(name: name, dtype: outputDType, shape: shape) { (sink: OutputTensor.Sink) throws(CkptError) in
@@ -109,13 +120,14 @@ struct PlannedTensor: Sendable {
 
     /// The merged values in F32.
     func materialize() throws(CkptError) -> FloatMatrix {
-        let original: FloatMatrix
+        var merged: FloatMatrix
         if let base, base.shape == shape {
-            original = try base.floatMatrix()
+            merged = try base.floatMatrix()
         } else {
-            original = .zeros(shape)
+            merged = .zeros(shape)
         }
-        var merged = original
+        // Only replacements and DoRA read the original after changes begin; keep a copy just for them.
+        let original: FloatMatrix? = contributions.contains(where: \.needsOriginal) ? FloatMatrix(values: merged.values, shape: shape) : nil
         for contribution in contributions {
             do {
                 try contribution.accumulate(into: &merged, original: original)
@@ -186,7 +198,7 @@ extension Contribution {
         return (source, destination)
     }
 
-    func accumulate(into merged: inout FloatMatrix, original: FloatMatrix) throws(CkptError) {
+    func accumulate(into merged: inout FloatMatrix, original: FloatMatrix?) throws(CkptError) {
         let w = weight
         switch delta {
         case .lowRank(let aEntry, let bEntry, let layout, let scaling):
@@ -221,7 +233,7 @@ extension Contribution {
             }
         case .dora(let aEntry, let bEntry, let magnitudeEntry, let layout, let scaling):
             try accumulateDoRA(
-                into: &merged, original: original, a: aEntry, b: bEntry, magnitude: magnitudeEntry, layout: layout, scaling: scaling)
+                into: &merged, original: original!, a: aEntry, b: bEntry, magnitude: magnitudeEntry, layout: layout, scaling: scaling)
         case .scaledVector(let entry, let scaling):
             let vector = try entry.floatMatrix()
             guard merged.columns == 1, vector.columns == 1 else {
@@ -243,7 +255,7 @@ extension Contribution {
                     if w == 1 && isSole {
                         merged.values[i] = value
                     } else {
-                        merged.values[i] += Float(w * (Double(value) - Double(original.values[i])))
+                        merged.values[i] += Float(w * (Double(value) - Double(original!.values[i])))
                     }
                 }
             }

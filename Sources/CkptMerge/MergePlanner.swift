@@ -29,7 +29,8 @@ public struct MergePlan: Sendable {
 
     /// Streaming producers for the writers, in output order: each merged tensor is computed when written.
     public func outputTensors() throws(CkptError) -> [OutputTensor] {
-        try tensors.map { (tensor: PlannedTensor) throws(CkptError) in try tensor.outputTensor() }
+        MergeKernels.useSingleThreadedBLAS()
+        return try tensors.map { (tensor: PlannedTensor) throws(CkptError) in try tensor.outputTensor() }
     }
 }
 

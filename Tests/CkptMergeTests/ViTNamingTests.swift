@@ -122,8 +122,9 @@ struct PeftConfigTests {
         var c = config(rank: [("qkv", 4)], alpha: [("blocks.0.attn.qkv", 2), ("fc1", 3)])
         c.patternRules = .v0_14
         #expect(try c.scaling(module: "model.blocks.0.attn.qkv", rank: 4).alpha == 2)
-        #expect(try c.scaling(module: "blocks.0.attn.qkv", rank: 4).alpha == 16)  // '.*\.key' needs a dot before the key
-        #expect(try c.scaling(module: "fc1", rank: 4).alpha == 16)  // '.*\.fc1' needs a dot before it
+        #expect(try c.scaling(module: "model.fc1", rank: 4).alpha == 3)
+        #expect(try c.scaling(module: "blocks.0.attn.qkv", rank: 4).alpha == 2)  // no '.' before the key: the name fallback
+        #expect(try c.scaling(module: "x.fc2", rank: 4).alpha == 16)
         c.patternRules = .v0_13
         // The rank key 'qkv' is found first, so alpha_pattern is looked up by 'qkv' and misses (peft#2194).
         #expect(try c.scaling(module: "blocks.0.attn.qkv", rank: 4).alpha == 16)
