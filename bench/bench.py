@@ -431,11 +431,7 @@ def render(info, results, mode, big, largest):
     L.append("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         c, p = r["ckpt"], r["python"]
-        runs = f"{r['repeats']}" + (f"+{r['warmup']}w" if r["warmup"] else "")
-        L.append(f"| {r['title']} (n={runs}) | {fmt_s(c['median_s'])} | {fmt_s(p['median_s'])} | "
-                 f"{p['median_s'] / c['median_s']:.1f}× | "
-                 f"{c['gbps']:.2f} | {c['peak_rss_bytes'] / MiB:.0f} | {p['peak_rss_bytes'] / MiB:.0f} | "
-                 f"{'yes' if r['match'] else '**NO**'} |")
+        L.append(table_row(r, [f"{c['gbps']:.2f}", f"{c['peak_rss_bytes'] / MiB:.0f}", f"{p['peak_rss_bytes'] / MiB:.0f}"]))
     L.append("")
     L.append("Targets:")
     by = {r["key"]: r for r in results}
@@ -451,18 +447,37 @@ def render(info, results, mode, big, largest):
         L.append(f"- F32→F16 ≥ {F16_SPEEDUP_TARGET:.0f}× Python: {sp:.1f}× — {mark(sp >= F16_SPEEDUP_TARGET)}")
         L.append(f"- F32→F16 ≥ {F16_GBPS_TARGET:.0f} GB/s of input: {r['ckpt']['gbps']:.2f} GB/s — "
                  f"{mark(r['ckpt']['gbps'] >= F16_GBPS_TARGET)}")
-    goal = largest + RSS_SLACK
-    over = [r for r in results if r["ckpt"]["peak_rss_bytes"] > goal]
-    L.append(f"- ckpt peak RSS ≤ largest tensor + 64 MiB ({goal / MiB:.0f} MiB): "
-             + ("PASS for every operation" if not over else
-                "FAIL for " + ", ".join(f"{r['title']} ({r['ckpt']['peak_rss_bytes'] / MiB:.0f} MiB)"
-                                        for r in over)))
-    L.append("")
-    L.append("Verification (last run of each operation):")
-    for r in results:
-        L.append(f"- {r['title']}: {'match' if r['match'] else 'MISMATCH'} — {r['match_detail']}")
-    L.append("")
+    L.extend(rss_and_verification_lines(results, largest, "operation"))
     return "\n".join(L)
+
+
+def finish_run(info, ckpt, ckpt_mtime, t_all):
+    """Prints the total time and records the end load average; flags a ckpt binary rebuilt mid-run."""
+    print(f"total {time.perf_counter() - t_all:.0f} s\n")
+    info["loadavg_end"] = os.getloadavg()[0]
+    if os.path.getmtime(ckpt) != ckpt_mtime:
+        print("WARNING: the ckpt binary changed during the run; results mix two builds.\n")
+        info["ckpt_binary_mtime"] += " (CHANGED during run!)"
+
+
+def table_row(r, middle):
+    """One results row: title and run count, both medians, the ratio, `middle` cells, whether outputs matched."""
+    c, p = r["ckpt"], r["python"]
+    runs = f"{r['repeats']}" + (f"+{r['warmup']}w" if r["warmup"] else "")
+    return (f"| {r['title']} (n={runs}) | {fmt_s(c['median_s'])} | {fmt_s(p['median_s'])} | "
+            f"{p['median_s'] / c['median_s']:.1f}× | " + " | ".join(middle) + f" | {'yes' if r['match'] else '**NO**'} |")
+
+
+def rss_and_verification_lines(rows, largest, noun):
+    """The shared tail of a report: the RSS goal (largest tensor + 64 MiB) and each row's verification."""
+    goal = largest + RSS_SLACK
+    over = [r for r in rows if r["ckpt"]["peak_rss_bytes"] > goal]
+    lines = [f"- ckpt peak RSS ≤ largest tensor + 64 MiB ({goal / MiB:.0f} MiB): "
+             + (f"PASS for every {noun}" if not over else
+                "FAIL for " + ", ".join(f"{r['title']} ({r['ckpt']['peak_rss_bytes'] / MiB:.0f} MiB)" for r in over)),
+             "", f"Verification (last run of each {noun}):"]
+    lines += [f"- {r['title']}: {'match' if r['match'] else 'MISMATCH'} — {r['match_detail']}" for r in rows]
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------
@@ -553,11 +568,7 @@ def main():
         results.append(r)
         print(f" ckpt {fmt_s(r['ckpt']['median_s'])}, python {fmt_s(r['python']['median_s'])}, "
               f"match={'yes' if r['match'] else 'NO'} ({time.perf_counter() - t:.0f} s)", flush=True)
-    print(f"total {time.perf_counter() - t_all:.0f} s\n")
-    info["loadavg_end"] = os.getloadavg()[0]
-    if os.path.getmtime(ckpt) != ckpt_mtime:
-        print("WARNING: the ckpt binary changed during the run; results mix two builds.\n")
-        info["ckpt_binary_mtime"] += " (CHANGED during run!)"
+    finish_run(info, ckpt, ckpt_mtime, t_all)
 
     md = render(info, results, mode, big, largest)
     print(md)
