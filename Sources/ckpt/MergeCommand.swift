@@ -94,7 +94,8 @@ struct MergeCommand: ParsableCommand {
             if json.enabled {
                 print(MergeReport.json(plan, output: dryRun ? nil : output))
             } else {
-                print(MergeReport.table(plan, output: dryRun ? nil : output))
+                // The full plan for --dry-run; a one-line summary once written.
+                print(dryRun ? MergeReport.table(plan, output: nil) : MergeReport.summary(plan, output: output))
                 for note in plan.notes { printError("ckpt: note: \(note)") }
             }
         }
@@ -121,6 +122,13 @@ enum MergeReport {
         let written = output.map { "wrote \($0): " } ?? "dry run, nothing written: "
         lines.append("\(written)\(plan.outputNames.count) tensors, \(plan.changedTensorCount) changed by \(plan.entries.count) plan entries")
         return lines.joined(separator: "\n")
+    }
+
+    static func summary(_ plan: MergePlan, output: String) -> String {
+        var counts: [String: Int] = [:]
+        for entry in plan.entries { counts[entry.rule, default: 0] += 1 }
+        let rules = counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+        return "wrote \(output): \(plan.outputNames.count) tensors, \(plan.changedTensorCount) changed (\(rules.isEmpty ? "no adapter changes" : rules))"
     }
 
     static func json(_ plan: MergePlan, output: String?) -> String {

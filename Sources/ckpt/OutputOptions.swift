@@ -73,8 +73,12 @@ struct OutputOptions: ParsableArguments {
                 printError("ckpt: note: .npz has no place for the input's __metadata__; it is not carried over")
             }
             try NPZ.write(tensors, to: output, compress: compress, inputs: inputs, progress: progress)
-            for t in tensors where !NumPy.hasNativeDescr(t.dtype) {
-                printError("ckpt: note: '\(t.name)' (\(t.dtype.name)) is stored with descr '\(try NumPy.descr(for: t.dtype))' and recorded in \(NPZ.dtypeManifestName); numpy users view it with ml_dtypes")
+            // One note per dtype without a numpy equivalent, naming the first tensor and the count.
+            let foreign = tensors.filter { !NumPy.hasNativeDescr($0.dtype) }
+            for dtype in Set(foreign.map(\.dtype)).sorted(by: { $0.rawValue < $1.rawValue }) {
+                let names = foreign.filter { $0.dtype == dtype }.map(\.name)
+                let which = names.count == 1 ? "'\(names[0])'" : "\(names.count) tensors ('\(names[0])', …)"
+                printError("ckpt: note: \(which) (\(dtype.name)) stored with descr '\(try NumPy.descr(for: dtype))' and recorded in \(NPZ.dtypeManifestName); numpy users view them with ml_dtypes")
             }
         case .npy:
             guard tensors.count == 1 else {
