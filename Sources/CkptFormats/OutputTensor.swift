@@ -41,6 +41,31 @@ public struct OutputTensor: Sendable {
         }
     }
 
+    /// The same tensor under another name (renaming while converting).
+    public func renamed(_ newName: String) throws(CkptError) -> OutputTensor {
+        try OutputTensor(name: newName, dtype: dtype, shape: shape, produce: produce)
+    }
+
+    /// Streams `bytes` (elements of `source`, C order) to `sink` converted to `target`, through a bounded buffer.
+    public static func writeConverted(_ bytes: UnsafeRawBufferPointer, from source: DType, to target: DType, _ sink: Sink) throws(CkptError) {
+        if source == target {
+            try sink(bytes)
+            return
+        }
+        let inWidth = source.byteWidth!, outWidth = target.byteWidth!
+        let count = bytes.count / inWidth
+        let capacity = max(1, min(count, chunkBytes / max(inWidth, outWidth))) * outWidth
+        let buffer = LargeAllocation.allocate(capacity)
+        defer { LargeAllocation.deallocate(buffer, count: capacity) }
+        var start = 0
+        while start < count {
+            let n = min(capacity / outWidth, count - start)
+            DTypeConversion.convertParallel(from: source, to: target, count: n, source: bytes.baseAddress! + start * inWidth, destination: buffer)
+            try sink(UnsafeRawBufferPointer(start: buffer, count: n * outWidth))
+            start += n
+        }
+    }
+
     /// Bytes already in memory.
     public static func bytes(name: String, dtype: DType, shape: Shape, _ data: [UInt8]) throws(CkptError) -> OutputTensor {
         try OutputTensor(name: name, dtype: dtype, shape: shape) { (sink: Sink) throws(CkptError) in

@@ -17,6 +17,11 @@ public struct MergePlanEntry: Sendable {
     public var rows: Range<Int>?
     public var note: String?
 
+    /// A number as the plan shows it: integers without a fraction (`2`, not `2.0`).
+    public static func format(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? String(Int(value)) : String(value)
+    }
+
     public init(
         target: String, rule: String, source: String, sourceTensors: [String], scaling: Double? = nil, rank: Int? = nil,
         weight: Double? = nil, rows: Range<Int>? = nil, note: String? = nil
@@ -160,25 +165,11 @@ struct PlannedTensor: Sendable {
     }
 
     static func emit(_ values: [Float], as dtype: DType, tensor: String, _ sink: OutputTensor.Sink) throws(CkptError) {
-        guard dtype.isConvertibleFloat, DTypeConversion.canConvert(from: .f32, to: dtype) else {
+        guard DTypeConversion.canConvert(from: .f32, to: dtype) else {
             throw CkptError(.unsupportedConversion, "cannot write a merged tensor as \(dtype.name)", tensor: tensor)
         }
-        let chunk = 1 << 20
-        var start = 0
-        let outWidth = dtype.byteWidth!
-        var buffer = [UInt8](repeating: 0, count: min(values.count, chunk) * outWidth)
-        while start < values.count {
-            let n = min(chunk, values.count - start)
-            values.withUnsafeBytes { source in
-                buffer.withUnsafeMutableBytes { destination in
-                    DTypeConversion.convert(
-                        from: .f32, to: dtype, count: n, source: source.baseAddress! + start * 4, destination: destination.baseAddress!)
-                }
-            }
-            try buffer.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in
-                try sink(UnsafeRawBufferPointer(rebasing: raw[0..<n * outWidth]))
-            }
-            start += n
+        try values.span.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in
+            try OutputTensor.writeConverted(raw, from: .f32, to: dtype, sink)
         }
     }
 }
@@ -203,34 +194,8 @@ extension Contribution {
         switch delta {
         case .lowRank(let aEntry, let bEntry, let layout, let scaling):
             let (a, b) = try LowRankFactors.load(a: aEntry, b: bEntry, layout: layout, target: merged.shape)
-            if layout == .transposed {
-                guard placement.sourceRows == nil, placement.targetRows == nil else {
-                    throw CkptError(.notMergeable, "a transposed (embedding / fan_in_fan_out) LoRA cannot be split over fused rows")
-                }
-                let rank = a.rows, columns = merged.columns, rows = merged.rows
-                a.values.withUnsafeBufferPointer { ap in
-                    b.values.withUnsafeBufferPointer { bp in
-                        merged.values.withUnsafeMutableBufferPointer { c in
-                            MergeKernels.addProduct(
-                                into: c.baseAddress!, rows: rows, columns: columns, inner: rank, alpha: Float(w * scaling),
-                                a: ap.baseAddress!, lda: a.columns, transposeA: true, b: bp.baseAddress!, ldb: rank, transposeB: true, ldc: columns)
-                        }
-                    }
-                }
-                return
-            }
-            let (source, target) = try rowRanges(sourceRows: b.rows, target: merged)
-            let rank = a.rows, columns = merged.columns
-            a.values.withUnsafeBufferPointer { ap in
-                b.values.withUnsafeBufferPointer { bp in
-                    merged.values.withUnsafeMutableBufferPointer { c in
-                        MergeKernels.addProduct(
-                            into: c.baseAddress! + target.lowerBound * columns, rows: target.count, columns: columns, inner: rank,
-                            alpha: Float(w * scaling), a: bp.baseAddress! + source.lowerBound * rank, lda: rank, transposeA: false,
-                            b: ap.baseAddress!, ldb: columns, transposeB: false, ldc: columns)
-                    }
-                }
-            }
+            let (source, target) = try lowRankRows(layout: layout, b: b, target: merged)
+            LowRankFactors.addProduct(a, b, layout: layout, sourceRows: source, alpha: Float(w * scaling), into: &merged.values, at: target.lowerBound * merged.columns, columns: merged.columns)
         case .dora(let aEntry, let bEntry, let magnitudeEntry, let layout, let scaling):
             try accumulateDoRA(
                 into: &merged, original: original!, a: aEntry, b: bEntry, magnitude: magnitudeEntry, layout: layout, scaling: scaling)
@@ -272,59 +237,37 @@ extension Contribution {
         }
     }
 
+    /// The (source, target) rows a low-rank delta covers. A transposed delta's rows are input features, so it
+    /// cannot be split over fused q/k/v rows.
+    private func lowRankRows(layout: LowRankLayout, b: FloatMatrix, target: FloatMatrix) throws(CkptError) -> (Range<Int>, Range<Int>) {
+        guard layout == .transposed else { return try rowRanges(sourceRows: b.rows, target: target) }
+        guard placement.sourceRows == nil, placement.targetRows == nil else {
+            throw CkptError(.notMergeable, "a transposed (embedding / fan_in_fan_out) LoRA cannot be split over fused rows")
+        }
+        return (0..<target.rows, 0..<target.rows)
+    }
+
+    /// DoRA: V = W + s·ΔW on the covered rows, then each output feature (a row; a column for transposed layouts)
+    /// rescaled to the magnitude m: W' = (m / ‖V‖) ⊙ V.
     private func accumulateDoRA(
         into merged: inout FloatMatrix, original: FloatMatrix, a aEntry: TensorEntry, b bEntry: TensorEntry,
         magnitude magnitudeEntry: TensorEntry, layout: LowRankLayout, scaling: Double
     ) throws(CkptError) {
         let (a, b) = try LowRankFactors.load(a: aEntry, b: bEntry, layout: layout, target: original.shape)
         let magnitude = try magnitudeEntry.floatMatrix().values
-        let columns = original.columns
-        if layout == .transposed {
-            // Norms per output feature = per column of the stored [in, out] / [num, dim] weight.
-            guard placement.sourceRows == nil, placement.targetRows == nil, magnitude.count == columns else {
-                throw CkptError(.shapeMismatch, "DoRA magnitude '\(magnitudeEntry.name)' has \(magnitude.count) values for \(columns) output features")
-            }
-            var v = original.values
-            let rank = a.rows
-            a.values.withUnsafeBufferPointer { ap in
-                b.values.withUnsafeBufferPointer { bp in
-                    v.withUnsafeMutableBufferPointer { c in
-                        MergeKernels.addProduct(
-                            into: c.baseAddress!, rows: original.rows, columns: columns, inner: rank, alpha: Float(scaling),
-                            a: ap.baseAddress!, lda: a.columns, transposeA: true, b: bp.baseAddress!, ldb: rank, transposeB: true, ldc: columns)
-                    }
-                }
-            }
-            let norms = MergeKernels.norms(v, rows: original.rows, columns: columns, alongRows: false)
-            for r in 0..<original.rows {
-                for c in 0..<columns {
-                    let i = r * columns + c
-                    let rescaled = Double(magnitude[c]) / norms[c] * Double(v[i])
-                    merged.values[i] += Float(weight * (rescaled - Double(original.values[i])))
-                }
-            }
-            return
-        }
-        let (source, target) = try rowRanges(sourceRows: b.rows, target: original)
-        guard magnitude.count == b.rows else {
-            throw CkptError(.shapeMismatch, "DoRA magnitude '\(magnitudeEntry.name)' has \(magnitude.count) values for \(b.rows) output rows")
+        let (source, target) = try lowRankRows(layout: layout, b: b, target: original)
+        let columns = original.columns, alongRows = layout != .transposed
+        let features = alongRows ? b.rows : columns
+        guard magnitude.count == features else {
+            throw CkptError(
+                .shapeMismatch, "DoRA magnitude '\(magnitudeEntry.name)' has \(magnitude.count) values for \(features) output features")
         }
         var v = Array(original.values[target.lowerBound * columns..<target.upperBound * columns])
-        let rank = a.rows
-        a.values.withUnsafeBufferPointer { ap in
-            b.values.withUnsafeBufferPointer { bp in
-                v.withUnsafeMutableBufferPointer { c in
-                    MergeKernels.addProduct(
-                        into: c.baseAddress!, rows: target.count, columns: columns, inner: rank, alpha: Float(scaling),
-                        a: bp.baseAddress! + source.lowerBound * rank, lda: rank, transposeA: false, b: ap.baseAddress!, ldb: columns,
-                        transposeB: false, ldc: columns)
-                }
-            }
-        }
-        let norms = MergeKernels.norms(v, rows: target.count, columns: columns, alongRows: true)
+        LowRankFactors.addProduct(a, b, layout: layout, sourceRows: source, alpha: Float(scaling), into: &v, at: 0, columns: columns)
+        let norms = MergeKernels.norms(v, rows: target.count, columns: columns, alongRows: alongRows)
         for (k, (s, t)) in zip(source, target).enumerated() {
-            let factor = Double(magnitude[s]) / norms[k]
             for c in 0..<columns {
+                let factor = alongRows ? Double(magnitude[s]) / norms[k] : Double(magnitude[c]) / norms[c]
                 let rescaled = factor * Double(v[k * columns + c])
                 let i = t * columns + c
                 if weight == 1 && isSole {
@@ -346,6 +289,31 @@ enum LowRankFactors {
         return (try aEntry.floatMatrix(), try bEntry.floatMatrix())
     }
 
+    /// values[offset…] += alpha · ΔW for `sourceRows` of the delta, where ΔW = B·A (linear, conv) or (B·A)ᵀ
+    /// (transposed, always whole), row-major with `columns` columns.
+    static func addProduct(
+        _ a: FloatMatrix, _ b: FloatMatrix, layout: LowRankLayout, sourceRows: Range<Int>, alpha: Float, into values: inout [Float], at offset: Int,
+        columns: Int
+    ) {
+        let rank = a.rows
+        a.values.withUnsafeBufferPointer { ap in
+            b.values.withUnsafeBufferPointer { bp in
+                values.withUnsafeMutableBufferPointer { c in
+                    if layout == .transposed {
+                        MergeKernels.addProduct(
+                            into: c.baseAddress! + offset, rows: sourceRows.count, columns: columns, inner: rank, alpha: alpha, a: ap.baseAddress!,
+                            lda: a.columns, transposeA: true, b: bp.baseAddress!, ldb: rank, transposeB: true, ldc: columns)
+                    } else {
+                        MergeKernels.addProduct(
+                            into: c.baseAddress! + offset, rows: sourceRows.count, columns: columns, inner: rank, alpha: alpha,
+                            a: bp.baseAddress! + sourceRows.lowerBound * rank, lda: rank, transposeA: false, b: ap.baseAddress!, ldb: columns,
+                            transposeB: false, ldc: columns)
+                    }
+                }
+            }
+        }
+    }
+
     /// Shape rules, checked when planning (so `--dry-run` catches them) and again before computing.
     static func check(a aEntry: TensorEntry, b bEntry: TensorEntry, layout: LowRankLayout, target: Shape) throws(CkptError) {
         let a = aEntry.shape, b = bEntry.shape
@@ -363,9 +331,8 @@ enum LowRankFactors {
         guard bColumns == rank else { throw mismatch("B must have rank \(rank) columns") }
         switch layout {
         case .linear:
-            guard target.rank == 2, aColumns == target.dims[1], b.dims[0] == target.dims[0] || b.dims[0] % 3 == 0 || target.dims[0] % 3 == 0 else {
-                throw mismatch("A's input size must equal the weight's")
-            }
+            // B's rows against the target's (whole, or a q/k/v slice) are checked with the placement.
+            guard target.rank == 2, aColumns == target.dims[1] else { throw mismatch("A's input size must equal the weight's") }
         case .conv:
             guard b.rank == 4, b.dims[2] == 1, b.dims[3] == 1 else { throw mismatch("conv LoRA B must be a 1×1 kernel [out, r, 1, 1]") }
             guard target.rank == 4, a.rank == 4, Array(a.dims[2...]) == Array(target.dims[2...]) else {

@@ -49,10 +49,10 @@ extension MergePlanner {
             }
             for (slot, block) in blocks.enumerated() {
                 let tucker = FacTTucker(factors: factors, core: core, p: p, block: slot)
-                try addFacT(block, "attn.qkv", path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.qkv() }
-                try addFacT(block, "attn.proj", path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.proj() }
-                try addFacT(block, "mlp.fc1", path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.fc1() }
-                try addFacT(block, "mlp.fc2", path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.fc2() }
+                try addFacT(block, "attn.qkv", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.qkv() }
+                try addFacT(block, "attn.proj", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.proj() }
+                try addFacT(block, "mlp.fc1", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.fc1() }
+                try addFacT(block, "mlp.fc2", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.fc2() }
             }
         } else {
             for block in blocks {
@@ -76,10 +76,10 @@ extension MergePlanner {
                         tensor: s[4].name)
                 }
                 let tt = FacTTensorTrain(factors: factors, sq: s[0], sk: s[1], sv: s[2], sp: s[3], s1: s[4], s2: s[5])
-                try addFacT(block, "attn.qkv", path: file.path, tensors: Array(names[0..<3])) { () throws(CkptError) in try tt.qkv() }
-                try addFacT(block, "attn.proj", path: file.path, tensors: [names[3]]) { () throws(CkptError) in try tt.proj() }
-                try addFacT(block, "mlp.fc1", path: file.path, tensors: [names[4]]) { () throws(CkptError) in try tt.fc1() }
-                try addFacT(block, "mlp.fc2", path: file.path, tensors: [names[5]]) { () throws(CkptError) in try tt.fc2() }
+                try addFacT(block, "attn.qkv", u: u, path: file.path, tensors: Array(names[0..<3])) { () throws(CkptError) in try tt.qkv() }
+                try addFacT(block, "attn.proj", u: u, path: file.path, tensors: [names[3]]) { () throws(CkptError) in try tt.proj() }
+                try addFacT(block, "mlp.fc1", u: u, path: file.path, tensors: [names[4]]) { () throws(CkptError) in try tt.fc1() }
+                try addFacT(block, "mlp.fc2", u: u, path: file.path, tensors: [names[5]]) { () throws(CkptError) in try tt.fc2() }
             }
         }
         let leftover = byName.keys.filter { !used.contains($0) }.sorted()
@@ -101,13 +101,12 @@ extension MergePlanner {
     }
 
     private mutating func addFacT(
-        _ block: Int, _ module: String, path: String, tensors: [String], _ compute: @escaping @Sendable () throws(CkptError) -> FloatMatrix
+        _ block: Int, _ module: String, u: TensorEntry, path: String, tensors: [String], _ compute: @escaping @Sendable () throws(CkptError) -> FloatMatrix
     ) throws(CkptError) {
         let name = "blocks.\(block).\(module).weight"
         // The delta's logical shape follows from U [d, D] and the module: check it against the base before writing.
-        if let width = request.fact?.tensors.first(where: { Self.normalised($0.name) == "FacTu.weight" })?.shape.dims.last,
-            let placements = try resolver.resolve(name)
-        {
+        let width = u.shape.dims[1]
+        if let placements = try resolver.resolve(name) {
             for placement in placements {
                 let shape = self.tensors[placement.target]!.shape
                 let columns = shape.dims.dropFirst().reduce(1, *), rows = shape.dims.first ?? 0
@@ -118,7 +117,7 @@ extension MergePlanner {
                 guard fits else {
                     throw CkptError(
                         .shapeMismatch, "FacT works on D = \(width) (FacTu's input size), but '\(placement.target)' has shape \(shape)",
-                        path: path, tensor: "FacTu.weight")
+                        path: path, tensor: u.name)
                 }
             }
         }

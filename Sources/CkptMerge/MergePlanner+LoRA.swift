@@ -131,7 +131,7 @@ extension MergePlanner {
         let line = MergePlanEntry(
             target: weightName, rule: rule, source: source, sourceTensors: [a.name, b.name] + (parts[.magnitude].map { [$0.name] } ?? []),
             scaling: scaling, rank: rank, weight: adapter.weight,
-            note: "alpha \(Self.format(alpha))\(config.useRSLoRA ? ", rsLoRA" : "")\(layout == .linear ? "" : ", \(layout.rawValue)")")
+            note: "alpha \(MergePlanEntry.format(alpha))\(config.useRSLoRA ? ", rsLoRA" : "")\(layout == .linear ? "" : ", \(layout.rawValue)")")
         guard try contribute(to: weightName, delta, weight: adapter.weight, entry: line) else {
             unmatched.append((source, a.name, resolver.nearestNames(to: weightName)))
             return
@@ -145,9 +145,5 @@ extension MergePlanner {
                     .notMergeable, "lora_bias is set but the base layer '\(module)' has no bias to add it to", path: source, tensor: bias.name)
             }
         }
-    }
-
-    static func format(_ value: Double) -> String {
-        value == value.rounded() && abs(value) < 1e15 ? String(Int(value)) : String(value)
     }
 }

@@ -125,8 +125,7 @@ public struct MergePlanner {
                 // Two full replacements of the same rows (BitFit and a PEFT bias="all", say) cannot both hold.
                 let rows = placement.targetRows ?? 0..<Int.max
                 if let other = tensors[placement.target]!.contributions.first(where: { existing in
-                    guard case .replacement(let earlier) = existing.delta, existing.weight == 1 else { return false }
-                    _ = earlier
+                    guard case .replacement = existing.delta, existing.weight == 1 else { return false }
                     return (existing.placement.targetRows ?? 0..<Int.max).overlaps(rows)
                 }), case .replacement(let earlier) = other.delta {
                     throw CkptError(

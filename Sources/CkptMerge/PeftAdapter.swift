@@ -2,13 +2,12 @@ import CkptCore
 import CkptFormats
 
 /// The fields of PEFT's `adapter_config.json` (LoraConfig) that decide a merge.
+/// (`r` and `lora_bias` are only validated: the rank comes from `lora_A`, the bias delta from `lora_B.bias`.)
 public struct PeftLoraConfig: Sendable {
-    public var rank: Int
     public var alpha: Double
     public var useRSLoRA: Bool
     public var useDoRA: Bool
     public var fanInFanOut: Bool
-    public var loraBias: Bool
     public var bias: String
     /// Regex/suffix keys → rank or alpha, in file order (PEFT ≥ 0.15 takes the first key that matches).
     public var rankPattern: [(key: String, value: Double)]
@@ -227,9 +226,10 @@ public struct PeftAdapter: Sendable {
             version = text.split(separator: ".").prefix(2).map { Int($0.prefix { $0.isNumber }) ?? 0 }
         }
         guard ["none", "all", "lora_only"].contains(bias) else { throw fail("'bias' must be none, all or lora_only, not '\(bias)'") }
+        _ = try flag("lora_bias")
         return PeftLoraConfig(
-            rank: Int(rank), alpha: try number("lora_alpha", default: 8), useRSLoRA: try flag("use_rslora"), useDoRA: try flag("use_dora"),
-            fanInFanOut: try flag("fan_in_fan_out"), loraBias: try flag("lora_bias"), bias: bias, rankPattern: try pattern("rank_pattern"),
+            alpha: try number("lora_alpha", default: 8), useRSLoRA: try flag("use_rslora"), useDoRA: try flag("use_dora"),
+            fanInFanOut: try flag("fan_in_fan_out"), bias: bias, rankPattern: try pattern("rank_pattern"),
             alphaPattern: try pattern("alpha_pattern"), modulesToSave: modules, patternRules: PeftLoraConfig.PatternRules(peftVersion: version))
     }
 }

@@ -39,14 +39,8 @@ public enum ViTRenamer {
             guard let name else {
                 unrecognised.append(entry.name)
                 let source = try OutputTensor.from(entry, convertingTo: dtype)
-                guard !modelPrefix.isEmpty, entry.name.hasPrefix(modelPrefix) else {
-                    try append(source)
-                    continue
-                }
-                try append(
-                    try OutputTensor(name: String(entry.name.dropFirst(modelPrefix.count)), dtype: source.dtype, shape: source.shape) {
-                        (sink: OutputTensor.Sink) throws(CkptError) in try source.write(to: sink)
-                    })
+                let keepsPrefix = modelPrefix.isEmpty || !entry.name.hasPrefix(modelPrefix)
+                try append(keepsPrefix ? source : try source.renamed(String(entry.name.dropFirst(modelPrefix.count))))
                 continue
             }
             let outputType = dtype != nil && entry.dtype.isConvertibleFloat ? dtype! : entry.dtype
@@ -66,7 +60,7 @@ public enum ViTRenamer {
                 let target = scheme.name(.qkv(layer), name.parameter, dinov2: dinov2, prefix: "")
                 try append(
                     try OutputTensor(name: target, dtype: outputType, shape: try Shape(dims)) { (sink: OutputTensor.Sink) throws(CkptError) in
-                        for part in [entry, k, v] { try stream(part, rows: nil, as: outputType, sink) }
+                        for part in [entry, k, v] { try OutputTensor.from(part, convertingTo: dtype).write(to: sink) }
                     })
             case (.timm, .key(let layer)), (.timm, .value(let layer)):
                 guard byKey[ViTName.Key(role: .query(layer), parameter: name.parameter)] != nil else {
@@ -76,7 +70,7 @@ public enum ViTRenamer {
                 }
                 continue
             case (.hf, .qkv(let layer)):
-                guard let rows = entry.shape.dims.first, rows % 3 == 0 else {
+                guard let rows = entry.shape.dims.first, rows > 0, rows % 3 == 0 else {
                     throw CkptError(.shapeMismatch, "attn.qkv must have 3·D rows to split into q, k, v", path: checkpoint.path, tensor: entry.name)
                 }
                 let width = rows / 3
@@ -91,10 +85,7 @@ public enum ViTRenamer {
                 }
             default:
                 let target = scheme.name(name.role, name.parameter, dinov2: dinov2, prefix: "")
-                try append(
-                    try OutputTensor(name: target, dtype: outputType, shape: entry.shape) { (sink: OutputTensor.Sink) throws(CkptError) in
-                        try stream(entry, rows: nil, as: outputType, sink)
-                    })
+                try append(try OutputTensor.from(entry, convertingTo: dtype).renamed(target))
             }
         }
         var notes: [String] = []
@@ -105,30 +96,13 @@ public enum ViTRenamer {
         return (output, notes)
     }
 
-    /// Streams `rows` (all when nil) of `entry`, converted to `dtype`.
-    static func stream(_ entry: TensorEntry, rows: Range<Int>?, as dtype: DType, _ sink: OutputTensor.Sink) throws(CkptError) {
+    /// Streams `rows` of `entry`, converted to `dtype`.
+    static func stream(_ entry: TensorEntry, rows: Range<Int>, as dtype: DType, _ sink: OutputTensor.Sink) throws(CkptError) {
         let bytes = try entry.load()
-        let rowBytes = (entry.shape.dims.first ?? 0) > 0 ? entry.byteCount / entry.shape.dims[0] : 0
-        let range = rows.map { $0.lowerBound * rowBytes..<$0.upperBound * rowBytes } ?? 0..<entry.byteCount
-        let inWidth = entry.dtype.byteWidth ?? 1
+        let rowBytes = entry.byteCount / entry.shape.dims[0]
+        let range = rows.lowerBound * rowBytes..<rows.upperBound * rowBytes
         try bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in
-            let slice = UnsafeRawBufferPointer(rebasing: raw[range])
-            if dtype == entry.dtype {
-                try sink(slice)
-                return
-            }
-            let chunk = 1 << 20, outWidth = dtype.byteWidth!
-            var buffer = [UInt8](repeating: 0, count: min(slice.count / inWidth, chunk) * outWidth)
-            var start = 0
-            let count = slice.count / inWidth
-            while start < count {
-                let n = min(chunk, count - start)
-                buffer.withUnsafeMutableBytes { out in
-                    DTypeConversion.convert(from: entry.dtype, to: dtype, count: n, source: slice.baseAddress! + start * inWidth, destination: out.baseAddress!)
-                }
-                try buffer.withBytes { (out: UnsafeRawBufferPointer) throws(CkptError) in try sink(UnsafeRawBufferPointer(rebasing: out[0..<n * outWidth])) }
-                start += n
-            }
+            try OutputTensor.writeConverted(UnsafeRawBufferPointer(rebasing: raw[range]), from: entry.dtype, to: dtype, sink)
         }
         bytes.doneReading()
     }

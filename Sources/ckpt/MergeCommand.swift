@@ -104,10 +104,6 @@ struct MergeCommand: ParsableCommand {
 
 /// The plan as a table or JSON.
 enum MergeReport {
-    static func number(_ value: Double) -> String {
-        value == value.rounded() && abs(value) < 1e15 ? String(Int(value)) : String(value)
-    }
-
     static func table(_ plan: MergePlan, output: String?) -> String {
         var lines = ["target\trule\tscaling\trank\tweight\tsource"]
         for entry in plan.entries {
@@ -115,7 +111,7 @@ enum MergeReport {
             if let rows = entry.rows { target += "[\(rows.lowerBound):\(rows.upperBound)]" }
             lines.append(
                 [
-                    target, entry.rule, entry.scaling.map(number) ?? "-", entry.rank.map(String.init) ?? "-", entry.weight.map(number) ?? "-",
+                    target, entry.rule, entry.scaling.map(MergePlanEntry.format) ?? "-", entry.rank.map(String.init) ?? "-", entry.weight.map(MergePlanEntry.format) ?? "-",
                     entry.sourceTensors.first.map { "\(FilePaths.fileName(of: entry.source)):\($0)" } ?? entry.source,
                 ].joined(separator: "\t"))
         }
@@ -138,9 +134,9 @@ enum MergeReport {
                 "\"target\": \(string(entry.target))", "\"rule\": \(string(entry.rule))", "\"source\": \(string(entry.source))",
                 "\"source_tensors\": [\(entry.sourceTensors.map(string).joined(separator: ", "))]",
             ]
-            if let scaling = entry.scaling { fields.append("\"scaling\": \(scaling)") }
+            if let scaling = entry.scaling { fields.append("\"scaling\": \(Formatting.jsonNumber(scaling))") }
             if let rank = entry.rank { fields.append("\"rank\": \(rank)") }
-            if let weight = entry.weight { fields.append("\"weight\": \(weight)") }
+            if let weight = entry.weight { fields.append("\"weight\": \(Formatting.jsonNumber(weight))") }
             if let rows = entry.rows { fields.append("\"rows\": [\(rows.lowerBound), \(rows.upperBound)]") }
             if let note = entry.note { fields.append("\"note\": \(string(note))") }
             return "{" + fields.joined(separator: ", ") + "}"

@@ -102,7 +102,7 @@ struct ViTNamingTests {
 struct PeftConfigTests {
     func config(rank: [(String, Double)] = [], alpha: [(String, Double)] = [], rslora: Bool = false) -> PeftLoraConfig {
         PeftLoraConfig(
-            rank: 8, alpha: 16, useRSLoRA: rslora, useDoRA: false, fanInFanOut: false, loraBias: false, bias: "none", rankPattern: rank,
+            alpha: 16, useRSLoRA: rslora, useDoRA: false, fanInFanOut: false, bias: "none", rankPattern: rank,
             alphaPattern: alpha, modulesToSave: [])
     }
 

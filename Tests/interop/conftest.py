@@ -40,6 +40,12 @@ def inspect_json(path, *extra) -> dict:
     return json.loads(run_ckpt("inspect", path, "--json", *extra).stdout)
 
 
+def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
+    """Relative L2 error ‖got − want‖ / ‖want‖ in float64 (0 for two zero tensors)."""
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+
+
 def read_safetensors_raw(path) -> tuple[dict, dict[str, dict], bytes]:
     """Parses a safetensors file by hand: (metadata or {}, {name: entry}, data section).
     Used for dtypes the numpy binding can't load back (BF16, F8)."""

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO, raw_tensor, read_safetensors_raw, run_ckpt, temp_leftovers
+from conftest import REPO, raw_tensor, read_safetensors_raw, rel_l2, run_ckpt, temp_leftovers
 
 sys.path.insert(0, str(REPO / "fixtures" / "adapters"))
 import generate_peft as G  # noqa: E402  (no side effects on import)
@@ -66,11 +66,6 @@ def data_order(path: Path) -> list[str]:
     """Tensor names in the order of their data in a safetensors file."""
     _, header, _ = read_safetensors_raw(path)
     return sorted(header, key=lambda k: header[k]["data_offsets"][0])
-
-
-def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
 
 
 def match_new_tensors(extra_out: set[str], extra_golden: set[str]) -> dict[str, str]:

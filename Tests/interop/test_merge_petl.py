@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO, read_safetensors_raw, run_ckpt, temp_leftovers
+from conftest import REPO, read_safetensors_raw, rel_l2, run_ckpt, temp_leftovers
 
 TINY = REPO / "fixtures" / "adapters" / "petl" / "tiny"
 REAL = REPO / ".cache" / "adapters" / "petl"
@@ -66,11 +66,6 @@ def _offset_order(path: Path) -> list[str]:
 def _dtypes(path: Path) -> dict[str, str]:
     _, header, _ = read_safetensors_raw(path)
     return {k: v["dtype"] for k, v in header.items()}
-
-
-def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
 
 
 def _assert_refused(proc, out: Path, folder: Path, names, *, any_of=False):
@@ -168,7 +163,7 @@ def _check_output(folder: Path, meta: dict, name: str, out: Path, *, extra_golde
                 f"{int(np.sum(got[k] != g))} of {g.size} elements differ, max |diff| "
                 f"{float(np.max(np.abs(got[k].astype(np.float64) - g))):.3e}")
         elif k in changed:
-            r = _rel_l2(got[k], g)
+            r = rel_l2(got[k], g)
             assert r <= REL_L2, f"{k}: relative L2 {r:.3e} > {REL_L2}"
         else:
             assert got[k].tobytes() == (base[k] if k in base else g).tobytes(), f"{k}: untouched tensor changed"
@@ -231,7 +226,7 @@ def test_fact_scale_matters(tmp_path):
     run_ckpt(*_args(TINY, case, out))
     got = load_file(str(out))
     golden = load_file(str(TINY / case["golden"]))
-    assert _rel_l2(got["blocks.0.attn.qkv.weight"], golden["blocks.0.attn.qkv.weight"]) > 1e-3
+    assert rel_l2(got["blocks.0.attn.qkv.weight"], golden["blocks.0.attn.qkv.weight"]) > 1e-3
 
 
 def test_bitfit_hf_names_replace_qkv_rows(tmp_path):
@@ -264,7 +259,7 @@ def test_merge_f16_output(tmp_path):
     assert sorted(got) == sorted(golden)
     for k, g in golden.items():
         if k in case["changed"] or k in case["replaced"]:
-            assert _rel_l2(got[k], g) <= 1e-3, k
+            assert rel_l2(got[k], g) <= 1e-3, k
         else:  # untouched: one RNE rounding of the base value
             assert got[k].tobytes() == base[k].astype(np.float16).tobytes(), k
 
@@ -348,7 +343,7 @@ def test_nonmergeable_with_ssf_in_base_kept(tmp_path, sample):
     for k, v in extra.items():
         assert got[k].tobytes() == v.tobytes(), k
     for k, g in golden.items():
-        assert _rel_l2(got[k], g) <= REL_L2, k
+        assert rel_l2(got[k], g) <= REL_L2, k
     _assert_reproduces(meta, TINY, "ssf", {k: v for k, v in got.items() if k not in extra})
 
 
