@@ -5,7 +5,7 @@ import PackageDescription
 let package = Package(
     name: "ckpt",
     products: [
-        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge"]),
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference"]),
         .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
@@ -30,10 +30,12 @@ let package = Package(
         .target(name: "CkptAnalysis", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
         // Adapter merging (PEFT LoRA/DoRA, SSF, BitFit, FacT) and ViT key naming (timm ⇄ HF).
         .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
+        // The ViT forward pass on OpenBLAS (run, eval): timm/HF ViT and DINOv2, image preprocessing, metrics.
+        .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [
-                "CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge",
+                "CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -41,6 +43,7 @@ let package = Package(
         .testTarget(name: "CkptFormatsTests", dependencies: ["CkptCore", "CkptFormats", "CCkptZlib"]),
         .testTarget(name: "CkptCLITests", dependencies: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
         .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
+        .testTarget(name: "CkptInferenceTests", dependencies: ["CkptCore", "CkptFormats", "CkptInference"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -41,6 +41,10 @@ public struct CkptError: Error, CustomStringConvertible, Sendable, Equatable {
         case notMergeable
         case shapeMismatch
         case nonFinite
+        // Inference and evaluation.
+        case modelConfig
+        case missingTensor
+        case invalidData
     }
 
     public var code: Code

@@ -104,11 +104,15 @@ enum RawInflate {
     ///   `inflateOverrun` when the stream has more data than declared, `zipFormat` on corrupt data or a stream
     ///   shorter than declared.
     /// With `prefixOnly`, stops quietly once `output` is full (used to peek at an .npy header).
-    static func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, prefixOnly: Bool = false) throws(CkptError) -> Int {
+    /// With `zlibWrapped`, `input` is a zlib stream (RFC 1950: 2-byte header, Adler-32 trailer, which zlib checks)
+    /// instead of raw deflate: PNG's IDAT data.
+    static func inflate(
+        _ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, prefixOnly: Bool = false, zlibWrapped: Bool = false
+    ) throws(CkptError) -> Int {
         let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
         stream.initialize(to: z_stream())
         defer { stream.deallocate() }
-        guard ckpt_inflateInit2(stream, -MAX_WBITS) == Z_OK else {
+        guard ckpt_inflateInit2(stream, zlibWrapped ? MAX_WBITS : -MAX_WBITS) == Z_OK else {
             throw CkptError(.io, "zlib inflateInit2 failed")
         }
         defer { inflateEnd(stream) }

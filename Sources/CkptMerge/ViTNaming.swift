@@ -9,7 +9,8 @@ public struct ViTName: Hashable, Sendable, CustomStringConvertible {
         case norm1(Int), query(Int), key(Int), value(Int), qkv(Int), attentionOutput(Int), layerScale1(Int)
         case norm2(Int), fc1(Int), fc2(Int), layerScale2(Int)
 
-        var layer: Int? {
+        /// The block index of a per-layer role.
+        public var layerIndex: Int? {
             switch self {
             case .norm1(let i), .query(let i), .key(let i), .value(let i), .qkv(let i), .attentionOutput(let i),
                 .layerScale1(let i), .norm2(let i), .fc1(let i), .fc2(let i), .layerScale2(let i):
@@ -34,6 +35,11 @@ public struct ViTName: Hashable, Sendable, CustomStringConvertible {
     public struct Key: Hashable, Sendable {
         public let role: Role
         public let parameter: Parameter
+
+        public init(role: Role, parameter: Parameter) {
+            self.role = role
+            self.parameter = parameter
+        }
     }
 
     public var key: Key { Key(role: role, parameter: parameter) }

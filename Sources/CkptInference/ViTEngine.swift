@@ -1,0 +1,196 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCkptOpenBLAS
+import CkptCore
+import Dispatch
+
+/// The forward pass of a ``ViTModel`` at one input size, over many images.
+///
+/// Images are processed in micro-batches whose tokens are stacked, so every Linear is one `cblas_sgemm` over
+/// (images × tokens) rows. Micro-batches are split across cores, each worker with its own reused buffers and
+/// OpenBLAS kept single-threaded; a lone worker (one micro-batch) lets OpenBLAS use every core instead.
+public final class ViTEngine: Sendable {
+    public let model: ViTModel
+    public let imageSize: Int
+    public let grid: Int
+    public let tokens: Int
+    /// Patch rows of the position table at this input size with the patch bias folded in: [grid² × D].
+    let patchPositions: FloatBuffer
+    /// Class token + its position entry: [D].
+    let classRow: FloatBuffer
+    public let microBatch: Int
+
+    public init(model: ViTModel, imageSize: Int? = nil, microBatch: Int = 8) throws(CkptError) {
+        let config = model.config
+        let size = imageSize ?? config.imageSize
+        guard size >= config.patchSize, size % config.patchSize == 0, size <= 4096 else {
+            throw CkptError(.invalidArgument, "image size \(size) must be a multiple of the patch size \(config.patchSize) (at most 4096)", path: model.path)
+        }
+        self.model = model
+        self.imageSize = size
+        grid = size / config.patchSize
+        tokens = grid * grid + 1
+        self.microBatch = max(1, microBatch)
+        let d = config.dim
+        let stored = config.positionGrid
+        let patchOffset = config.positionIncludesClassToken ? d : 0
+        let resized = PositionEmbedding.resize(model.positions.pointer + patchOffset, gridHeight: stored.height, gridWidth: stored.width,
+            dim: d, toHeight: grid, toWidth: grid)
+        patchPositions = FloatBuffer(resized)
+        for g in 0..<(grid * grid) {
+            for c in 0..<d { patchPositions.pointer[g * d + c] += model.patchBias.pointer[c] }
+        }
+        classRow = FloatBuffer(count: d)
+        for c in 0..<d {
+            classRow.pointer[c] = model.classToken.pointer[c] + (config.positionIncludesClassToken ? model.positions.pointer[c] : 0)
+        }
+    }
+
+    /// Per-worker activations, allocated once and reused for every layer and micro-batch.
+    final class Workspace {
+        let capacity: Int  // images
+        let x, h, qkv, attention, hidden, scores, patches: FloatBuffer
+
+        init(engine: ViTEngine, images: Int) {
+            let c = engine.model.config
+            let rows = images * engine.tokens
+            capacity = images
+            x = FloatBuffer(count: rows * c.dim)
+            h = FloatBuffer(count: rows * c.dim)
+            qkv = FloatBuffer(count: rows * 3 * c.dim)
+            attention = FloatBuffer(count: rows * c.dim)
+            hidden = FloatBuffer(count: rows * c.mlpDim)
+            scores = FloatBuffer(count: engine.tokens * engine.tokens)
+            patches = FloatBuffer(count: images * engine.grid * engine.grid * c.channels * c.patchSize * c.patchSize)
+        }
+    }
+
+    /// Final-norm CLS features [count × D] of `count` images. `fill(i, destination)` writes image i as normalised
+    /// F32 [C, size, size] (channel-major); it is called from the workers, so preprocessing runs in parallel too.
+    public func features(count: Int, fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void) throws(CkptError) -> [Float] {
+        let d = model.config.dim
+        guard count > 0 else { return [] }
+        let batches = (count + microBatch - 1) / microBatch
+        let workers = min(Parallel.coreCount, batches)
+        // Even split when there are few images, so two cores get equal work.
+        let perBatch = min(microBatch, (count + workers - 1) / workers)
+        let batchCount = (count + perBatch - 1) / perBatch
+        let output = FloatBuffer(count: count * d)
+        let failure = FailureBox()
+        let previousThreads = openblas_get_num_threads()
+        openblas_set_num_threads(workers == 1 ? Int32(Parallel.coreCount) : 1)
+        defer { openblas_set_num_threads(previousThreads) }
+        let imageFloats = model.config.channels * imageSize * imageSize
+        DispatchQueue.concurrentPerform(iterations: workers) { worker in
+            let workspace = Workspace(engine: self, images: perBatch)
+            let images = FloatBuffer(count: perBatch * imageFloats)
+            var batch = worker
+            while batch < batchCount, !failure.isSet {
+                let first = batch * perBatch
+                let n = min(perBatch, count - first)
+                do throws(CkptError) {
+                    for i in 0..<n { try fill(first + i, images.pointer + i * imageFloats) }
+                } catch {
+                    failure.set(error)
+                    return
+                }
+                forward(images: images.pointer, count: n, workspace: workspace, output: output.pointer + first * d)
+                batch += workers
+            }
+        }
+        if let error = failure.error { throw error }
+        return output.values
+    }
+
+    /// One micro-batch: images [n × C × size × size] → final-norm CLS rows [n × D].
+    func forward(images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, output: UnsafeMutablePointer<Float>) {
+        let c = model.config
+        let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
+        let rows = n * t
+        // Patch embedding: im2col is a pure reshape (stride = kernel), then one GEMM for all images.
+        patchify(images, count: n, into: ws.patches.pointer)
+        ViTKernels.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
+            m: n * g2, n: d, k: k, beta: 0)
+        for i in 0..<n {
+            let base = ws.x.pointer + i * t * d
+            base.update(from: classRow.pointer, count: d)
+            let embedded = ws.h.pointer + i * g2 * d
+            for j in 0..<(g2 * d) { base[d + j] = embedded[j] + patchPositions.pointer[j] }
+        }
+        let heads = c.heads, hd = c.headDim
+        let scale = 1 / Float(hd).squareRoot()
+        for block in model.blocks {
+            ViTKernels.layerNorm(ws.x.pointer, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer,
+                beta: block.norm1Bias.pointer, eps: c.eps)
+            ViTKernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
+            ViTKernels.gemmTransposedB(ws.h.pointer, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d,
+                m: rows, n: 3 * d, k: d, beta: 1)
+            for i in 0..<n {
+                let qkv = ws.qkv.pointer + i * t * 3 * d
+                let out = ws.attention.pointer + i * t * d
+                for head in 0..<heads {
+                    let q = qkv + head * hd, key = qkv + d + head * hd, v = qkv + 2 * d + head * hd
+                    ViTKernels.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, ws.scores.pointer, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
+                    ViTKernels.softmaxRows(ws.scores.pointer, rows: t, width: t, stride: t)
+                    ViTKernels.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
+                }
+            }
+            ViTKernels.addRows(ws.x.pointer, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
+            ViTKernels.gemmTransposedB(ws.attention.pointer, lda: d, block.projectionWeight.pointer, ldb: d, ws.x.pointer, ldc: d,
+                m: rows, n: d, k: d, beta: 1)
+            ViTKernels.layerNorm(ws.x.pointer, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer,
+                beta: block.norm2Bias.pointer, eps: c.eps)
+            ViTKernels.gemmTransposedB(ws.h.pointer, lda: d, block.fc1Weight.pointer, ldb: d, ws.hidden.pointer, ldc: c.mlpDim,
+                m: rows, n: c.mlpDim, k: d, beta: 0)
+            ViTKernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
+            ViTKernels.addRows(ws.x.pointer, rows: rows, width: d, stride: d, bias: block.fc2Bias.pointer)
+            ViTKernels.gemmTransposedB(ws.hidden.pointer, lda: c.mlpDim, block.fc2Weight.pointer, ldb: c.mlpDim, ws.x.pointer, ldc: d,
+                m: rows, n: d, k: c.mlpDim, beta: 1)
+        }
+        for i in 0..<n {
+            ViTKernels.layerNorm(ws.x.pointer + i * t * d, output + i * d, rows: 1, width: d, gamma: model.finalNormWeight.pointer,
+                beta: model.finalNormBias.pointer, eps: c.eps)
+        }
+    }
+
+    /// [n, C, H, W] → [n·grid², C·p·p] with row gy·grid + gx and column c·p² + ky·p + kx (the conv weight's order).
+    func patchify(_ images: UnsafePointer<Float>, count n: Int, into out: UnsafeMutablePointer<Float>) {
+        let c = model.config.channels, p = model.config.patchSize, s = imageSize
+        let k = c * p * p
+        for i in 0..<n {
+            let image = images + i * c * s * s
+            for gy in 0..<grid {
+                for gx in 0..<grid {
+                    let row = out + ((i * grid + gy) * grid + gx) * k
+                    for ch in 0..<c {
+                        for ky in 0..<p {
+                            (row + (ch * p + ky) * p).update(from: image + (ch * s + gy * p + ky) * s + gx * p, count: p)
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first error thrown by any worker.
+final class FailureBox: @unchecked Sendable {
+    private var stored: CkptError?
+    private let lock = NSLockLite()
+    var isSet: Bool { lock.withLock { stored != nil } }
+    var error: CkptError? { lock.withLock { stored } }
+    func set(_ error: CkptError) { lock.withLock { if stored == nil { stored = error } } }
+}
+
+/// A pthread mutex (Foundation-free).
+final class NSLockLite: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    init() { pthread_mutex_init(mutex, nil) }
+    deinit { pthread_mutex_destroy(mutex); mutex.deallocate() }
+    func withLock<R>(_ body: () -> R) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return body()
+    }
+}

@@ -1,0 +1,183 @@
+import CCkptOpenBLAS
+
+/// The element-wise and row-wise kernels of the ViT forward pass, written on `SIMD8<Float>` so they vectorise on
+/// baseline x86-64 (libm's `expf`/`erff` are scalar calls and would cost as much as the GEMMs around them).
+enum ViTKernels {
+    typealias V = SIMD8<Float>
+
+    @inline(__always)
+    static func load(_ p: UnsafePointer<Float>) -> V { UnsafeRawPointer(p).loadUnaligned(as: V.self) }
+
+    @inline(__always)
+    static func store(_ v: V, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self) }
+
+    // The standard library's pointwiseMin/Max and clamped(…) are generic calls here, not inlined vector ops.
+    @inline(__always)
+    static func maximum(_ a: V, _ b: V) -> V { a.replacing(with: b, where: a .< b) }
+
+    @inline(__always)
+    static func minimum(_ a: V, _ b: V) -> V { a.replacing(with: b, where: b .< a) }
+
+    /// e^x for 8 lanes: 2^k · p(r) with k = round(x·log2 e), r = x − k·ln 2 (two-part ln 2), p a degree-6 Taylor
+    /// polynomial (|r| ≤ ln2/2, so the truncation error is ≤ 1.3e-7 relative). Inputs are clamped to
+    /// [−87.3, 88.7]; below that the result is ~1e-38 instead of a denormal or zero, which no caller can tell apart.
+    @inline(__always)
+    static func exp(_ x: V) -> V {
+        let magic: Float = 12_582_912  // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits
+        let xc = minimum(maximum(x, V(repeating: -87.3)), V(repeating: 88.7))
+        let shifted = xc * 1.442_695_04 + magic
+        let k = shifted - magic
+        var r = xc - k * 0.693_145_75  // ln 2 high part (exact in k·hi for |k| < 2^11)
+        r = r - k * 1.428_606_8e-6  // ln 2 low part
+        var p = V(repeating: 1.0 / 720)
+        p = p * r + 1.0 / 120
+        p = p * r + 1.0 / 24
+        p = p * r + 1.0 / 6
+        p = p * r + 0.5
+        p = p * r + 1
+        p = p * r + 1
+        let kBits = unsafeBitCast(shifted, to: SIMD8<UInt32>.self) &- magic.bitPattern
+        let scale = unsafeBitCast((kBits &+ 127) &<< 23, to: V.self)
+        return p * scale
+    }
+
+    /// GELU with the exact erf form, x·Φ(x). Φ comes from erfc(|x|/√2) by Abramowitz & Stegun 7.1.26
+    /// (|error| ≤ 1.5e-7 in erf), evaluated without cancellation on both sides: Φ(x) = 1 − q/2 for x ≥ 0 and
+    /// q/2 for x < 0, where q = erfc(|x|/√2).
+    @inline(__always)
+    static func gelu(_ x: V) -> V {
+        let magnitude = unsafeBitCast(unsafeBitCast(x, to: SIMD8<UInt32>.self) & 0x7FFF_FFFF, to: V.self)
+        let z = magnitude * 0.707_106_78
+        let t = 1 / (1 + 0.327_591_1 * z)
+        var poly = V(repeating: 1.061_405_429)
+        poly = poly * t - 1.453_152_027
+        poly = poly * t + 1.421_413_741
+        poly = poly * t - 0.284_496_736
+        poly = poly * t + 0.254_829_592
+        poly = poly * t
+        let q = poly * exp(-(z * z))
+        let phi = (0.5 * q).replacing(with: 1 - 0.5 * q, where: x .>= 0)
+        return x * phi
+    }
+
+    /// y[i] = gelu(y[i] + bias[i % width]) over `rows` rows of `width` values (the fc1 bias fused into GELU).
+    static func biasGELU(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, bias: UnsafePointer<Float>) {
+        let vectorEnd = width & ~7
+        for r in 0..<rows {
+            let row = y + r * width
+            var i = 0
+            while i < vectorEnd {
+                store(gelu(load(row + i) + load(bias + i)), row + i)
+                i += 8
+            }
+            while i < width {  // tail: pad one vector with zeros
+                var lane = V.zero
+                lane[0] = row[i] + bias[i]
+                row[i] = gelu(lane)[0]
+                i += 1
+            }
+        }
+    }
+
+    /// Per-row LayerNorm over `width` values: y = (x − μ)/√(σ² + ε)·γ + β, two-pass in F32 with 8-lane partial
+    /// sums (the same order of error as a pairwise sum at these widths).
+    static func layerNorm(
+        _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int,
+        gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, eps: Float
+    ) {
+        let vectorEnd = width & ~7
+        let inverseWidth = 1 / Float(width)
+        for r in 0..<rows {
+            let row = x + r * width
+            let out = y + r * width
+            var acc = V.zero
+            var i = 0
+            while i < vectorEnd { acc += load(row + i); i += 8 }
+            var sum = acc.sum()
+            while i < width { sum += row[i]; i += 1 }
+            let mean = sum * inverseWidth
+            var acc2 = V.zero
+            i = 0
+            while i < vectorEnd { let d = load(row + i) - mean; acc2 += d * d; i += 8 }
+            var squares = acc2.sum()
+            while i < width { let d = row[i] - mean; squares += d * d; i += 1 }
+            let inverseStd = 1 / (squares * inverseWidth + eps).squareRoot()
+            i = 0
+            while i < vectorEnd {
+                store((load(row + i) - mean) * inverseStd * load(gamma + i) + load(beta + i), out + i)
+                i += 8
+            }
+            while i < width { out[i] = (row[i] - mean) * inverseStd * gamma[i] + beta[i]; i += 1 }
+        }
+    }
+
+    /// Row-wise softmax in place over `rows` rows of `width` values with leading dimension `stride`; the row maximum
+    /// is subtracted first so no exponent overflows.
+    static func softmaxRows(_ s: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
+        let vectorEnd = width & ~7
+        for r in 0..<rows {
+            let row = s + r * stride
+            var maxV = V(repeating: -.infinity)
+            var i = 0
+            while i < vectorEnd { maxV = maximum(maxV, load(row + i)); i += 8 }
+            var maximum = maxV.max()
+            while i < width { maximum = Swift.max(maximum, row[i]); i += 1 }
+            var sumV = V.zero
+            i = 0
+            while i < vectorEnd {
+                let e = exp(load(row + i) - maximum)
+                store(e, row + i)
+                sumV += e
+                i += 8
+            }
+            var sum = sumV.sum()
+            while i < width {
+                var lane = V.zero
+                lane[0] = row[i] - maximum
+                let e = exp(lane)[0]
+                row[i] = e
+                sum += e
+                i += 1
+            }
+            let inverse = 1 / sum
+            i = 0
+            while i < vectorEnd { store(load(row + i) * inverse, row + i); i += 8 }
+            while i < width { row[i] *= inverse; i += 1 }
+        }
+    }
+
+    /// Copies `bias` into each of `rows` rows of `y` (leading dimension `stride`), so a following sgemm with
+    /// β = 1 adds the product to it.
+    static func fillRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, with bias: UnsafePointer<Float>) {
+        for r in 0..<rows { (y + r * stride).update(from: bias, count: width) }
+    }
+
+    /// y[r] += bias for each row.
+    static func addRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, bias: UnsafePointer<Float>) {
+        let vectorEnd = width & ~7
+        for r in 0..<rows {
+            let row = y + r * stride
+            var i = 0
+            while i < vectorEnd { store(load(row + i) + load(bias + i), row + i); i += 8 }
+            while i < width { row[i] += bias[i]; i += 1 }
+        }
+    }
+
+    /// C[m × n] = α·A[m × k]·B[n × k]ᵀ + β·C, row-major (PyTorch's [out, in] weight layout for B).
+    @inline(__always)
+    static func gemmTransposedB(
+        _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, _ c: UnsafeMutablePointer<Float>, ldc: Int,
+        m: Int, n: Int, k: Int, alpha: Float = 1, beta: Float
+    ) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// C[m × n] = A[m × k]·B[k × n] + β·C, row-major.
+    @inline(__always)
+    static func gemm(
+        _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, _ c: UnsafeMutablePointer<Float>, ldc: Int,
+        m: Int, n: Int, k: Int, beta: Float
+    ) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+}

@@ -1,0 +1,104 @@
+import ArgumentParser
+import CkptCore
+import CkptFormats
+import CkptInference
+
+/// How to build a ViT from a checkpoint: shared by `run` and `eval`.
+struct ModelOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Attention heads (default: config.json, else width / 64).", valueName: "N"))
+    var heads: Int?
+
+    @Option(help: ArgumentHelp("LayerNorm epsilon (default: config.json, else 1e-6).", valueName: "EPS"))
+    var eps: Double?
+
+    @Option(help: ArgumentHelp("Per-channel image mean, comma-separated (default: preprocessor_config.json, else ImageNet's).", valueName: "M,M,M"))
+    var mean: String?
+
+    @Option(help: ArgumentHelp("Per-channel image std, comma-separated.", valueName: "S,S,S"))
+    var std: String?
+
+    @Option(help: ArgumentHelp("Input size in pixels, a multiple of the patch size (default: config.json image_size, else the position grid's). Position embeddings are resized bicubically when it differs from the stored grid.", valueName: "PX"))
+    var imageSize: Int?
+
+    @Option(help: ArgumentHelp("Images per micro-batch and worker.", valueName: "N"))
+    var batchSize: Int = 8
+
+    static func floats(_ text: String, flag: String) throws -> [Float] {
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false)
+        var values: [Float] = []
+        for part in parts {
+            guard let v = Float(part.trimmingSpaces), v.isFinite else { throw ValidationError("\(flag) \(text): expected comma-separated numbers") }
+            values.append(v)
+        }
+        return values
+    }
+
+    func validate() throws {
+        if let heads, heads <= 0 { throw ValidationError("--heads must be positive") }
+        if let eps, !(eps > 0 && eps < 1) { throw ValidationError("--eps must be in (0, 1)") }
+        if let imageSize, imageSize <= 0 || imageSize > 4096 { throw ValidationError("--image-size must be 1…4096") }
+        guard batchSize > 0, batchSize <= 256 else { throw ValidationError("--batch-size must be 1…256") }
+        if let mean { _ = try Self.floats(mean, flag: "--mean") }
+        if let std {
+            let s = try Self.floats(std, flag: "--std")
+            if s.contains(where: { $0 <= 0 }) { throw ValidationError("--std values must be positive") }
+        }
+    }
+
+    var overrides: ViTConfig.Overrides {
+        ViTConfig.Overrides(
+            heads: heads, eps: eps.map(Float.init), mean: mean.flatMap { try? Self.floats($0, flag: "--mean") },
+            std: std.flatMap { try? Self.floats($0, flag: "--std") }, imageSize: imageSize)
+    }
+
+    func load(_ path: String) throws(CkptError) -> ViTEngine {
+        let model = try ViTModel.load(path, overrides: overrides)
+        return try ViTEngine(model: model, microBatch: batchSize)
+    }
+}
+
+extension Substring {
+    var trimmingSpaces: Substring {
+        var s = self
+        while s.first == " " { s = s.dropFirst() }
+        while s.last == " " { s = s.dropLast() }
+        return s
+    }
+}
+
+/// Timing and feature extraction shared by `run` and `eval`.
+struct TimedFeatures {
+    let features: [Float]
+    let seconds: Double
+
+    init(engine: ViTEngine, images: ImageSet, limit: Int? = nil) throws(CkptError) {
+        let count = min(images.count, limit ?? images.count)
+        let start = MonotonicClock.now()
+        features = try engine.features(images: images, count: count)
+        seconds = MonotonicClock.now() - start
+    }
+}
+
+enum MonotonicClock {
+    static func now() -> Double {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+    }
+}
+
+/// Writes F32 values as a C-order .npy (atomically).
+func saveFloats(_ values: [Float], shape: [Int], to path: String, inputs: [String]) throws(CkptError) {
+    var bytes = [UInt8](repeating: 0, count: values.count * 4)
+    values.withUnsafeBytes { raw in bytes.withUnsafeMutableBytes { $0.copyMemory(from: raw) } }
+    let tensor = try OutputTensor.bytes(name: "values", dtype: .f32, shape: try Shape(shape), bytes)
+    try NumPy.write(tensor, to: path, inputs: inputs.compactMap { FileIdentity.of($0) })
+}
+
+func describe(_ config: ViTConfig, size: Int) -> String {
+    "\(config.modelType), D=\(config.dim), \(config.depth) layers, \(config.heads) heads, patch \(config.patchSize), \(size) px"
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,117 @@
+import ArgumentParser
+import CkptCore
+import CkptFormats
+import CkptInference
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a ViT (timm ViT/DeiT, DINOv2; timm or Hugging Face naming) on images: CLS features or top-k classes.",
+        discussion: """
+            MODEL is a checkpoint file, shards, or a Hugging Face model folder (config.json, preprocessor_config.json \
+            and weights). Images: PNG files, or .npy/.npz with uint8 `images` [N,H,W(,3)] (resized to the model's \
+            input size: integer nearest-neighbour when the size is a whole multiple, otherwise bilinear; grey \
+            replicated; normalised with the model's mean/std), or F32 [N,C,H,W] already normalised. With a head \
+            (--head, or the model's own timm `head`/HF `classifier`) the top-k classes are printed, otherwise the \
+            final-norm CLS features.
+            """)
+
+    @Argument(help: "The model (file, shards or Hugging Face folder).")
+    var model: String
+
+    @Option(name: .customLong("images"), parsing: .upToNextOption, help: ArgumentHelp("PNG files, or one .npy/.npz of images.", valueName: "FILE"))
+    var images: [String] = []
+
+    @Option(help: ArgumentHelp("Linear head: safetensors with weight [classes, D] and bias [classes] (labels from its metadata).", valueName: "HEAD"))
+    var head: String?
+
+    @Option(name: .customLong("top-k"), help: ArgumentHelp("Classes to print per image.", valueName: "K"))
+    var topK: Int = 5
+
+    @Option(help: ArgumentHelp("Write the CLS features [N, D] as F32 .npy.", valueName: "FILE"))
+    var saveFeatures: String?
+
+    @Option(help: ArgumentHelp("Write the logits [N, classes] as F32 .npy (needs a head).", valueName: "FILE"))
+    var saveLogits: String?
+
+    @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var json: JSONOutputOption
+
+    func validate() throws {
+        if images.isEmpty { throw ValidationError("--images is required (PNG files or one .npy/.npz)") }
+        guard topK > 0 else { throw ValidationError("--top-k must be positive") }
+        for out in [saveFeatures, saveLogits].compactMap({ $0 }) where images.contains(out) || out == model {
+            throw ValidationError("\(out): an output must not overwrite an input")
+        }
+    }
+
+    func run() throws {
+        try runReportingErrors {
+            let engine = try modelOptions.load(model)
+            let config = engine.model.config
+            let headModel = try head.map { (path: String) throws(CkptError) in try LinearHead.load(path) } ?? engine.model.head
+            if let headModel, headModel.width != config.dim {
+                throw CkptError(.shapeMismatch, "head width \(headModel.width) ≠ model width \(config.dim)", path: headModel.source)
+            }
+            if saveLogits != nil && headModel == nil {
+                throw CkptError(.invalidArgument, "--save-logits needs a head (--head, or a model with its own)", path: model)
+            }
+            let set = try ImageSet.load(images)
+            let timed = try TimedFeatures(engine: engine, images: set)
+            let n = set.count
+            let logits = headModel.map { $0.logits(timed.features, count: n) }
+            if let saveFeatures { try saveFloats(timed.features, shape: [n, config.dim], to: saveFeatures, inputs: images + [model]) }
+            if let saveLogits, let logits, let headModel {
+                try saveFloats(logits, shape: [n, headModel.classes], to: saveLogits, inputs: images + [model])
+            }
+            let k = min(topK, headModel?.classes ?? 1)
+            if json.enabled {
+                var out = "{\"model\":\(JSONWriter.quoted(model)),\"n\":\(n),\"image_size\":\(engine.imageSize),"
+                out += "\"seconds\":\(Formatting.jsonNumber(timed.seconds)),\"images_per_second\":\(Formatting.jsonNumber(Double(n) / max(timed.seconds, 1e-9))),"
+                out += "\"config\":\(configJSON(config)),\"images\":["
+                for i in 0..<n {
+                    if i > 0 { out += "," }
+                    out += "{\"name\":\(JSONWriter.quoted(set.name(i))),"
+                    if let logits, let headModel {
+                        let top = Evaluation.topK(logits, row: i, width: headModel.classes, k: k)
+                        out += "\"top_k\":[" + top.map {
+                            "{\"class\":\($0.index),\"label\":\(JSONWriter.quoted(headModel.label($0.index))),\"logit\":\(Formatting.jsonNumber(Double($0.logit))),\"probability\":\(Formatting.jsonNumber($0.probability))}"
+                        }.joined(separator: ",") + "]}"
+                    } else {
+                        let row = timed.features[(i * config.dim)..<((i + 1) * config.dim)]
+                        out += "\"features\":[" + row.map { Formatting.jsonNumber(Double($0)) }.joined(separator: ",") + "]}"
+                    }
+                }
+                print(out + "]}")
+                return
+            }
+            print("model: \(model) (\(describe(config, size: engine.imageSize)))")
+            for i in 0..<n {
+                if let logits, let headModel {
+                    let top = Evaluation.topK(logits, row: i, width: headModel.classes, k: k)
+                    let text = top.map { "\(headModel.label($0.index)) \(Formatting.printf("%.4f", $0.probability))" }.joined(separator: ", ")
+                    print("\(set.name(i)): \(text)")
+                } else {
+                    let row = Array(timed.features[(i * config.dim)..<((i + 1) * config.dim)])
+                    let norm = row.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+                    let first = row.prefix(6).map { Formatting.printf("%.5f", Double($0)) }.joined(separator: ", ")
+                    print("\(set.name(i)): CLS [\(config.dim)] norm \(Formatting.printf("%.4f", norm)) [\(first), …]")
+                }
+            }
+            print("\(n) image\(n == 1 ? "" : "s") in \(Formatting.printf("%.3f", timed.seconds)) s (\(Formatting.printf("%.1f", Double(n) / max(timed.seconds, 1e-9))) images/s)")
+        }
+    }
+}
+
+func configJSON(_ c: ViTConfig) -> String {
+    var sources = "{"
+    for (i, key) in c.sources.keys.sorted().enumerated() {
+        sources += (i > 0 ? "," : "") + "\(JSONWriter.quoted(key)):\(JSONWriter.quoted(c.sources[key]!))"
+    }
+    sources += "}"
+    let mean = c.mean.map { $0.description }.joined(separator: ",")
+    let std = c.std.map { $0.description }.joined(separator: ",")
+    return "{\"model_type\":\(JSONWriter.quoted(c.modelType)),\"naming\":\(JSONWriter.quoted(c.naming)),\"dim\":\(c.dim),\"depth\":\(c.depth),\"heads\":\(c.heads),\"mlp_dim\":\(c.mlpDim),"
+        + "\"patch_size\":\(c.patchSize),\"image_size\":\(c.imageSize),\"position_grid\":[\(c.positionGrid.height),\(c.positionGrid.width)],"
+        + "\"layer_scale\":\(c.layerScale),\"eps\":\(c.eps.description),\"mean\":[\(mean)],\"std\":[\(std)],\"sources\":\(sources)}"
+}
