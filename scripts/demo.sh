@@ -70,3 +70,25 @@ worst = max((t["relative_error"] for t in d["tensors"]), default=0.0)
 print(f"merged in {float(sys.argv[2]) - float(sys.argv[1]):.3f} s; against PEFT merge_and_unload(): "
       f"{len(d['tensors'])} tensors, worst relative L2 error {worst:.2e} (target ≤ 1e-6), {len(changed)} not bit-identical")
 PY
+
+echo
+echo "== ckpt eval: the bundled model as a Hugging Face folder (224-px position embedding baked from the ONNX graph)"
+echo "   + a linear head trained on Fashion-MNIST, on 1,000 test images (fixtures/eval/)"
+FOLDER=.cache/dinov2/dinov2-small-224
+[ -f "$FOLDER/model.safetensors" ] || .venv/bin/python fixtures/eval/generate.py --folder "$FOLDER"
+$CKPT eval "$FOLDER" --head fixtures/eval/fmnist_head.safetensors --data fixtures/eval/fmnist_eval.npz \
+    --save-logits .cache/dinov2/eval-logits.npy | tee .cache/dinov2/eval.txt
+.venv/bin/python - <<'PY'
+import numpy as np
+golden = np.load("fixtures/eval/golden.npz")
+logits = np.load(".cache/dinov2/eval-logits.npy")
+same = int((logits.argmax(1) == golden["predictions"]).sum())
+print(f"onnxruntime reference probe: accuracy {float(golden['accuracy']):.4f}; ckpt agrees on {same}/{len(logits)} predictions, "
+      f"max logit difference {np.abs(logits - golden['logits']).max():.1e}")
+PY
+
+echo
+echo "== ckpt eval --reference: the F16 copy against the F32 model (first 250 images): what compression did"
+$CKPT convert "$FOLDER/model.safetensors" .cache/dinov2/dinov2-small-224.f16.safetensors --dtype F16
+$CKPT eval .cache/dinov2/dinov2-small-224.f16.safetensors --reference "$FOLDER" --limit 250 \
+    --head fixtures/eval/fmnist_head.safetensors --data fixtures/eval/fmnist_eval.npz | grep -E "^(top-1|reference|forward)"

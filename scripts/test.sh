@@ -24,5 +24,12 @@ echo "== adapter fixtures: the committed tiny sets are what PEFT / the SSF and F
 [ -f .cache/adapters/peft/cases.json ] || .venv/bin/python fixtures/adapters/generate_peft.py --real
 [ -f .cache/adapters/petl/cases.json ] || .venv/bin/python fixtures/adapters/generate_petl.py --real
 
+echo "== eval fixtures: PNG set, the Fashion-MNIST eval set and onnxruntime goldens; model folder and merged-model goldens into .cache"
+.venv/bin/python fixtures/png/generate.py --check
+[ -f .cache/dinov2/dinov2-small-224/model.safetensors ] \
+    || .venv/bin/python fixtures/eval/generate.py --folder .cache/dinov2/dinov2-small-224
+.venv/bin/python fixtures/eval/generate.py --check
+[ -f .cache/eval/merged/cases.json ] || .venv/bin/python fixtures/eval/merged_models.py
+
 echo "== interop tests (Python reference libraries)"
 CKPT_BIN="$PWD/.build/release/ckpt" .venv/bin/python -m pytest -p no:cacheprovider -q Tests/interop

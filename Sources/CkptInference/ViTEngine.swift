@@ -1,9 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CCkptOpenBLAS
 import CkptCore
 import Dispatch
+import Synchronization
 
 /// The forward pass of a ``ViTModel`` at one input size, over many images.
 ///
@@ -77,7 +75,7 @@ public final class ViTEngine: Sendable {
         let perBatch = min(microBatch, (count + workers - 1) / workers)
         let batchCount = (count + perBatch - 1) / perBatch
         let output = FloatBuffer(count: count * d)
-        let failure = FailureBox()
+        let failure = Mutex<CkptError?>(nil)  // the first error any worker throws
         let previousThreads = openblas_get_num_threads()
         openblas_set_num_threads(workers == 1 ? Int32(Parallel.coreCount) : 1)
         defer { openblas_set_num_threads(previousThreads) }
@@ -86,20 +84,20 @@ public final class ViTEngine: Sendable {
             let workspace = Workspace(engine: self, images: perBatch)
             let images = FloatBuffer(count: perBatch * imageFloats)
             var batch = worker
-            while batch < batchCount, !failure.isSet {
+            while batch < batchCount, failure.withLock({ $0 == nil }) {
                 let first = batch * perBatch
                 let n = min(perBatch, count - first)
                 do throws(CkptError) {
                     for i in 0..<n { try fill(first + i, images.pointer + i * imageFloats) }
                 } catch {
-                    failure.set(error)
+                    failure.withLock { if $0 == nil { $0 = error } }
                     return
                 }
                 forward(images: images.pointer, count: n, workspace: workspace, output: output.pointer + first * d)
                 batch += workers
             }
         }
-        if let error = failure.error { throw error }
+        if let error = failure.withLock({ $0 }) { throw error }
         return output.values
     }
 
@@ -171,26 +169,5 @@ public final class ViTEngine: Sendable {
                 }
             }
         }
-    }
-}
-
-/// The first error thrown by any worker.
-final class FailureBox: @unchecked Sendable {
-    private var stored: CkptError?
-    private let lock = NSLockLite()
-    var isSet: Bool { lock.withLock { stored != nil } }
-    var error: CkptError? { lock.withLock { stored } }
-    func set(_ error: CkptError) { lock.withLock { if stored == nil { stored = error } } }
-}
-
-/// A pthread mutex (Foundation-free).
-final class NSLockLite: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    init() { pthread_mutex_init(mutex, nil) }
-    deinit { pthread_mutex_destroy(mutex); mutex.deallocate() }
-    func withLock<R>(_ body: () -> R) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return body()
     }
 }
