@@ -116,7 +116,7 @@ public struct ImageSet: Sendable {
             guard entry.shape.dims == [count] else {
                 throw CkptError(.invalidData, "labels must be [\(count)] (one per image), found \(entry.shape)", path: path, tensor: entry.name)
             }
-            guard entry.dtype.isNumeric, !entry.dtype.isConvertibleFloat else {
+            guard [DType.u8, .i8, .u16, .i16, .u32, .i32, .u64, .i64].contains(entry.dtype) else {
                 throw CkptError(.unsupportedDType, "labels must be integers, found \(entry.dtype.name)", path: path, tensor: entry.name)
             }
             let bytes = try entry.load()
@@ -126,6 +126,9 @@ public struct ImageSet: Sendable {
                     guard count > 0 else { return }
                     DTypeConversion.decodeToDouble(entry.dtype, count: count, source: raw.baseAddress!, destination: out.baseAddress!)
                 }
+            }
+            if let bad = decoded.firstIndex(where: { !($0 >= 0 && $0 < 2_147_483_648.0) }) {
+                throw CkptError(.invalidData, "label \(decoded[bad]) of image \(bad) is not a class index (0 … 2³¹−1)", path: path, tensor: entry.name)
             }
             labels = decoded.map { Int($0) }
         }

@@ -74,7 +74,7 @@ public struct ViTConfig: Sendable, Equatable {
         var modelType = shapes.layerScale ? "dinov2" : "vit"
         note("model_type", "shapes (LayerScale → dinov2)")
         // Heads cannot be read from shapes: ViTs keep a head width of 64 (ViT-Ti/S/B/L, DeiT, DINOv2 S/B/L).
-        var heads = shapes.dim / 64
+        var heads = shapes.dim % 64 == 0 ? shapes.dim / 64 : 0
         note("heads", "default (dim / 64)")
         // timm and DINOv2 use 1e-6; HF ViT's config says 1e-12 (read from config.json when present).
         var eps: Float = 1e-6
@@ -154,7 +154,10 @@ public struct ViTConfig: Sendable, Equatable {
         if let s = overrides.std { std = s; note("std", "flag") }
         if let size = overrides.imageSize { imageSize = size; note("image_size", "flag") }
 
-        guard heads > 0, shapes.dim % heads == 0 else {
+        guard heads > 0 else {
+            throw CkptError(.modelConfig, "cannot infer the number of heads: no config.json and the width \(shapes.dim) is not a multiple of the usual head width 64 (set --heads)", path: path)
+        }
+        guard shapes.dim % heads == 0 else {
             throw CkptError(.modelConfig, "\(heads) heads do not divide the width \(shapes.dim) (set --heads)", path: path)
         }
         guard eps > 0, eps.isFinite else { throw CkptError(.modelConfig, "eps must be positive and finite", path: path) }

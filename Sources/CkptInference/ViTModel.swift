@@ -206,7 +206,16 @@ struct RoleTable {
             }
             throw CkptError(.modelConfig, "several ViT encoders in one checkpoint (prefixes \(candidates.keys.sorted().map { "\"\($0)\"" }.joined(separator: ", ")))", path: path)
         }
-        entries = chosen.value
+        var entries = chosen.value
+        // HF `*ForImageClassification` keeps the encoder under `vit.`/`dinov2.` and the classifier at the root.
+        let headKey = ViTName.Key(role: .head, parameter: .weight)
+        if entries[headKey] == nil {
+            let heads = byPrefix.filter { $0.key != chosen.key && $0.value[headKey] != nil && $0.value.count <= 2 }
+            if heads.count == 1, let other = heads.first {
+                for (key, entry) in other.value { entries[key] = entry }
+            }
+        }
+        self.entries = entries
         var maxLayer = -1
         for key in entries.keys {
             if let layer = key.role.layerIndex { maxLayer = max(maxLayer, layer) }
