@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # ckpt vs Python benchmark. Usage: bench/run.sh [--quick] [bench.py options]
 #                                  bench/run.sh merge [merge.py options]
+#                                  bench/run.sh infer [infer.py options, e.g. --repeats 5]
 #   --quick   ~100 MB checkpoint (default: ~1.2 GB ViT-L/16, ~6-8 min on 2 cores)
 #   merge     ckpt merge vs PEFT merge_and_unload: LoRA r=16 on a ViT-B/16 (~2 min; needs torch + peft)
+#   infer     ckpt run vs onnxruntime vs PyTorch CPU: DINOv2-S/14, 224 px, batch 32 (~3 min; needs
+#             onnx, onnxruntime, torch, transformers)
 # Inputs are cached in bench/work/; results go to bench/work/results-latest-*.md.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +21,10 @@ if [[ "${1:-}" == "merge" ]]; then
   shift
   script="$here/merge.py"
   mods="numpy, safetensors, torch, peft"
+elif [[ "${1:-}" == "infer" ]]; then
+  shift
+  script="$here/infer.py"
+  mods="numpy, safetensors, onnx, onnxruntime, torch, transformers"
 fi
 if ! "$py" -c "import $mods" 2>/dev/null; then
   echo "error: $py lacks one of: $mods (pip install ${mods//,/})" >&2
