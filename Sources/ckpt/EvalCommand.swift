@@ -29,20 +29,13 @@ struct EvalCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Evaluate the first N images only.", valueName: "N"))
     var limit: Int?
 
-    @Option(help: ArgumentHelp("Write the logits [N, classes] as F32 .npy.", valueName: "FILE"))
-    var saveLogits: String?
-
-    @Option(help: ArgumentHelp("Write the CLS features [N, D] as F32 .npy.", valueName: "FILE"))
-    var saveFeatures: String?
-
+    @OptionGroup var save: SaveOptions
     @OptionGroup var modelOptions: ModelOptions
     @OptionGroup var json: JSONOutputOption
 
     func validate() throws {
         if let limit, limit <= 0 { throw ValidationError("--limit must be positive") }
-        for out in [saveFeatures, saveLogits].compactMap({ $0 }) where [model, data, reference, head].contains(out) {
-            throw ValidationError("\(out): an output must not overwrite an input")
-        }
+        try save.check(inputs: [model, data, reference, head])
     }
 
     func run() throws {
@@ -76,8 +69,8 @@ struct EvalCommand: ParsableCommand {
                 comparison = ReferenceComparison(logits: logits, referenceLogits: referenceLogits, features: timed.features,
                     referenceFeatures: referenceFeatures, count: n, classes: headModel.classes, dim: config.dim)
             }
-            if let saveLogits { try saveFloats(logits, shape: [n, headModel.classes], to: saveLogits, inputs: [model, data]) }
-            if let saveFeatures { try saveFloats(timed.features, shape: [n, config.dim], to: saveFeatures, inputs: [model, data]) }
+            try save.write(features: timed.features, logits: logits, count: n, dim: config.dim, classes: headModel.classes,
+                inputs: [model, data] + [reference, head].compactMap { $0 })
 
             let rate = Double(n) / max(timed.seconds, 1e-9)
             if json.enabled {

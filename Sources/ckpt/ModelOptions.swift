@@ -66,6 +66,27 @@ extension Substring {
     }
 }
 
+/// Where `run` and `eval` write what the model computed.
+struct SaveOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Write the final-norm CLS features [N, D] as F32 .npy.", valueName: "FILE"))
+    var saveFeatures: String?
+
+    @Option(help: ArgumentHelp("Write the logits [N, classes] as F32 .npy (needs a head).", valueName: "FILE"))
+    var saveLogits: String?
+
+    func check(inputs: [String?]) throws {
+        for out in [saveFeatures, saveLogits].compactMap({ $0 }) where inputs.contains(out) {
+            throw ValidationError("\(out): an output must not overwrite an input")
+        }
+        if let saveFeatures, saveFeatures == saveLogits { throw ValidationError("--save-features and --save-logits name the same file") }
+    }
+
+    func write(features: [Float], logits: [Float]?, count n: Int, dim: Int, classes: Int?, inputs: [String]) throws(CkptError) {
+        if let saveFeatures { try saveFloats(features, shape: [n, dim], to: saveFeatures, inputs: inputs) }
+        if let saveLogits, let logits, let classes { try saveFloats(logits, shape: [n, classes], to: saveLogits, inputs: inputs) }
+    }
+}
+
 /// Timing and feature extraction shared by `run` and `eval`.
 struct TimedFeatures {
     let features: [Float]

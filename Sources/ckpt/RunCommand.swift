@@ -28,21 +28,14 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("top-k"), help: ArgumentHelp("Classes to print per image.", valueName: "K"))
     var topK: Int = 5
 
-    @Option(help: ArgumentHelp("Write the CLS features [N, D] as F32 .npy.", valueName: "FILE"))
-    var saveFeatures: String?
-
-    @Option(help: ArgumentHelp("Write the logits [N, classes] as F32 .npy (needs a head).", valueName: "FILE"))
-    var saveLogits: String?
-
+    @OptionGroup var save: SaveOptions
     @OptionGroup var modelOptions: ModelOptions
     @OptionGroup var json: JSONOutputOption
 
     func validate() throws {
         if images.isEmpty { throw ValidationError("--images is required (PNG files or one .npy/.npz)") }
         guard topK > 0 else { throw ValidationError("--top-k must be positive") }
-        for out in [saveFeatures, saveLogits].compactMap({ $0 }) where images.contains(out) || out == model {
-            throw ValidationError("\(out): an output must not overwrite an input")
-        }
+        try save.check(inputs: images + [model, head])
     }
 
     func run() throws {
@@ -53,17 +46,15 @@ struct RunCommand: ParsableCommand {
             if let headModel, headModel.width != config.dim {
                 throw CkptError(.shapeMismatch, "head width \(headModel.width) ≠ model width \(config.dim)", path: headModel.source)
             }
-            if saveLogits != nil && headModel == nil {
+            if save.saveLogits != nil && headModel == nil {
                 throw CkptError(.invalidArgument, "--save-logits needs a head (--head, or a model with its own)", path: model)
             }
             let set = try ImageSet.load(images)
             let timed = try TimedFeatures(engine: engine, images: set)
             let n = set.count
             let logits = headModel.map { $0.logits(timed.features, count: n) }
-            if let saveFeatures { try saveFloats(timed.features, shape: [n, config.dim], to: saveFeatures, inputs: images + [model]) }
-            if let saveLogits, let logits, let headModel {
-                try saveFloats(logits, shape: [n, headModel.classes], to: saveLogits, inputs: images + [model])
-            }
+            try save.write(features: timed.features, logits: logits, count: n, dim: config.dim, classes: headModel?.classes,
+                inputs: images + [model] + [head].compactMap { $0 })
             let k = min(topK, headModel?.classes ?? 1)
             if json.enabled {
                 var out = "{\"model\":\(JSONWriter.quoted(model)),\"n\":\(n),\"image_size\":\(engine.imageSize),"
