@@ -11,6 +11,15 @@ func errnoText(_ code: Int32 = errno) -> String {
     return String(cString: text)
 }
 
+/// Seconds on the monotonic clock (for timing and progress; unaffected by wall-clock changes).
+public enum MonotonicClock {
+    public static func seconds() -> Double {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+    }
+}
+
 /// Facts about a path, used to refuse overwriting an input and to tell files from folders.
 public struct FileIdentity: Equatable, Sendable {
     public let device: UInt64

@@ -52,6 +52,19 @@ public struct TensorEntry: Sendable {
         }
     }
 
+    /// Decodes a floating tensor to F32 into `destination` (`shape.elements` values; F16/BF16/F8 exact, F64 rounded
+    /// once), then releases the mapped pages: callers keep the F32 copy, not the input bytes.
+    public func decodeFloats(into destination: UnsafeMutablePointer<Float>) throws(CkptError) {
+        precondition(dtype.isConvertibleFloat, "\(dtype) is not a floating dtype")
+        let bytes = try load()
+        let count = shape.elements
+        bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+            guard count > 0 else { return }
+            DTypeConversion.convert(from: dtype, to: .f32, count: count, source: raw.baseAddress!, destination: destination)
+        }
+        bytes.doneReading()
+    }
+
     /// The tensor's bytes in C order, little-endian: a zero-copy view of the input where the file layout already
     /// is that, otherwise a decoded copy (inflated, CRC-checked, byte-swapped or transposed as needed).
     public func load() throws(CkptError) -> TensorBytes {

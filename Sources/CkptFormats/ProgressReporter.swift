@@ -35,9 +35,7 @@ public final class ProgressReporter: @unchecked Sendable {
     }
 
     private func draw(force: Bool) {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        let seconds = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+        let seconds = MonotonicClock.seconds()
         guard force || seconds - lastDraw > 0.1 else { return }
         lastDraw = seconds
         let percent = totalBytes > 0 ? bytes * 100 / totalBytes : 100

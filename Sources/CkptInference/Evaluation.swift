@@ -44,10 +44,9 @@ public struct Evaluation: Sendable {
     /// The k largest logits of one row, best first.
     public static func topK(_ logits: [Float], row: Int, width: Int, k: Int) -> [(index: Int, logit: Float, probability: Double)] {
         let values = Array(logits[(row * width)..<((row + 1) * width)])
-        let maximum = Double(values.max() ?? 0)
-        let total = values.reduce(0.0) { $0 + exp(Double($1) - maximum) }
+        let logProbabilities = ReferenceComparison.logSoftmax(logits, row: row, width: width)
         return values.enumerated().sorted { $0.element > $1.element || ($0.element == $1.element && $0.offset < $1.offset) }
-            .prefix(k).map { ($0.offset, $0.element, exp(Double($0.element) - maximum) / total) }
+            .prefix(k).map { ($0.offset, $0.element, exp(logProbabilities[$0.offset])) }
     }
 }
 

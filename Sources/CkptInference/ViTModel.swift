@@ -26,14 +26,9 @@ final class FloatBuffer: @unchecked Sendable {
                 path: entry.path, tensor: entry.name)
         }
         self.init(count: entry.shape.elements)
-        let bytes = try entry.load()
         let count = entry.shape.elements
         let destination = pointer
-        bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
-            guard count > 0 else { return }
-            DTypeConversion.convert(from: entry.dtype, to: .f32, count: count, source: raw.baseAddress!, destination: destination)
-        }
-        bytes.doneReading()
+        try entry.decodeFloats(into: destination)
         if let bad = (0..<count).first(where: { !destination[$0].isFinite }) {
             throw CkptError(.nonFinite, "element \(bad) is \(destination[bad]); a model weight must be finite", path: entry.path, tensor: entry.name)
         }

@@ -27,16 +27,11 @@ extension TensorEntry {
         guard dtype.isConvertibleFloat else {
             throw CkptError(.unsupportedDType, "\(dtype.name) tensor cannot take part in a merge (floating tensors only)", path: path, tensor: name)
         }
-        let bytes = try load()
         var values = [Float](repeating: 0, count: shape.elements)
-        let count = values.count
-        bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
-            values.withUnsafeMutableBytes { out in
-                guard count > 0 else { return }
-                DTypeConversion.convert(from: dtype, to: .f32, count: count, source: raw.baseAddress!, destination: out.baseAddress!)
-            }
+        try values.withUnsafeMutableBufferPointer { (out: inout UnsafeMutableBufferPointer<Float>) throws(CkptError) in
+            guard let base = out.baseAddress else { return }
+            try decodeFloats(into: base)
         }
-        bytes.doneReading()  // the F32 copy is what we use; let the mapped pages go
         return FloatMatrix(values: values, shape: shape)
     }
 

@@ -94,17 +94,9 @@ struct TimedFeatures {
 
     init(engine: ViTEngine, images: ImageSet, limit: Int? = nil) throws(CkptError) {
         let count = min(images.count, limit ?? images.count)
-        let start = MonotonicClock.now()
+        let start = MonotonicClock.seconds()
         features = try engine.features(images: images, count: count)
-        seconds = MonotonicClock.now() - start
-    }
-}
-
-enum MonotonicClock {
-    static func now() -> Double {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+        seconds = MonotonicClock.seconds() - start
     }
 }
 
@@ -120,6 +112,16 @@ func describe(_ config: ViTConfig, size: Int) -> String {
     "\(config.modelType), D=\(config.dim), \(config.depth) layers, \(config.heads) heads, patch \(config.patchSize), \(size) px"
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif
+func configJSON(_ c: ViTConfig) -> String {
+    var sources = "{"
+    for (i, key) in c.sources.keys.sorted().enumerated() {
+        sources += (i > 0 ? "," : "") + "\(JSONWriter.quoted(key)):\(JSONWriter.quoted(c.sources[key]!))"
+    }
+    sources += "}"
+    let mean = c.mean.map { $0.description }.joined(separator: ",")
+    let std = c.std.map { $0.description }.joined(separator: ",")
+    return "{\"model_type\":\(JSONWriter.quoted(c.modelType)),\"naming\":\(JSONWriter.quoted(c.naming)),\"dim\":\(c.dim),\"depth\":\(c.depth),\"heads\":\(c.heads),\"mlp_dim\":\(c.mlpDim),"
+        + "\"patch_size\":\(c.patchSize),\"image_size\":\(c.imageSize),\"position_grid\":[\(c.positionGrid.height),\(c.positionGrid.width)],"
+        + "\"layer_scale\":\(c.layerScale),\"eps\":\(c.eps.description),\"mean\":[\(mean)],\"std\":[\(std)],\"sources\":\(sources)}"
+}
+

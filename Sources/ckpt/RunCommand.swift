@@ -93,16 +93,3 @@ struct RunCommand: ParsableCommand {
         }
     }
 }
-
-func configJSON(_ c: ViTConfig) -> String {
-    var sources = "{"
-    for (i, key) in c.sources.keys.sorted().enumerated() {
-        sources += (i > 0 ? "," : "") + "\(JSONWriter.quoted(key)):\(JSONWriter.quoted(c.sources[key]!))"
-    }
-    sources += "}"
-    let mean = c.mean.map { $0.description }.joined(separator: ",")
-    let std = c.std.map { $0.description }.joined(separator: ",")
-    return "{\"model_type\":\(JSONWriter.quoted(c.modelType)),\"naming\":\(JSONWriter.quoted(c.naming)),\"dim\":\(c.dim),\"depth\":\(c.depth),\"heads\":\(c.heads),\"mlp_dim\":\(c.mlpDim),"
-        + "\"patch_size\":\(c.patchSize),\"image_size\":\(c.imageSize),\"position_grid\":[\(c.positionGrid.height),\(c.positionGrid.width)],"
-        + "\"layer_scale\":\(c.layerScale),\"eps\":\(c.eps.description),\"mean\":[\(mean)],\"std\":[\(std)],\"sources\":\(sources)}"
-}
