@@ -6,6 +6,35 @@ public enum CheckpointFormat: String, Sendable {
     case shardedSafetensors = "safetensors-sharded"
     case npy
     case npz
+    case gguf
+}
+
+/// How a logical tensor is stored when the file holds it quantized: read back, it is dequantized on load.
+public struct QuantizationDescription: Sendable, Equatable {
+    /// The layout family: `mlx-affine`, `compressed-tensors pack-quantized`, or a ggml block type (`Q4_0`…).
+    public var scheme: String
+    public var bits: Int
+    /// Weights per scale (the ggml block size for GGUF); nil for one scale per output channel.
+    public var groupSize: Int?
+    public var symmetric: Bool
+    /// Bytes the file spends on this tensor: codes, scales, zero points/biases, shape.
+    public var storedBytes: Int
+    /// The file's tensor names holding it (`x.weight`, `x.scales`, `x.biases`, …).
+    public var storedTensors: [String]
+
+    public init(scheme: String, bits: Int, groupSize: Int?, symmetric: Bool, storedBytes: Int, storedTensors: [String]) {
+        self.scheme = scheme
+        self.bits = bits
+        self.groupSize = groupSize
+        self.symmetric = symmetric
+        self.storedBytes = storedBytes
+        self.storedTensors = storedTensors
+    }
+
+    /// A short label for reports: `mlx-affine 4-bit g64`.
+    public var label: String {
+        "\(scheme) \(bits)-bit " + (groupSize.map { "g\($0)" } ?? "per-channel") + (symmetric ? " sym" : "")
+    }
 }
 
 /// One tensor of a checkpoint: its description, and how to get its bytes (C order, little-endian).
@@ -16,15 +45,31 @@ public struct TensorEntry: Sendable {
     public let byteCount: Int
     /// The file the tensor lives in (a shard, for sharded checkpoints).
     public let path: String
+    /// Set when the file stores this tensor quantized; `dtype`/`shape` are then the dequantized tensor's.
+    public let quantization: QuantizationDescription?
     let source: TensorSource
 
-    init(name: String, dtype: DType, shape: Shape, byteCount: Int, path: String, source: TensorSource) {
+    init(
+        name: String, dtype: DType, shape: Shape, byteCount: Int, path: String, source: TensorSource,
+        quantization: QuantizationDescription? = nil
+    ) {
         self.name = name
         self.dtype = dtype
         self.shape = shape
         self.byteCount = byteCount
         self.path = path
         self.source = source
+        self.quantization = quantization
+    }
+
+    /// A tensor computed from others on load (dequantization): `decode` returns its bytes, C order, little-endian.
+    public init(
+        name: String, dtype: DType, shape: Shape, path: String, quantization: QuantizationDescription?,
+        decode: @escaping @Sendable () throws(CkptError) -> TensorBytes
+    ) throws(CkptError) {
+        let byteCount: Int
+        do { byteCount = try shape.byteCount(for: dtype) } catch { throw error.at(tensor: name).at(path: path) }
+        self.init(name: name, dtype: dtype, shape: shape, byteCount: byteCount, path: path, source: .decoded(decode), quantization: quantization)
     }
 
     /// Streams the tensor's bytes (C order, little-endian) in chunks of at most `maxBytes` (a multiple of every
@@ -84,6 +129,8 @@ enum TensorSource: Sendable {
     case npyPayload(TensorBytes, NpyLayout)
     /// An .npy inside a zip member: CRC-checked (and inflated) on load.
     case zipMember(ZipMember, NpyLayout)
+    /// Computed on load from other stored tensors (dequantization).
+    case decoded(@Sendable () throws(CkptError) -> TensorBytes)
 
     func load(byteCount: Int, dtype: DType, shape: Shape) throws(CkptError) -> TensorBytes {
         switch self {
@@ -97,6 +144,12 @@ enum TensorSource: Sendable {
                 storage: memberBytes.storage,
                 range: memberBytes.range.lowerBound + layout.dataOffset..<memberBytes.range.lowerBound + layout.dataOffset + byteCount)
             return try layout.canonicalize(payload, dtype: dtype, shape: shape)
+        case .decoded(let decode):
+            let bytes = try decode()
+            guard bytes.count == byteCount else {
+                throw CkptError(.shortData, "decoded \(bytes.count) bytes, expected \(byteCount)")
+            }
+            return bytes
         }
     }
 }
@@ -111,6 +164,8 @@ public struct Checkpoint: Sendable {
     public var files: [String]
 
     public var totalBytes: Int { tensors.reduce(0) { $0 + $1.byteCount } }
+    /// Bytes the file spends on its tensors: quantized tensors count what they store, not their dequantized size.
+    public var storedBytes: Int { tensors.reduce(0) { $0 + ($1.quantization?.storedBytes ?? $1.byteCount) } }
     public var totalParameters: Int { tensors.reduce(0) { $0 + $1.shape.elements } }
 
     /// Options that resolve what a file cannot say by itself.
