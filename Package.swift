@@ -5,7 +5,7 @@ import PackageDescription
 let package = Package(
     name: "ckpt",
     products: [
-        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference"]),
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant"]),
         .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
@@ -32,10 +32,12 @@ let package = Package(
         .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
         // The ViT forward pass on OpenBLAS (run, eval): timm/HF ViT and DINOv2, image preprocessing, metrics.
         .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
+        // Weight-only quantization (RTN, MSE clipping, HQQ) and the quantized writers (MLX, GGUF, compressed-tensors).
+        .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [
-                "CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference",
+                "CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -43,6 +45,7 @@ let package = Package(
         .testTarget(name: "CkptFormatsTests", dependencies: ["CkptCore", "CkptFormats", "CCkptZlib"]),
         .testTarget(name: "CkptCLITests", dependencies: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
         .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
+        .testTarget(name: "CkptQuantTests", dependencies: ["CkptCore", "CkptFormats", "CkptQuant"]),
         .testTarget(name: "CkptInferenceTests", dependencies: ["CkptCore", "CkptFormats", "CkptInference"]),
     ],
     swiftLanguageModes: [.v6]

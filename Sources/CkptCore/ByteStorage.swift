@@ -112,7 +112,7 @@ public struct TensorBytes: Sendable {
     public func doneReading() { storage.doneReading(range) }
 }
 
-extension Array where Element == UInt8 {
+extension Array where Element: BitwiseCopyable {
     /// Scoped raw access with typed throws (Array's own `withUnsafeBytes` only rethrows untyped errors).
     @inlinable
     public func withBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {

@@ -182,11 +182,29 @@ public struct Checkpoint: Sendable {
         guard let identity = FileIdentity.of(path) else {
             throw CkptError(.notFound, "no such file or directory", path: path)
         }
+        let checkpoint: Checkpoint
         if identity.isDirectory || path.hasSuffix(".index.json") {
-            return try ShardedSafeTensors.read(path)
+            checkpoint = try ShardedSafeTensors.read(path)
+        } else {
+            checkpoint = try open(storage: ByteStorage(mapping: path), path: path, options: options)
         }
-        let storage = try ByteStorage(mapping: path)
-        return try open(storage: storage, path: path, options: options)
+        return try resolveQuantizedLayouts(checkpoint, folder: identity.isDirectory ? path : FilePaths.directory(of: path))
+    }
+
+    /// Safetensors files written by MLX or compressed-tensors hold quantized modules as several tensors; they are
+    /// read back as one dequantized tensor each, with `config.json` (when the folder has one) saying how.
+    static func resolveQuantizedLayouts(_ checkpoint: Checkpoint, folder: String) throws(CkptError) -> Checkpoint {
+        guard checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors else { return checkpoint }
+        let names = Set(checkpoint.tensors.map(\.name))
+        let hasMLX = names.contains { $0.hasSuffix(".scales") && names.contains(String($0.dropLast(".scales".count)) + ".biases") }
+        let hasPacked = names.contains { $0.hasSuffix(".weight_packed") }
+        guard hasMLX || hasPacked else { return checkpoint }
+        let configPath = FilePaths.join(folder, "config.json")
+        let config = try JSONParser.readFile(configPath)
+        var result = checkpoint
+        if hasPacked { result = try CompressedTensors.resolve(result, config: config, configPath: configPath) }
+        if hasMLX { result = try MLXQuantized.resolve(result, config: config, configPath: configPath) }
+        return result
     }
 
     /// Reads a checkpoint from bytes already in memory or mapped (also the fuzzing entry point).

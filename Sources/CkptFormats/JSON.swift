@@ -83,6 +83,20 @@ public struct JSONParser {
         return value
     }
 
+    /// A small JSON file (configuration, index), or nil when it does not exist.
+    public static func readFile(_ path: String, maximumBytes: Int = 1 << 20) throws(CkptError) -> JSONValue? {
+        guard let identity = FileIdentity.of(path), !identity.isDirectory else { return nil }
+        let storage = try ByteStorage(mapping: path)
+        guard storage.count <= maximumBytes else {
+            throw CkptError(.tooLarge, "JSON file is larger than \(maximumBytes) bytes", path: path)
+        }
+        do {
+            return try storage.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try parse(raw) }
+        } catch {
+            throw error.at(path: path)
+        }
+    }
+
     public static func parse(_ text: String) throws(CkptError) -> JSONValue {
         try Array(text.utf8).withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try parse(raw) }
     }
@@ -298,6 +312,44 @@ public enum JSONWriter {
             }
         }
         output.append("\"")
+    }
+
+    /// Serialises `value` with `indent` spaces per level (0: compact), keeping member order and number text.
+    public static func serialize(_ value: JSONValue, indent: Int = 2) -> String {
+        var out = ""
+        append(value, to: &out, indent: indent, level: 0)
+        return out
+    }
+
+    private static func append(_ value: JSONValue, to out: inout String, indent: Int, level: Int) {
+        let newline = indent > 0 ? "\n" : ""
+        let pad = { (l: Int) in String(repeating: " ", count: indent * l) }
+        switch value {
+        case .null: out += "null"
+        case .bool(let b): out += b ? "true" : "false"
+        case .number(let text): out += text
+        case .string(let s): appendString(s, to: &out)
+        case .array(let items):
+            if items.isEmpty { out += "[]"; return }
+            out += "[" + newline
+            for (i, item) in items.enumerated() {
+                out += pad(level + 1)
+                append(item, to: &out, indent: indent, level: level + 1)
+                out += (i + 1 < items.count ? "," : "") + newline
+            }
+            out += pad(level) + "]"
+        case .object(let members):
+            if members.isEmpty { out += "{}"; return }
+            out += "{" + newline
+            for (i, member) in members.enumerated() {
+                out += pad(level + 1)
+                appendString(member.key, to: &out)
+                out += indent > 0 ? ": " : ":"
+                append(member.value, to: &out, indent: indent, level: level + 1)
+                out += (i + 1 < members.count ? "," : "") + newline
+            }
+            out += pad(level) + "}"
+        }
     }
 
     public static func quoted(_ text: String, asciiOnly: Bool = false) -> String {

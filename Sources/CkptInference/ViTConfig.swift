@@ -177,16 +177,7 @@ public struct ViTConfig: Sendable, Equatable {
     }
 
     /// A small JSON file, or nil when it does not exist.
-    static func readJSON(_ path: String) throws(CkptError) -> JSONValue? {
-        guard let identity = FileIdentity.of(path), !identity.isDirectory else { return nil }
-        let storage = try ByteStorage(mapping: path)
-        guard storage.count <= 1 << 20 else { throw CkptError(.tooLarge, "configuration file is larger than 1 MiB", path: path) }
-        do {
-            return try storage.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try JSONParser.parse(raw) }
-        } catch {
-            throw error.at(path: path)
-        }
-    }
+    static func readJSON(_ path: String) throws(CkptError) -> JSONValue? { try JSONParser.readFile(path) }
 }
 
 /// What the tensor shapes alone say about the architecture.

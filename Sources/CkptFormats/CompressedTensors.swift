@@ -1,0 +1,163 @@
+import CkptCore
+
+/// compressed-tensors' `pack-quantized` format (vLLM / llm-compressor): a module `m` stores `m.weight_packed`
+/// (int32 `[out, ceil(in*bits/32)]`, signed codes offset by 2^(bits-1) and packed densely LSB-first),
+/// `m.weight_scale` (`[out, groups]`, model dtype), `m.weight_shape` (int64 `[2]`) and, when asymmetric,
+/// `m.weight_zero_point` (signed zero points packed along the output dimension, `[ceil(out*bits/32), groups]`);
+/// `w = (q - zero_point) * scale`. See formats/compressed-tensors.md.
+public enum CompressedTensors {
+    public static let scheme = "compressed-tensors pack-quantized"
+    public static let format = "pack-quantized"
+    /// Before 0.17.0, 3/5/6/7-bit codes were packed whole into each word (padding bits): a different layout.
+    static let densePackingVersion = (0, 17, 0)
+    /// The `version` ckpt writes: the compressed-tensors release whose layout (dense packing) it follows.
+    public static let layoutVersion = "0.20.0"
+
+    static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
+        let byName = Dictionary(checkpoint.tensors.map { ($0.name, $0) }, uniquingKeysWith: { _, last in last })
+        let modules = checkpoint.tensors.compactMap { entry -> String? in
+            guard entry.name.hasSuffix(".weight_packed") else { return nil }
+            return String(entry.name.dropLast(".weight_packed".count))
+        }
+        guard !modules.isEmpty else { return checkpoint }
+        let quantizationConfig = config?["quantization_config"]
+        if let quantizationConfig {
+            if case .string(let method)? = quantizationConfig["quant_method"], method != "compressed-tensors" {
+                throw CkptError(.invalidMetadata, "quantization_config.quant_method is '\(method)', expected compressed-tensors", path: configPath)
+            }
+            if case .string(let format)? = quantizationConfig["format"], format != Self.format, format != "mixed-precision" {
+                throw CkptError(.unsupportedDType, "compressed-tensors format '\(format)' is not supported (pack-quantized only)", path: configPath)
+            }
+        }
+        let legacyPacking: Bool
+        if case .string(let version)? = quantizationConfig?["version"] {
+            let parts = version.split(whereSeparator: { !$0.isNumber }).prefix(3).map { Int($0) ?? 0 }
+            let v = (parts.count > 0 ? parts[0] : 0, parts.count > 1 ? parts[1] : 0, parts.count > 2 ? parts[2] : 0)
+            legacyPacking = v < densePackingVersion
+        } else {
+            legacyPacking = false
+        }
+        var replaced: [String: TensorEntry] = [:]
+        var consumed = Set<String>()
+        for module in modules {
+            func missing(_ suffix: String) -> CkptError {
+                CkptError(.missingTensor, "pack-quantized weight has no \(module)\(suffix)", path: byName[module + ".weight_packed"]!.path, tensor: module + ".weight_packed")
+            }
+            let packed = byName[module + ".weight_packed"]!
+            guard let scale = byName[module + ".weight_scale"] else { throw missing(".weight_scale") }
+            guard let shape = byName[module + ".weight_shape"] else { throw missing(".weight_shape") }
+            let zeroPoint = byName[module + ".weight_zero_point"]
+            let entry = try dequantizedEntry(
+                packed: packed, scale: scale, shapeEntry: shape, zeroPoint: zeroPoint, legacyPacking: legacyPacking,
+                declaredBits: try declaredBits(quantizationConfig, module: module, configPath: configPath))
+            replaced[packed.name] = entry
+            for extra in [scale, shape, zeroPoint].compactMap({ $0 }) { consumed.insert(extra.name) }
+        }
+        var result = checkpoint
+        result.tensors = checkpoint.tensors.compactMap { consumed.contains($0.name) ? nil : (replaced[$0.name] ?? $0) }
+        return result
+    }
+
+    /// `num_bits` of the config group that covers `module`, when the config names exactly one (or targets it).
+    private static func declaredBits(_ config: JSONValue?, module: String, configPath: String?) throws(CkptError) -> Int? {
+        guard case .object(let groups)? = config?["config_groups"] else { return nil }
+        let bits = groups.compactMap { $0.value["weights"]?["num_bits"]?.unsignedInteger }
+        if groups.count == 1, let b = bits.first { return Int(clamping: b) }
+        for group in groups {
+            guard case .array(let targets)? = group.value["targets"] else { continue }
+            if targets.contains(where: { $0 == .string(module) }), let b = group.value["weights"]?["num_bits"]?.unsignedInteger {
+                return Int(clamping: b)
+            }
+        }
+        return nil
+    }
+
+    private static func dequantizedEntry(
+        packed: TensorEntry, scale: TensorEntry, shapeEntry: TensorEntry, zeroPoint: TensorEntry?, legacyPacking: Bool, declaredBits: Int?
+    ) throws(CkptError) -> TensorEntry {
+        func fail(_ rule: String) -> CkptError { CkptError(.invalidData, rule, path: packed.path, tensor: packed.name) }
+        guard packed.dtype == .i32, packed.shape.rank == 2 else { throw fail("weight_packed must be a 2-D int32 tensor, not \(packed.dtype.name) \(packed.shape)") }
+        guard shapeEntry.dtype == .i64 || shapeEntry.dtype == .i32, shapeEntry.shape.elements == 2 else {
+            throw fail("weight_shape must hold two integers, not \(shapeEntry.dtype.name) \(shapeEntry.shape)")
+        }
+        let shapeBytes = try shapeEntry.load()
+        let dims: [Int] = shapeBytes.withUnsafeBytes { raw in
+            (0..<2).map { i in
+                shapeEntry.dtype == .i64
+                    ? Int(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: Int64.self)))
+                    : Int(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: Int32.self)))
+            }
+        }
+        let (rows, cols) = (dims[0], dims[1])
+        let words = packed.shape.dims[1]
+        guard rows == packed.shape.dims[0], cols > 0, cols <= words * 32 else {
+            throw fail("weight_shape [\(rows), \(cols)] does not match weight_packed \(packed.shape)")
+        }
+        // The bit width is the one whose dense packing gives this many words (checked against the config).
+        let candidates = (1...8).filter { BitPacking.wordCount(codes: cols, bits: $0) == words }
+        let bits: Int
+        if let declaredBits {
+            guard candidates.contains(declaredBits) else {
+                throw fail("config says \(declaredBits)-bit, but \(words) words per row of \(cols) codes is not that width's dense packing")
+            }
+            bits = declaredBits
+        } else {
+            guard candidates.count == 1 else { throw fail("\(words) words per row of \(cols) codes fits \(candidates.count) bit widths; config.json must say which") }
+            bits = candidates[0]
+        }
+        if legacyPacking && 32 % bits != 0 {
+            throw fail("written by compressed-tensors < 0.17.0, whose \(bits)-bit packing (whole codes per word) is not supported")
+        }
+        guard scale.dtype.isConvertibleFloat, scale.shape.rank == 2, scale.shape.dims[0] == rows,
+              scale.shape.dims[1] >= 1, cols % scale.shape.dims[1] == 0 else {
+            throw fail("weight_scale \(scale.dtype.name) \(scale.shape) must be floating [\(rows), groups] with groups dividing \(cols)")
+        }
+        let groups = scale.shape.dims[1], groupSize = cols / groups
+        if let zeroPoint {
+            guard zeroPoint.dtype == .i32, zeroPoint.shape.dims == [BitPacking.wordCount(codes: rows, bits: bits), groups] else {
+                throw fail("weight_zero_point must be int32 [\(BitPacking.wordCount(codes: rows, bits: bits)), \(groups)], not \(zeroPoint.dtype.name) \(zeroPoint.shape)")
+            }
+        }
+        let description = QuantizationDescription(
+            scheme: scheme, bits: bits, groupSize: groups == 1 ? nil : groupSize, symmetric: zeroPoint == nil,
+            storedBytes: packed.byteCount + scale.byteCount + shapeEntry.byteCount + (zeroPoint?.byteCount ?? 0),
+            storedTensors: [packed.name, scale.name, shapeEntry.name] + (zeroPoint.map { [$0.name] } ?? []))
+        let name = String(packed.name.dropLast("_packed".count))
+        let outputType = scale.dtype
+        let offset = Float(1 << (bits - 1))
+        return try TensorEntry(name: name, dtype: outputType, shape: try Shape([rows, cols]), path: packed.path, quantization: description) {
+            () throws(CkptError) -> TensorBytes in
+            let codesBytes = try packed.load()
+            let scales = try MLXQuantized.floats(scale)
+            // Zero points in code units (signed zero point + offset), one per (row, group).
+            var zeros = [Float](repeating: offset, count: rows * groups)
+            if let zeroPoint {
+                let zpBytes = try zeroPoint.load()
+                let zpWords = BitPacking.wordCount(codes: rows, bits: bits)
+                zpBytes.withUnsafeBytes { raw in
+                    let base = raw.baseAddress!.assumingMemoryBound(to: UInt32.self)
+                    var column = [UInt32](repeating: 0, count: zpWords)
+                    var codes = [UInt8](repeating: 0, count: rows)
+                    for g in 0..<groups {
+                        for k in 0..<zpWords { column[k] = base[k * groups + g] }
+                        column.withUnsafeBufferPointer { c in codes.withUnsafeMutableBufferPointer { BitPacking.unpack(c.baseAddress!, count: rows, bits: bits, into: $0.baseAddress!) } }
+                        for r in 0..<rows { zeros[r * groups + g] = Float(codes[r]) }
+                    }
+                }
+            }
+            let zeroValues = zeros
+            return try QuantizedDecoding.decode(rows: rows, cols: cols, outputType: outputType, name: name) { row, out in
+                codesBytes.withUnsafeBytes { raw in
+                    let w = raw.baseAddress!.assumingMemoryBound(to: UInt32.self) + row * words
+                    withUnsafeTemporaryAllocation(of: UInt8.self, capacity: cols) { codes in
+                        BitPacking.unpack(w, count: cols, bits: bits, into: codes.baseAddress!)
+                        for j in 0..<cols {
+                            let k = row * groups + j / groupSize
+                            out[j] = (Float(codes[j]) - zeroValues[k]) * scales[k]
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+import CkptCore
+
+/// MLX's affine quantized layout (`mx.quantize(w, group_size, bits)`, mlx-lm's `nn.QuantizedLinear`): a module
+/// `m` stores `m.weight` (uint32, codes packed LSB-first along the input dimension), `m.scales` and `m.biases`
+/// (`[out, in/group]`, in the weight dtype); `w = scales * q + biases`. `config.json`'s `quantization` block gives
+/// the group size and bits, per module when overridden. See formats/mlx.md.
+public enum MLXQuantized {
+    public static let scheme = "mlx-affine"
+    public static let groupSizes = [32, 64, 128]
+    public static let bitWidths = [2, 3, 4, 5, 6, 8]
+
+    /// Group size and bits of one module: the per-module entry of `quantization`, else its defaults.
+    struct Parameters: Equatable {
+        var groupSize: Int
+        var bits: Int
+    }
+
+    /// Replaces every `weight`/`scales`/`biases` triple with one dequantized `weight` entry. `config` is the
+    /// model's config.json when there is one; without it, bits and group size are inferred from the shapes when
+    /// exactly one supported combination fits.
+    static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
+        let byName = Dictionary(checkpoint.tensors.map { ($0.name, $0) }, uniquingKeysWith: { _, last in last })
+        let modules = checkpoint.tensors.compactMap { entry -> String? in
+            guard entry.dtype == .u32, entry.name.hasSuffix(".weight") else { return nil }
+            let module = String(entry.name.dropLast(".weight".count))
+            return byName[module + ".scales"] != nil && byName[module + ".biases"] != nil ? module : nil
+        }
+        guard !modules.isEmpty else { return checkpoint }
+        let block = config?["quantization"] ?? config?["quantization_config"]
+        var replaced: [String: TensorEntry] = [:]
+        var consumed = Set<String>()
+        for module in modules {
+            let packed = byName[module + ".weight"]!, scales = byName[module + ".scales"]!, biases = byName[module + ".biases"]!
+            let parameters = try parametersFor(module, block: block, packed: packed, scales: scales, configPath: configPath)
+            let entry = try dequantizedEntry(module: module, packed: packed, scales: scales, biases: biases, parameters: parameters)
+            replaced[packed.name] = entry
+            consumed.insert(scales.name)
+            consumed.insert(biases.name)
+        }
+        var result = checkpoint
+        result.tensors = checkpoint.tensors.compactMap { consumed.contains($0.name) ? nil : (replaced[$0.name] ?? $0) }
+        return result
+    }
+
+    private static func parametersFor(
+        _ module: String, block: JSONValue?, packed: TensorEntry, scales: TensorEntry, configPath: String?
+    ) throws(CkptError) -> Parameters {
+        func read(_ object: JSONValue?) throws(CkptError) -> Parameters? {
+            guard let object, case .object = object else { return nil }
+            guard let g = object["group_size"]?.unsignedInteger, let b = object["bits"]?.unsignedInteger else {
+                throw CkptError(.invalidMetadata, "quantization entry needs integer group_size and bits", path: configPath, tensor: module)
+            }
+            if case .string(let mode)? = object["mode"], mode != "affine" {
+                throw CkptError(.unsupportedDType, "MLX quantization mode '\(mode)' is not supported (affine only)", path: configPath, tensor: module)
+            }
+            return Parameters(groupSize: Int(clamping: g), bits: Int(clamping: b))
+        }
+        if let parameters = try read(block?[module]) { return parameters }
+        if let parameters = try read(block) { return parameters }
+        // No configuration: cols = packedCols*32/bits and cols = scaleCols*group; accept a unique solution.
+        let packedCols = packed.shape.dims.last ?? 0, scaleCols = scales.shape.dims.last ?? 0
+        var fits: [Parameters] = []
+        for b in bitWidths {
+            for g in groupSizes where (packedCols * 32) % b == 0 && (packedCols * 32) / b == scaleCols * g {
+                fits.append(Parameters(groupSize: g, bits: b))
+            }
+        }
+        guard fits.count == 1 else {
+            throw CkptError(
+                .invalidMetadata,
+                "MLX quantized weight: \(fits.count) (bits, group size) combinations fit the shapes; config.json's \"quantization\" block must say which",
+                path: packed.path, tensor: packed.name)
+        }
+        return fits[0]
+    }
+
+    private static func dequantizedEntry(
+        module: String, packed: TensorEntry, scales: TensorEntry, biases: TensorEntry, parameters: Parameters
+    ) throws(CkptError) -> TensorEntry {
+        let (g, bits) = (parameters.groupSize, parameters.bits)
+        func fail(_ rule: String) -> CkptError { CkptError(.invalidData, rule, path: packed.path, tensor: packed.name) }
+        guard groupSizes.contains(g), bitWidths.contains(bits) else {
+            throw fail("MLX affine supports group sizes 32/64/128 and bits 2/3/4/5/6/8, not group \(g), \(bits) bits")
+        }
+        guard packed.shape.rank >= 2, scales.shape.rank == packed.shape.rank, biases.shape == scales.shape else {
+            throw fail("weight \(packed.shape), scales \(scales.shape) and biases \(biases.shape) must have the same rank ≥ 2")
+        }
+        guard scales.dtype.isConvertibleFloat, biases.dtype == scales.dtype else {
+            throw fail("scales (\(scales.dtype.name)) and biases (\(biases.dtype.name)) must share one floating dtype")
+        }
+        let packedCols = packed.shape.dims.last!, scaleCols = scales.shape.dims.last!
+        let rows = packed.shape.elements / max(packedCols, 1)
+        guard packedCols * 32 % bits == 0 else { throw fail("\(packedCols) words per row is not a whole number of \(bits)-bit codes") }
+        let cols = packedCols * 32 / bits
+        guard scaleCols * g == cols, Array(packed.shape.dims.dropLast()) == Array(scales.shape.dims.dropLast()) else {
+            throw fail("scales \(scales.shape) do not match \(cols) input columns in groups of \(g)")
+        }
+        let shape = try Shape(Array(packed.shape.dims.dropLast()) + [cols])
+        let description = QuantizationDescription(
+            scheme: scheme, bits: bits, groupSize: g, symmetric: false,
+            storedBytes: packed.byteCount + scales.byteCount + biases.byteCount,
+            storedTensors: [packed.name, scales.name, biases.name])
+        let outputType = scales.dtype
+        return try TensorEntry(name: packed.name, dtype: outputType, shape: shape, path: packed.path, quantization: description) {
+            () throws(CkptError) -> TensorBytes in
+            let words = try packed.load()
+            let scaleValues = try floats(scales), biasValues = try floats(biases)
+            return try QuantizedDecoding.decode(rows: rows, cols: cols, outputType: outputType, name: packed.name) { row, out in
+                words.withUnsafeBytes { raw in
+                    let w = raw.baseAddress!.assumingMemoryBound(to: UInt32.self) + row * packedCols
+                    withUnsafeTemporaryAllocation(of: UInt8.self, capacity: cols) { codes in
+                        BitPacking.unpack(w, count: cols, bits: bits, into: codes.baseAddress!)
+                        for j in 0..<cols {
+                            let k = row * scaleCols + j / g
+                            out[j] = Float(codes[j]) * scaleValues[k] + biasValues[k]
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    static func floats(_ entry: TensorEntry) throws(CkptError) -> [Float] {
+        var values = [Float](repeating: 0, count: entry.shape.elements)
+        try values.withUnsafeMutableBufferPointer { (buffer: inout UnsafeMutableBufferPointer<Float>) throws(CkptError) in
+            try entry.decodeFloats(into: buffer.baseAddress!)
+        }
+        return values
+    }
+}
+
+/// Shared by the quantized-layout readers: dequantizes row by row (in parallel) into a new F32 buffer, then
+/// converts to the logical dtype when that is narrower.
+enum QuantizedDecoding {
+    static func decode(
+        rows: Int, cols: Int, outputType: DType, name: String,
+        row body: @Sendable (Int, UnsafeMutablePointer<Float>) -> Void
+    ) throws(CkptError) -> TensorBytes {
+        let count = rows * cols
+        let f32 = ByteStorage(uninitializedCount: count * 4) { (buffer: UnsafeMutableRawBufferPointer) in
+            nonisolated(unsafe) let base = buffer.baseAddress!.assumingMemoryBound(to: Float.self)
+            Parallel.forEachChunk(count: rows, minimumChunk: max(1, 65536 / max(cols, 1))) { range in
+                for r in range { body(r, base + r * cols) }
+            }
+        }
+        if outputType == .f32 { return TensorBytes(storage: f32) }
+        let width = outputType.byteWidth!
+        let converted = ByteStorage(uninitializedCount: count * width) { (buffer: UnsafeMutableRawBufferPointer) in
+            f32.withUnsafeBytes { source in
+                DTypeConversion.convertParallel(from: .f32, to: outputType, count: count, source: source.baseAddress!, destination: buffer.baseAddress!)
+            }
+        }
+        return TensorBytes(storage: converted)
+    }
+}

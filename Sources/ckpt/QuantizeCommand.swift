@@ -1,0 +1,186 @@
+import ArgumentParser
+import CkptCore
+import CkptFormats
+import CkptQuant
+
+struct QuantizeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quantize",
+        abstract: "Quantize Linear weights to 2–8 bits (RTN, MSE clipping, HQQ) and write MLX, GGUF, compressed-tensors or dequantized files.",
+        discussion: """
+            Linear weights (2-D '*.weight') are quantized in groups of --group-size along the input dimension (or \
+            per output channel with --group-size 0); Conv weights too in 'dequantized' output. Norms, biases, \
+            embeddings, position embeddings and class tokens stay in their dtype. A layer whose input size is not \
+            a multiple of the group size is reported and kept. --method rtn reproduces each runtime's own quantizer \
+            (mlx.core.quantize, ggml's reference blocks, compressed-tensors' min-max observer) bit for bit; mse \
+            searches a clipping factor per group for the least squared error; hqq optimises the zero point \
+            (half-quadratic, p = 0.7). mlx and compressed-tensors write a model folder (model.safetensors + \
+            config.json with the quantization block); gguf and dequantized write one file (a folder when the \
+            input is a Hugging Face folder and the format is dequantized). Every quantized tensor is reported with \
+            its SQNR and largest error; totals give the sizes and bits per weight.
+            """)
+
+    @Argument(help: "Input checkpoint (file, shard folder, or Hugging Face model folder).")
+    var input: String
+
+    @Argument(help: "Output folder (mlx, compressed-tensors, dequantized from a folder) or file (gguf, dequantized).")
+    var output: String
+
+    @Option(help: "Bits per weight: 2, 3, 4, 5, 6 or 8 (gguf: implied by --gguf-type).")
+    var bits: Int = 4
+
+    @Option(name: .customLong("group-size"), help: "Weights per scale along the input dimension: 32, 64 or 128; 0 for one scale per output channel.")
+    var groupSize: Int = 64
+
+    @Option(help: "rtn, mse or hqq.")
+    var method: String = "rtn"
+
+    @Option(help: "mlx, gguf, compressed-tensors or dequantized.")
+    var format: String
+
+    @Flag(help: "Symmetric quantization (zero at the middle code): compressed-tensors and dequantized only.")
+    var symmetric = false
+
+    @Option(name: .customLong("gguf-type"), help: "GGUF block type: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K (default from --bits: 8→Q8_0, 5→Q5_0, 4→Q4_0).")
+    var ggufType: String?
+
+    @Option(help: ArgumentHelp("Quantize only tensors whose name matches this regular expression (searched, not anchored).", valueName: "REGEX"))
+    var only: String?
+
+    @Option(help: ArgumentHelp("Keep tensors whose name matches this regular expression.", valueName: "REGEX"))
+    var skip: String?
+
+    @OptionGroup var json: JSONOutputOption
+
+    var parsedFormat: QuantizedFormat {
+        get throws {
+            guard let f = QuantizedFormat(rawValue: format) else {
+                throw ValidationError("--format \(format): choose mlx, gguf, compressed-tensors or dequantized")
+            }
+            return f
+        }
+    }
+
+    var parsedMethod: QuantMethod {
+        get throws {
+            guard let m = QuantMethod(rawValue: method) else { throw ValidationError("--method \(method): choose rtn, mse or hqq") }
+            return m
+        }
+    }
+
+    func settings() throws -> QuantizationSettings {
+        let format = try parsedFormat
+        guard QuantizationSettings.supportedBits.contains(bits) else { throw ValidationError("--bits \(bits): choose 2, 3, 4, 5, 6 or 8") }
+        guard groupSize == 0 || QuantizationSettings.supportedGroupSizes.contains(groupSize) else {
+            throw ValidationError("--group-size \(groupSize): choose 32, 64, 128, or 0 for per-channel")
+        }
+        let grid: QuantGrid
+        switch format {
+        case .mlx:
+            guard !symmetric else { throw ValidationError("--symmetric: MLX's layout is affine (scale and bias per group); use compressed-tensors or dequantized") }
+            guard groupSize != 0 else { throw ValidationError("--group-size 0: MLX quantizes in groups of 32, 64 or 128") }
+            grid = .mlxAffine
+        case .compressedTensors:
+            grid = symmetric ? .symmetric : .integerZeroPoint
+        case .dequantized:
+            grid = symmetric ? .symmetric : .mlxAffine
+        case .gguf:
+            guard try parsedMethod == .rtn else {
+                throw ValidationError("--method \(method): GGUF blocks are ggml's reference quantizers (rtn); mse and hqq apply to mlx, compressed-tensors and dequantized")
+            }
+            grid = .symmetric
+        }
+        return QuantizationSettings(bits: bits, groupSize: groupSize == 0 ? nil : groupSize, method: try parsedMethod, grid: grid)
+    }
+
+    func validate() throws {
+        let s = try settings()
+        if try parsedFormat == .gguf { try ggmlTypeCheck() } else { _ = s }
+        if input == output { throw ValidationError("input and output are the same path") }
+    }
+
+    func run() throws {
+        try runReportingErrors {
+            let started = MonotonicClock.seconds()
+            let format = try parsedFormat
+            let settings = try settings()
+            let checkpoint = try Checkpoint.open(input)
+            let inputs = checkpoint.files.compactMap(FileIdentity.of)
+            let selection = try TensorSelection(only: only, skip: skip)
+            let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
+            var report: QuantizationReport
+            if format == .gguf {
+                report = try quantizeToGGUF(checkpoint, selection: selection, inputs: inputs, inputIsFolder: inputIsFolder)
+            } else {
+                let plan = QuantizationPlan.make(checkpoint, selection: selection, format: format, blockSize: settings.groupSize)
+                let folder = format != .dequantized || inputIsFolder
+                let companions = inputIsFolder
+                    ? ["preprocessor_config.json"].map { FilePaths.join(input, $0) }.filter { FileIdentity.of($0) != nil } : []
+                let destination = QuantizedCheckpointWriter.Destination(
+                    path: output, folder: folder,
+                    inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
+                    companions: companions, inputs: inputs)
+                let matrices = try QuantizedCheckpointWriter.quantizeAll(plan, settings: settings)
+                report = try QuantizedCheckpointWriter.write(
+                    checkpoint, plan: plan, matrices: matrices, format: format, settings: settings, to: destination)
+            }
+            report.seconds = MonotonicClock.seconds() - started
+            print(json.enabled ? reportJSON(report, format: format) : reportTable(report))
+        }
+    }
+
+    func reportTable(_ report: QuantizationReport) -> String {
+        var rows: [[String]] = []
+        for t in report.tensors where t.scheme != nil || TensorSelectionNote.isWeightLike(t) {
+            rows.append([
+                t.name, Formatting.shape(t.shape), t.scheme ?? "kept: " + (t.keptReason ?? ""),
+                t.bits.map(String.init) ?? "-", t.scheme == nil ? "-" : (t.groupSize.map(String.init) ?? "channel"),
+                t.sqnr.map { Formatting.printf("%.2f", $0) } ?? "-", t.maxError.map { Formatting.printf("%.3g", Double($0)) } ?? "-",
+            ])
+        }
+        var out = Formatting.table(["tensor", "shape", "layout", "bits", "group", "SQNR dB", "max err"], rows, rightAligned: [3, 4, 5, 6])
+        let kept = report.tensors.filter { $0.scheme == nil }
+        let quantized = report.quantized
+        let meanSQNR = quantized.isEmpty ? 0 : quantized.reduce(0) { $0 + ($1.sqnr ?? 0) } / Double(quantized.count)
+        out += "\n\nquantized \(quantized.count) tensors (\(Formatting.grouped(report.quantizedWeights)) weights) at "
+            + Formatting.printf("%.3f", report.bitsPerWeight) + " bits/weight (scales included), mean SQNR "
+            + Formatting.printf("%.2f", meanSQNR) + " dB; kept \(kept.count) tensors in their dtype"
+        out += "\nsize: \(Formatting.grouped(report.inputBytes)) → \(Formatting.grouped(report.outputBytes)) bytes ("
+            + Formatting.printf("%.2f", Double(report.inputBytes) / Double(max(report.outputBytes, 1))) + "× smaller, "
+            + Formatting.printf("%.3f", report.overallBitsPerWeight) + " bits/parameter overall) in "
+            + Formatting.printf("%.2f", report.seconds) + " s"
+        out += "\nwrote \(output)"
+        return out
+    }
+
+    func reportJSON(_ report: QuantizationReport, format: QuantizedFormat) -> String {
+        func number(_ x: Double?) -> String { x.map(Formatting.jsonNumber) ?? "null" }
+        var items: [String] = []
+        for t in report.tensors {
+            var fields = [
+                "\"name\":\(JSONWriter.quoted(t.name))", "\"shape\":[\(t.shape.dims.map(String.init).joined(separator: ","))]",
+                "\"quantized\":\(t.scheme != nil)", "\"output_bytes\":\(t.outputBytes)",
+            ]
+            if let scheme = t.scheme {
+                fields += [
+                    "\"layout\":\(JSONWriter.quoted(scheme))", "\"bits\":\(t.bits ?? 0)",
+                    "\"group_size\":\(t.groupSize.map(String.init) ?? "null")", "\"sqnr_db\":\(number(t.sqnr))",
+                    "\"max_error\":\(number(t.maxError.map(Double.init)))",
+                ]
+            } else {
+                fields.append("\"kept\":\(JSONWriter.quoted(t.keptReason ?? ""))")
+            }
+            items.append("{" + fields.joined(separator: ",") + "}")
+        }
+        return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format.rawValue)),"
+            + "\"method\":\(JSONWriter.quoted(method)),\"bits\":\(bits),\"group_size\":\(groupSize == 0 ? "null" : String(groupSize)),"
+            + "\"input_bytes\":\(report.inputBytes),\"output_bytes\":\(report.outputBytes),"
+            + "\"quantized_weights\":\(report.quantizedWeights),\"bits_per_weight\":\(number(report.bitsPerWeight)),"
+            + "\"seconds\":\(number(report.seconds)),\"tensors\":[" + items.joined(separator: ",") + "]}"
+    }
+}
+
+/// Which kept tensors the table lists: weight matrices (so a skipped Linear is visible), not every bias and norm.
+enum TensorSelectionNote {
+    static func isWeightLike(_ t: TensorReport) -> Bool { t.shape.rank >= 2 && t.name.hasSuffix("weight") }
+}
