@@ -216,7 +216,11 @@ public struct Checkpoint: Sendable {
             case "safetensors": return try SafeTensors.read(storage: storage, path: path)
             case "npy": return try NumPy.read(storage: storage, path: path, options: options)
             case "npz": return try NPZ.read(storage: storage, path: path, options: options)
+            case "gguf": return try GGUF.read(storage: storage, path: path)
             default: break
+            }
+            if magic.starts(with: GGUF.magic) {
+                return try GGUF.read(storage: storage, path: path)
             }
             if magic.starts(with: NumPy.magic) {
                 return try NumPy.read(storage: storage, path: path, options: options)

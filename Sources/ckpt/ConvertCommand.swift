@@ -6,10 +6,12 @@ import CkptMerge
 struct ConvertCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "convert",
-        abstract: "Convert between safetensors, sharded safetensors, .npz and .npy, optionally changing float dtypes or ViT key naming.",
+        abstract: "Convert between safetensors, sharded safetensors, .npz, .npy and GGUF, optionally changing float dtypes or ViT key naming.",
         discussion: """
-            The output format follows OUT: '.safetensors', '.npz', '.npy' (single-tensor inputs), or a folder \
-            (existing, ending in '/', or given --max-shard-size) for Hugging Face shards. --dtype changes floating \
+            The output format follows OUT: '.safetensors', '.npz', '.npy' (single-tensor inputs), '.gguf' (GGUF v3, \
+            tensors unquantized: F32/F16/BF16/F64/I8–I64, general.architecture 'vit'), or a folder \
+            (existing, ending in '/', or given --max-shard-size) for Hugging Face shards. GGUF inputs are read with \
+            quantized tensors (Q4_0…Q8_0, Q4_K, Q6_K) dequantized to F32. --dtype changes floating \
             tensors only (F64/F32/F16/BF16/F8 → target, rounded to nearest even); integers and booleans pass through. \
             --rename rewrites ViT keys between timm naming (blocks.N.attn.qkv, fused q/k/v) and Hugging Face naming \
             (encoder.layer.N.attention.attention.query/key/value), splitting or fusing q/k/v. \
@@ -60,8 +62,10 @@ struct ConvertCommand: ParsableCommand {
                 tensors = renamed.tensors
                 for note in renamed.notes { printError("ckpt: note: \(note)") }
             }
-            // String metadata only travels between safetensors files; npy/npz have nowhere to keep it.
+            // String metadata only travels between safetensors files (npy/npz have nowhere to keep it), and from a
+            // GGUF input to a GGUF output, which keeps its general.architecture.
             let carriesMetadata = checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors
+                || (checkpoint.format == .gguf && FilePaths.fileExtension(of: output) == "gguf")
             try write.write(tensors, metadata: carriesMetadata ? checkpoint.metadata : [:], to: output, inputs: inputs, label: "convert")
         }
     }

@@ -13,7 +13,7 @@ struct OutputOptions: ParsableArguments {
     @Flag(help: "Deflate .npz members (as np.savez_compressed); default is stored (as np.savez).")
     var compress = false
 
-    enum Kind { case safetensors, sharded, npz, npy }
+    enum Kind { case safetensors, sharded, npz, npy, gguf }
 
     /// The output format OUT names: its extension, or a folder (existing, ending in '/', or --max-shard-size).
     func kind(of output: String) throws -> Kind {
@@ -28,8 +28,9 @@ struct OutputOptions: ParsableArguments {
         case "safetensors": return .safetensors
         case "npz": return .npz
         case "npy": return .npy
+        case "gguf": return .gguf
         case "": return .sharded
-        default: throw ValidationError("cannot tell the output format from '\(output)': use .safetensors, .npz, .npy or a folder")
+        default: throw ValidationError("cannot tell the output format from '\(output)': use .safetensors, .npz, .npy, .gguf or a folder")
         }
     }
 
@@ -55,6 +56,9 @@ struct OutputOptions: ParsableArguments {
         _ = try targetDType()
         _ = try shardBytes()
         if compress && kind != .npz { throw ValidationError("--compress applies to .npz output only") }
+        if kind == .gguf, let target = try targetDType(), GGMLType(plain: target) == nil {
+            throw ValidationError("--dtype \(target.name) has no GGUF type: choose F32, F16, BF16 or F64")
+        }
     }
 
     /// Writes `tensors` to `output` in the format it names, atomically, never over one of `inputs`.
@@ -80,6 +84,16 @@ struct OutputOptions: ParsableArguments {
                 let which = names.count == 1 ? "'\(names[0])'" : "\(names.count) tensors ('\(names[0])', …)"
                 printError("ckpt: note: \(which) (\(dtype.name)) stored with descr '\(try NumPy.descr(for: dtype))' and recorded in \(NPZ.dtypeManifestName); numpy users view them with ml_dtypes")
             }
+        case .gguf:
+            // Plain tensors only, names unchanged; the metadata is general.architecture ("vit" unless a GGUF input
+            // named one) and general.file_type (see formats/gguf.md).
+            let infos = try tensors.map { (tensor: OutputTensor) throws(CkptError) in
+                do throws(CkptError) { return try GGUF.OutputTensorInfo(tensor) } catch { throw error.at(path: output) }
+            }
+            let architecture = metadata[GGUF.architectureKey] ?? GGUF.defaultArchitecture
+            try GGUF.write(
+                tensors: infos, metadata: GGUF.defaultMetadata(architecture: architecture, tensors: infos), to: output,
+                inputs: inputs, progress: progress)
         case .npy:
             guard tensors.count == 1 else {
                 throw CkptError(.invalidArgument, ".npy holds one array but the output has \(tensors.count) tensors; write .npz instead", path: output)

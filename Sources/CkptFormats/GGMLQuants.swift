@@ -1,0 +1,433 @@
+import CkptCore
+
+/// ggml's block quantizers and dequantizers, bit-identical to the reference C code (`quantize_row_*_ref`,
+/// `dequantize_row_*` in ggml-quants.c) and to gguf-py 0.19.0's numpy port of it.
+///
+/// Each 32-element block is processed as two `SIMD16<Float>` halves. Rounding never calls `rintf`/`roundf`
+/// (library calls per element on baseline x86-64): adding 1.5·2^23 rounds a float with |x| < 2^22 to the nearest
+/// integer (ties to even) and leaves that integer in the low mantissa bits; half-away-from-zero (`roundf`, Q8_0)
+/// and truncation (`(int8_t)(x + 8.5f)`, Q4/Q5) are built from that with exact corrections, so codes stay
+/// bit-exact while no float→int conversion can trap on NaN or infinity.
+public enum GGMLQuants {
+    /// Quantizes `count` floats (a multiple of the block size) into `destination`
+    /// (`count / blockSize × bytesPerBlock` bytes, any alignment). F32, F16 and BF16 are plain conversions.
+    ///
+    /// Non-finite inputs give unspecified (but deterministic) codes: ggml and gguf-py disagree on them too.
+    public static func quantize(_ type: GGMLType, source: UnsafePointer<Float>, count: Int, destination: UnsafeMutableRawPointer) {
+        precondition(count >= 0 && count % type.blockSize == 0, "\(count) elements are not whole \(type.name) blocks")
+        let blocks = count / type.blockSize
+        switch type {
+        case .f32, .f16, .bf16:
+            DTypeConversion.convert(from: .f32, to: type.plainDType!, count: count, source: UnsafeRawPointer(source), destination: destination)
+        case .q8_0: quantizeQ8_0(source, destination, blocks)
+        case .q4_0: quantizeSymmetric(source, destination, blocks, levels: 16)
+        case .q5_0: quantizeSymmetric(source, destination, blocks, levels: 32)
+        case .q4_1: quantizeAffine(source, destination, blocks, levels: 16)
+        case .q5_1: quantizeAffine(source, destination, blocks, levels: 32)
+        case .q4_K: quantizeQ4_K(source, destination, blocks)
+        case .q6_K: quantizeQ6_K(source, destination, blocks)
+        case .i8, .i16, .i32, .i64, .f64:
+            preconditionFailure("\(type.name) is not a float encoding")
+        }
+    }
+
+    /// Decodes `count` elements (a multiple of the block size) of `type` from `source` (any alignment) to F32.
+    /// Plain types convert exactly (F64 rounds once to nearest even; integers convert as `Float(x)`).
+    public static func dequantize(_ type: GGMLType, source: UnsafeRawPointer, count: Int, destination: UnsafeMutablePointer<Float>) {
+        precondition(count >= 0 && count % type.blockSize == 0, "\(count) elements are not whole \(type.name) blocks")
+        let blocks = count / type.blockSize
+        switch type {
+        case .f32, .f16, .bf16, .f64:
+            DTypeConversion.convert(from: type.plainDType!, to: .f32, count: count, source: source, destination: UnsafeMutableRawPointer(destination))
+        case .i8: for i in 0..<count { destination[i] = Float(source.load(fromByteOffset: i, as: Int8.self)) }
+        case .i16: for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 2 * i, as: Int16.self)) }
+        case .i32: for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self)) }
+        case .i64: for i in 0..<count { destination[i] = Float(source.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self)) }
+        case .q8_0: dequantizeQ8_0(source, destination, blocks)
+        case .q4_0: dequantizeSymmetric(source, destination, blocks, levels: 16)
+        case .q5_0: dequantizeSymmetric(source, destination, blocks, levels: 32)
+        case .q4_1: dequantizeAffine(source, destination, blocks, levels: 16)
+        case .q5_1: dequantizeAffine(source, destination, blocks, levels: 32)
+        case .q4_K: dequantizeQ4_K(source, destination, blocks)
+        case .q6_K: dequantizeQ6_K(source, destination, blocks)
+        }
+    }
+
+    /// ``quantize(_:source:count:destination:)`` split across cores on block boundaries for large inputs.
+    public static func quantizeParallel(_ type: GGMLType, source: UnsafePointer<Float>, count: Int, destination: UnsafeMutableRawPointer) {
+        precondition(count >= 0 && count % type.blockSize == 0, "\(count) elements are not whole \(type.name) blocks")
+        nonisolated(unsafe) let src = source
+        nonisolated(unsafe) let dst = destination
+        let blockSize = type.blockSize, blockBytes = type.bytesPerBlock
+        // Disjoint block ranges: each worker reads and writes only its own blocks.
+        Parallel.forEachChunk(count: count / blockSize, minimumChunk: parallelBlocks(type)) { range in
+            quantize(type, source: src + range.lowerBound * blockSize, count: range.count * blockSize, destination: dst + range.lowerBound * blockBytes)
+        }
+    }
+
+    /// ``dequantize(_:source:count:destination:)`` split across cores on block boundaries for large inputs.
+    public static func dequantizeParallel(_ type: GGMLType, source: UnsafeRawPointer, count: Int, destination: UnsafeMutablePointer<Float>) {
+        precondition(count >= 0 && count % type.blockSize == 0, "\(count) elements are not whole \(type.name) blocks")
+        nonisolated(unsafe) let src = source
+        nonisolated(unsafe) let dst = destination
+        let blockSize = type.blockSize, blockBytes = type.bytesPerBlock
+        Parallel.forEachChunk(count: count / blockSize, minimumChunk: parallelBlocks(type)) { range in
+            dequantize(type, source: src + range.lowerBound * blockBytes, count: range.count * blockSize, destination: dst + range.lowerBound * blockSize)
+        }
+    }
+
+    /// Blocks per worker below which threads cost more than they save (~64 K elements).
+    private static func parallelBlocks(_ type: GGMLType) -> Int { max(1, (1 << 16) / type.blockSize) }
+}
+
+// MARK: - SIMD helpers
+
+typealias Vector = SIMD16<Float>
+typealias Bits = SIMD16<UInt32>
+
+/// 1.5·2^23: x + magic − magic rounds x (|x| < 2^22) to an integer, ties to even; the sum's bit pattern is
+/// 0x4B40_0000 plus that integer (two's complement in the low bits).
+@inline(__always) var magic: Float { 12_582_912 }
+@inline(__always) var magicBits: UInt32 { 0x4B40_0000 }
+
+@inline(__always) func bits(_ v: Vector) -> Bits { unsafeBitCast(v, to: Bits.self) }
+@inline(__always) func floats(_ v: Bits) -> Vector { unsafeBitCast(v, to: Vector.self) }
+@inline(__always) func absolute(_ v: Vector) -> Vector { floats(bits(v) & 0x7FFF_FFFF) }
+
+// Lane comparisons and selects on 16 lanes can compile to a scalar loop once inlined into a large kernel; on
+// SIMD4 they always become single SSE instructions (cmpps, maxps…), so 16-lane ones are built from quarters.
+
+@inline(__always) func split(_ v: Vector) -> (SIMD4<Float>, SIMD4<Float>, SIMD4<Float>, SIMD4<Float>) {
+    (v.lowHalf.lowHalf, v.lowHalf.highHalf, v.highHalf.lowHalf, v.highHalf.highHalf)
+}
+@inline(__always) func join<S: SIMDScalar>(_ a: SIMD4<S>, _ b: SIMD4<S>, _ c: SIMD4<S>, _ d: SIMD4<S>) -> SIMD16<S> {
+    SIMD16(lowHalf: SIMD8(lowHalf: a, highHalf: b), highHalf: SIMD8(lowHalf: c, highHalf: d))
+}
+
+// Select-based min/max (maxps/minps), rather than the stdlib's pointwiseMin/Max, which are not inlined. As in
+// ggml's `if (v > max) max = v`, a NaN in `b` never replaces `a`.
+@inline(__always) func maximum(_ a: SIMD4<Float>, _ b: SIMD4<Float>) -> SIMD4<Float> { a.replacing(with: b, where: b .> a) }
+@inline(__always) func minimum(_ a: SIMD4<Float>, _ b: SIMD4<Float>) -> SIMD4<Float> { a.replacing(with: b, where: b .< a) }
+@inline(__always) func equalMask(_ a: SIMD4<Float>, _ b: SIMD4<Float>) -> SIMD4<UInt32> {
+    SIMD4<UInt32>(repeating: 0).replacing(with: .max, where: a .== b)
+}
+@inline(__always) func greaterMask(_ a: SIMD4<Float>, _ b: SIMD4<Float>) -> SIMD4<UInt32> {
+    SIMD4<UInt32>(repeating: 0).replacing(with: .max, where: a .> b)
+}
+@inline(__always) func equalMask(_ a: SIMD4<UInt32>, _ b: SIMD4<UInt32>) -> SIMD4<UInt32> {
+    SIMD4<UInt32>(repeating: 0).replacing(with: .max, where: a .== b)
+}
+
+@inline(__always) func maximum(_ a: Vector, _ b: Vector) -> Vector {
+    let (a0, a1, a2, a3) = split(a), (b0, b1, b2, b3) = split(b)
+    return join(maximum(a0, b0), maximum(a1, b1), maximum(a2, b2), maximum(a3, b3))
+}
+@inline(__always) func minimum(_ a: Vector, _ b: Vector) -> Vector {
+    let (a0, a1, a2, a3) = split(a), (b0, b1, b2, b3) = split(b)
+    return join(minimum(a0, b0), minimum(a1, b1), minimum(a2, b2), minimum(a3, b3))
+}
+/// All-ones lanes where the comparison holds, zero elsewhere.
+@inline(__always) func equalMask(_ a: Vector, _ b: Vector) -> Bits {
+    let (a0, a1, a2, a3) = split(a), (b0, b1, b2, b3) = split(b)
+    return join(equalMask(a0, b0), equalMask(a1, b1), equalMask(a2, b2), equalMask(a3, b3))
+}
+@inline(__always) func greaterMask(_ a: Vector, _ b: Vector) -> Bits {
+    let (a0, a1, a2, a3) = split(a), (b0, b1, b2, b3) = split(b)
+    return join(greaterMask(a0, b0), greaterMask(a1, b1), greaterMask(a2, b2), greaterMask(a3, b3))
+}
+@inline(__always) func equalMask(_ a: Bits, _ b: Bits) -> Bits {
+    join(equalMask(a.lowHalf.lowHalf, b.lowHalf.lowHalf), equalMask(a.lowHalf.highHalf, b.lowHalf.highHalf),
+         equalMask(a.highHalf.lowHalf, b.highHalf.lowHalf), equalMask(a.highHalf.highHalf, b.highHalf.highHalf))
+}
+
+@inline(__always) func horizontalMaximum(_ v: Vector) -> Float {
+    let (a, b, c, d) = split(v)
+    let m = maximum(maximum(a, b), maximum(c, d))
+    return Swift.max(Swift.max(m[0], m[1]), Swift.max(m[2], m[3]))
+}
+
+@inline(__always) func horizontalMinimum(_ v: Vector) -> Float {
+    let (a, b, c, d) = split(v)
+    let m = minimum(minimum(a, b), minimum(c, d))
+    return Swift.min(Swift.min(m[0], m[1]), Swift.min(m[2], m[3]))
+}
+
+@inline(__always) func horizontalOr(_ v: Bits) -> UInt32 {
+    let a = v.lowHalf | v.highHalf
+    let b = a.lowHalf | a.highHalf
+    return (b[0] | b[1]) | (b[2] | b[3])
+}
+
+/// Index (0…31) of the first lane of `x0` (lanes 0…15) then `x1` (16…31) equal to `value`; 0 if none (NaN).
+@inline(__always) func firstIndex(of value: Float, _ x0: Vector, _ x1: Vector) -> Int {
+    let target = Vector(repeating: value)
+    // Matching lanes keep their index, others get index + 64; the smallest key wins.
+    let key0 = laneIndexFloat + floats(~equalMask(x0, target) & 0x4280_0000)
+    let key1 = laneIndexFloat + 16 + floats(~equalMask(x1, target) & 0x4280_0000)
+    let first = horizontalMinimum(minimum(key0, key1))
+    return first < 32 ? Int(first) : 0
+}
+
+@inline(__always) func load(_ p: UnsafePointer<Float>) -> Vector {
+    UnsafeRawPointer(p).loadUnaligned(as: Vector.self)
+}
+
+/// `roundf(v)` (half away from zero) as the sum's bit pattern: the low byte is the int8 code. A tie that the
+/// magic addition rounded toward zero leaves `v − rne(v)` = ±0.5 with v's sign; it moves one step outward.
+@inline(__always) func roundAwayBits(_ v: Vector) -> Bits {
+    let sum = v + magic
+    let difference = v - (sum - magic)  // exact
+    let sign = bits(v) & 0x8000_0000
+    let half = floats(sign | 0x3F00_0000), one = floats(sign | 0x3F80_0000)
+    return bits(sum + floats(bits(one) & equalMask(difference, half)))
+}
+
+/// `floor(s)` for s ≥ 0 (= C's truncating `(int)s`) as the sum's bit pattern, low bits holding the integer:
+/// round to nearest, then subtract one (add the all-ones mask) where that rounded up.
+@inline(__always) func floorBits(_ s: Vector) -> Bits {
+    let sum = s + magic
+    return bits(sum) &+ greaterMask(sum - magic, s)
+}
+
+/// Small integers (|k| < 2^22, two's complement) to Float exactly, by the magic constant in reverse.
+@inline(__always) func toFloat(_ k: Bits) -> Vector { floats(k &+ magicBits) - magic }
+
+/// Bit 4 of each code, gathered into one word: bit j for lane j of `q0`, bit j+16 for lane j of `q1`.
+/// Byte j gets 1 << (j mod 8) where the bit is set; multiplying 8 such bytes (distinct bits, so no carries) by
+/// 0x0101…01 sums them into the top byte. SSE2 has no variable per-lane shift to do it lane-wise.
+@inline(__always) func highBits(_ q0: Bits, _ q1: Bits) -> UInt32 {
+    let weights = SIMD16<UInt8>(1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128)
+    let w0 = unsafeBitCast(narrow(0 &- ((q0 &>> 4) & 1)) & weights, to: SIMD2<UInt64>.self)
+    let w1 = unsafeBitCast(narrow(0 &- ((q1 &>> 4) & 1)) & weights, to: SIMD2<UInt64>.self)
+    let spread: UInt64 = 0x0101_0101_0101_0101
+    let b0 = (w0[0] &* spread) >> 56, b1 = (w0[1] &* spread) >> 56
+    let b2 = (w1[0] &* spread) >> 56, b3 = (w1[1] &* spread) >> 56
+    return UInt32(truncatingIfNeeded: b0 | (b1 << 8) | (b2 << 16) | (b3 << 24))
+}
+
+/// 16 bytes widened to 32-bit lanes (zero-extended).
+@inline(__always) func widen(_ p: UnsafeRawPointer) -> Bits {
+    let v = p.loadUnaligned(as: SIMD16<UInt8>.self)
+    var result = Bits()
+    for i in 0..<16 { result[i] = UInt32(v[i]) }
+    return result
+}
+
+@inline(__always) func narrow(_ v: Bits) -> SIMD16<UInt8> { SIMD16<UInt8>(truncatingIfNeeded: v) }
+
+@inline(__always) func storeF16(_ value: Float, _ p: UnsafeMutableRawPointer, _ offset: Int) {
+    p.storeBytes(of: FloatBits.f32ToF16(value).littleEndian, toByteOffset: offset, as: UInt16.self)
+}
+
+@inline(__always) func loadF16(_ p: UnsafeRawPointer, _ offset: Int) -> Float {
+    FloatBits.f16ToF32(UInt16(littleEndian: p.loadUnaligned(fromByteOffset: offset, as: UInt16.self)))
+}
+
+// Computed rather than stored: a global `let` is lazily initialised, and its access check would sit in every loop.
+@inline(__always) var laneIndexFloat: Vector { Vector(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) }
+@inline(__always) var laneBitLow: Bits {
+    Bits(1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15)
+}
+@inline(__always) var laneBitHigh: Bits { laneBitLow &<< 16 }
+
+// MARK: - Q8_0
+
+extension GGMLQuants {
+    /// `{ f16 d; int8 qs[32] }`: d = max|x| / 127, qs = roundf(x / d) (multiplied by the float32 1/d).
+    static func quantizeQ8_0(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int) {
+        for block in 0..<blocks {
+            let p = x + 32 * block, out = y + 34 * block
+            let x0 = load(p), x1 = load(p + 16)
+            let amax = horizontalMaximum(maximum(absolute(x0), absolute(x1)))
+            let d = amax / 127
+            let id: Float = d != 0 ? 1 / d : 0
+            storeF16(d, out, 0)
+            out.storeBytes(of: narrow(roundAwayBits(x0 * id)), toByteOffset: 2, as: SIMD16<UInt8>.self)
+            out.storeBytes(of: narrow(roundAwayBits(x1 * id)), toByteOffset: 18, as: SIMD16<UInt8>.self)
+        }
+    }
+
+    static func dequantizeQ8_0(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int) {
+        for block in 0..<blocks {
+            let p = x + 34 * block, out = UnsafeMutableRawPointer(y + 32 * block)
+            let d = loadF16(p, 0)
+            for half in 0..<2 {
+                // int8 codes: widen the bytes, then sign-extend by flipping and subtracting bit 7.
+                let codes = (widen(p + 2 + 16 * half) ^ 0x80) &- 0x80
+                let values = toFloat(codes) * d
+                out.storeBytes(of: values, toByteOffset: 64 * half, as: Vector.self)
+            }
+        }
+    }
+}
+
+// MARK: - Q4_0, Q5_0: d = (signed value of largest magnitude) / −levels/2, codes truncated
+
+extension GGMLQuants {
+    /// Q4_0 `{ f16 d; u8 qs[16] }` (levels 16) and Q5_0 `{ f16 d; u32 qh; u8 qs[16] }` (levels 32).
+    /// max = the first element of largest |x| (sign kept), d = max / −(levels/2), id = 1/d (float32, from the
+    /// unrounded d), q = min(levels−1, (int)(x·id + levels/2 + 0.5)). Byte j of qs holds element j in its low
+    /// nibble and element j+16 in its high one; Q5_0 keeps bit 4 of element j in bit j of qh.
+    @inline(__always)
+    static func quantizeSymmetric(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int, levels: Int) {
+        let blockBytes = levels == 16 ? 18 : 22, codesOffset = levels == 16 ? 2 : 6
+        let divisor = -Float(levels / 2), offset = Float(levels / 2) + 0.5, ceiling = Float(levels) - 0.5
+        for block in 0..<blocks {
+            let p = x + 32 * block, out = y + blockBytes * block
+            let x0 = load(p), x1 = load(p + 16)
+            // ggml keeps the first element whose |x| exceeds all before it (0 when every |x| is 0). The largest
+            // and smallest values decide which sign that is, unless both reach the same magnitude.
+            let high = horizontalMaximum(maximum(x0, x1)), low = horizontalMinimum(minimum(x0, x1))
+            var max: Float = high >= -low ? high : low
+            if high == -low { max = high > 0 ? p[firstIndex(of: high, absolute(x0), absolute(x1))] : 0 }
+            let d = max / divisor
+            let id: Float = d != 0 ? 1 / d : 0
+            storeF16(d, out, 0)
+            let q0 = floorBits(minimum(x0 * id + offset, Vector(repeating: ceiling)))
+            let q1 = floorBits(minimum(x1 * id + offset, Vector(repeating: ceiling)))
+            let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
+            out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
+            if levels == 32 {
+                out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 2, as: UInt32.self)
+            }
+        }
+    }
+
+    @inline(__always)
+    static func dequantizeSymmetric(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int, levels: Int) {
+        let blockBytes = levels == 16 ? 18 : 22, codesOffset = levels == 16 ? 2 : 6
+        let zero = Bits(repeating: UInt32(levels / 2))
+        for block in 0..<blocks {
+            let p = x + blockBytes * block, out = UnsafeMutableRawPointer(y + 32 * block)
+            let d = loadF16(p, 0)
+            let packed = widen(p + codesOffset)
+            var low = packed & 0xF, high = packed &>> 4
+            if levels == 32 {
+                let qh = Bits(repeating: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 2, as: UInt32.self)))
+                low |= equalMask(qh & laneBitLow, laneBitLow) & 16
+                high |= equalMask(qh & laneBitHigh, laneBitHigh) & 16
+            }
+            out.storeBytes(of: toFloat(low &- zero) * d, toByteOffset: 0, as: Vector.self)
+            out.storeBytes(of: toFloat(high &- zero) * d, toByteOffset: 64, as: Vector.self)
+        }
+    }
+}
+
+// MARK: - Q4_1, Q5_1: d = (max − min) / (levels − 1), m = min, codes truncated
+
+extension GGMLQuants {
+    /// Q4_1 `{ f16 d, m; u8 qs[16] }` and Q5_1 `{ f16 d, m; u32 qh; u8 qs[16] }`:
+    /// q = min(levels−1, (int)((x − min)·id + 0.5)), same nibble and qh layout as Q4_0/Q5_0.
+    @inline(__always)
+    static func quantizeAffine(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int, levels: Int) {
+        let blockBytes = levels == 16 ? 20 : 24, codesOffset = levels == 16 ? 4 : 8
+        let ceiling = Float(levels) - 0.5, steps = Float(levels - 1)
+        for block in 0..<blocks {
+            let p = x + 32 * block, out = y + blockBytes * block
+            let x0 = load(p), x1 = load(p + 16)
+            var min = horizontalMinimum(minimum(x0, x1))
+            let max = horizontalMaximum(maximum(x0, x1))
+            // ggml keeps the first minimal element, so a zero minimum has that element's sign.
+            if min == 0 { min = p[firstIndex(of: 0, x0, x1)] }
+            // When max and min are one value ggml subtracts an element from itself: +0, never −0.
+            let d = max == min ? 0 : (max - min) / steps
+            let id: Float = d != 0 ? 1 / d : 0
+            storeF16(d, out, 0)
+            storeF16(min, out, 2)
+            let q0 = floorBits(minimum((x0 - min) * id + 0.5, Vector(repeating: ceiling)))
+            let q1 = floorBits(minimum((x1 - min) * id + 0.5, Vector(repeating: ceiling)))
+            let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
+            out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
+            if levels == 32 {
+                out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 4, as: UInt32.self)
+            }
+        }
+    }
+
+    @inline(__always)
+    static func dequantizeAffine(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int, levels: Int) {
+        let blockBytes = levels == 16 ? 20 : 24, codesOffset = levels == 16 ? 4 : 8
+        for block in 0..<blocks {
+            let p = x + blockBytes * block, out = UnsafeMutableRawPointer(y + 32 * block)
+            let d = loadF16(p, 0), m = loadF16(p, 2)
+            let packed = widen(p + codesOffset)
+            var low = packed & 0xF, high = packed &>> 4
+            if levels == 32 {
+                let qh = Bits(repeating: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
+                low |= equalMask(qh & laneBitLow, laneBitLow) & 16
+                high |= equalMask(qh & laneBitHigh, laneBitHigh) & 16
+            }
+            // (d·q) + m, rounded twice, as ggml and gguf-py compute it (no fused multiply-add).
+            out.storeBytes(of: toFloat(low) * d + m, toByteOffset: 0, as: Vector.self)
+            out.storeBytes(of: toFloat(high) * d + m, toByteOffset: 64, as: Vector.self)
+        }
+    }
+}
+
+// MARK: - K-quants (256-element super-blocks)
+
+extension GGMLQuants {
+    /// Q4_K `{ f16 d, dmin; u8 scales[12]; u8 qs[128] }`: 8 sub-blocks of 32, each with a 6-bit scale and min.
+    static func dequantizeQ4_K(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int) {
+        for block in 0..<blocks {
+            let p = x + 144 * block, out = y + 256 * block
+            let d = loadF16(p, 0), dmin = loadF16(p, 2)
+            let scales = p + 4, qs = p + 16
+            for chunk in 0..<4 {  // 64 elements: low nibbles are sub-block 2·chunk, high nibbles 2·chunk+1
+                let (sc0, m0) = scaleMinK4(2 * chunk, scales)
+                let (sc1, m1) = scaleMinK4(2 * chunk + 1, scales)
+                let d0 = d * Float(sc0), min0 = dmin * Float(m0)
+                let d1 = d * Float(sc1), min1 = dmin * Float(m1)
+                let codes = qs + 32 * chunk
+                for half in 0..<2 {
+                    let packed = widen(codes + 16 * half)
+                    let base = UnsafeMutableRawPointer(out + 64 * chunk + 16 * half)
+                    base.storeBytes(of: d0 * toFloat(packed & 0xF) - min0, toByteOffset: 0, as: Vector.self)
+                    base.storeBytes(of: d1 * toFloat(packed &>> 4) - min1, toByteOffset: 128, as: Vector.self)
+                }
+            }
+        }
+    }
+
+    /// The 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
+    @inline(__always)
+    static func scaleMinK4(_ j: Int, _ q: UnsafeRawPointer) -> (UInt8, UInt8) {
+        let b = { (i: Int) in q.load(fromByteOffset: i, as: UInt8.self) }
+        if j < 4 { return (b(j) & 63, b(j + 4) & 63) }
+        return ((b(j + 4) & 0xF) | ((b(j - 4) >> 6) << 4), (b(j + 4) >> 4) | ((b(j) >> 6) << 4))
+    }
+
+    /// Q6_K `{ u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d }`: 16 sub-blocks of 16, codes q − 32 in −32…31.
+    static func dequantizeQ6_K(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int) {
+        for block in 0..<blocks {
+            let p = x + 210 * block
+            let d = loadF16(p, 208)
+            for half in 0..<2 {  // 128 elements from ql[64·half…], qh[32·half…], scales[8·half…]
+                let ql = p + 64 * half, qh = p + 128 + 32 * half, sc = p + 192 + 8 * half
+                let out = y + 256 * block + 128 * half
+                for l in 0..<32 {
+                    let low0 = ql.load(fromByteOffset: l, as: UInt8.self), low1 = ql.load(fromByteOffset: l + 32, as: UInt8.self)
+                    let high = qh.load(fromByteOffset: l, as: UInt8.self)
+                    let q1 = Int((low0 & 0xF) | ((high & 3) << 4)) - 32
+                    let q2 = Int((low1 & 0xF) | (((high >> 2) & 3) << 4)) - 32
+                    let q3 = Int((low0 >> 4) | (((high >> 4) & 3) << 4)) - 32
+                    let q4 = Int((low1 >> 4) | (((high >> 6) & 3) << 4)) - 32
+                    let s = l / 16
+                    let scale = { (i: Int) in d * Float(sc.load(fromByteOffset: i, as: Int8.self)) }
+                    out[l] = scale(s) * Float(q1)
+                    out[l + 32] = scale(s + 2) * Float(q2)
+                    out[l + 64] = scale(s + 4) * Float(q3)
+                    out[l + 96] = scale(s + 6) * Float(q4)
+                }
+            }
+        }
+    }
+
+    static func quantizeQ4_K(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int) {
+        preconditionFailure("Q4_K quantization is not implemented")
+    }
+
+    static func quantizeQ6_K(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int) {
+        preconditionFailure("Q6_K quantization is not implemented")
+    }
+}
