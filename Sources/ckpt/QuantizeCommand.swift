@@ -95,7 +95,7 @@ struct QuantizeCommand: ParsableCommand {
 
     func validate() throws {
         let s = try settings()
-        if try parsedFormat == .gguf { try ggmlTypeCheck() } else { _ = s }
+        if try parsedFormat == .gguf { _ = try ggmlType() } else { _ = s }
         if input == output { throw ValidationError("input and output are the same path") }
     }
 

@@ -1,0 +1,102 @@
+import CkptCore
+import CkptFormats
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `ckpt quantize --format gguf`: Linear weights become ggml blocks made by ggml's reference quantizers
+/// (GGMLQuants, bit-identical to ggml), every other tensor keeps its float type (F64 becomes F32). Each quantized
+/// tensor is dequantized again right after encoding to report its SQNR and largest error.
+public enum GGUFQuantizedWriter {
+    /// The block types ckpt can encode.
+    public static let supportedTypes: [GGMLType] = [.q8_0, .q5_1, .q5_0, .q4_1, .q4_0]
+
+    /// Writes the GGUF file; `config` (the input's config.json) adds the ViT hyper-parameters as `vit.*` keys.
+    public static func write(
+        _ checkpoint: Checkpoint, plan: [PlannedTensor], type: GGMLType, config: JSONValue?, to path: String, inputs: [FileIdentity]
+    ) throws(CkptError) -> QuantizationReport {
+        let stats = Mutex<[String: (sqnr: Double, maxError: Float)]>([:])
+        var infos: [GGUF.OutputTensorInfo] = []
+        var reports: [TensorReport] = []
+        for item in plan {
+            let entry = item.entry
+            if item.isQuantized {
+                let info = try GGUF.OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
+                    let result = try encode(item, type: type, sink)
+                    stats.withLock { $0[entry.name] = result }
+                }
+                infos.append(info)
+                reports.append(TensorReport(
+                    name: entry.name, shape: entry.shape, scheme: type.name, bits: type.bits, groupSize: type.blockSize,
+                    outputBytes: info.byteCount, elements: entry.shape.elements))
+            } else {
+                let info: GGUF.OutputTensorInfo
+                if entry.dtype == .f64 {
+                    info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry, convertingTo: .f32))
+                } else {
+                    info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry))
+                }
+                infos.append(info)
+                reports.append(TensorReport(
+                    name: entry.name, shape: entry.shape, keptReason: item.keptReason ?? "not quantized",
+                    outputBytes: info.byteCount, elements: entry.shape.elements))
+            }
+        }
+        var metadata = GGUF.defaultMetadata(architecture: checkpoint.metadata[GGUF.architectureKey] ?? GGUF.defaultArchitecture, tensors: infos)
+        metadata += hyperParameters(config)
+        try GGUF.write(tensors: infos, metadata: metadata, to: path, inputs: inputs)
+        let measured = stats.withLock { $0 }
+        for i in reports.indices {
+            if let s = measured[reports[i].name] {
+                reports[i].sqnr = s.sqnr
+                reports[i].maxError = s.maxError
+            }
+        }
+        return QuantizationReport(tensors: reports, inputBytes: checkpoint.storedBytes)
+    }
+
+    /// Quantizes one tensor (rows of whole blocks), streams the blocks, and measures the round trip.
+    static func encode(_ item: PlannedTensor, type: GGMLType, _ sink: OutputTensor.Sink) throws(CkptError) -> (sqnr: Double, maxError: Float) {
+        let count = item.rows * item.cols
+        let floats = LargeAllocation.allocate(count * 4).bindMemory(to: Float.self, capacity: count)
+        defer { LargeAllocation.deallocate(UnsafeMutableRawPointer(floats), count: count * 4) }
+        try QuantizationPlan.loadFinite(item, into: floats)
+        let bytes = count / type.blockSize * type.bytesPerBlock
+        let blocks = LargeAllocation.allocate(bytes)
+        defer { LargeAllocation.deallocate(blocks, count: bytes) }
+        GGMLQuants.quantizeParallel(type, source: UnsafePointer(floats), count: count, destination: blocks)
+        try sink(UnsafeRawBufferPointer(start: blocks, count: bytes))
+        let roundTrip = LargeAllocation.allocate(count * 4).bindMemory(to: Float.self, capacity: count)
+        defer { LargeAllocation.deallocate(UnsafeMutableRawPointer(roundTrip), count: count * 4) }
+        GGMLQuants.dequantizeParallel(type, source: UnsafeRawPointer(blocks), count: count, destination: roundTrip)
+        var signal: Double = 0, noise: Double = 0
+        var largest: Float = 0
+        for i in 0..<count {
+            let d = floats[i] - roundTrip[i]
+            signal += Double(floats[i] * floats[i])
+            noise += Double(d * d)
+            largest = max(largest, abs(d))
+        }
+        return (noise == 0 ? .infinity : 10 * log10(signal / noise), largest)
+    }
+
+    /// ViT hyper-parameters from config.json as `vit.*` keys, so the file describes the model it holds.
+    static func hyperParameters(_ config: JSONValue?) -> [GGUF.KeyValue] {
+        guard let config else { return [] }
+        var result: [GGUF.KeyValue] = []
+        let integers = [
+            ("hidden_size", "vit.embedding_length"), ("num_hidden_layers", "vit.block_count"),
+            ("num_attention_heads", "vit.attention.head_count"), ("intermediate_size", "vit.feed_forward_length"),
+            ("image_size", "vit.image_size"), ("patch_size", "vit.patch_size"),
+        ]
+        for (key, ggufKey) in integers {
+            if let n = config[key]?.unsignedInteger, n <= UInt64(UInt32.max) { result.append(GGUF.KeyValue(ggufKey, .uint32(UInt32(n)))) }
+        }
+        if case .number(let text)? = config["layer_norm_eps"], let eps = Float(text) {
+            result.append(GGUF.KeyValue("vit.attention.layer_norm_epsilon", .float32(eps)))
+        }
+        if case .string(let type)? = config["model_type"] { result.append(GGUF.KeyValue("vit.model_type", .string(type))) }
+        return result
+    }
+}
