@@ -1,0 +1,1041 @@
+"""`ckpt quantize` against the runtimes that load its outputs (formats/mlx.md, formats/compressed-tensors.md, GGUF).
+
+Inputs are small synthetic ViT-like checkpoints built here (F32 and an F16 copy): two groupable Linear weights with
+edge-case groups (all zero, constant, one-signed, exact grid points and ties, large and tiny magnitudes), a Linear
+with 100 input columns (no group size divides it), biases, a norm, a 4-D conv, a position embedding and a class
+token; plus the real DINOv2-S folder (.cache/dinov2/dinov2-small-224) where present.
+
+1. MLX rtn, every bits x group size, F32 and F16: weight/scales/biases equal `mx.quantize` bit for bit; config.json's
+   quantization blocks; `mx.load` reads the file; `mx.dequantize` equals ckpt's readback (`ckpt convert`) within
+   1 ulp; `nn.QuantizedLinear` with the stored weights equals an F32 matmul with the dequantized weights; every
+   other tensor is passed through byte for byte, the conv and the 100-column Linear reported as kept with a reason.
+2. MLX mse/hqq: loadable by mlx, readbacks agree; mse's squared error <= rtn's per tensor; --json's SQNR equals the
+   SQNR of the dequantized file (0.01 dB).
+3. GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1: gguf.GGUFReader reads the file; block bytes equal gguf.quants.quantize, whose
+   dequantize equals ckpt's readback exactly; kept tensors keep dtype and values; general.* keys; hqq refused.
+4. compressed-tensors sym/asym, bits {2,3,4,8} x group {32,128,channel}: PackedQuantizationCompressor.decompress
+   equals ckpt's readback (1 ulp); rtn codes/scales/zero points equal compressed-tensors' own calculate_qparams +
+   quantize + pack_to_int32 exactly (F32); weight_shape, zero points, ignore list, version; ModelCompressor
+   decompresses a whole torch model built with the same module names.
+5. dequantized output equals ckpt's own MLX (and symmetric compressed-tensors) readback bit for bit; dtype kept.
+6. `ckpt inspect` shows the logical tensors; `ckpt diff SRC OUT` reports quantize's SQNR.
+7. Errors: NaN weights, bad flags (exit 64), bad regex, output == input, corrupt or config-less MLX folders.
+8. --only/--skip selection, the per-tensor report and the size totals against the files.
+9. DINOv2-S: MLX 4-bit g64 equals mx.quantize for all 72 Linear weights; config.json and preprocessor_config.json.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import REPO, assert_same_array, read_safetensors_raw, run_ckpt, temp_leftovers
+
+DINO_FOLDER = REPO / ".cache" / "dinov2" / "dinov2-small-224"
+
+QKV, FC1, FC2 = "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"
+CONV = "patch_embed.proj.weight"
+LINEARS = (QKV, FC1, FC2)
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+DTYPES = {"F32": np.float32, "F16": np.float16}
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def synthetic_tensors(dtype=np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(20261124)
+    qkv = (rng.standard_normal((96, 128)) * 0.05).astype(np.float32)
+    fc1 = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    fc1[0, :128] = 0  # all-zero groups
+    fc1[1, :64] = 0.125  # constant groups
+    fc1[2, :] = np.abs(fc1[2, :])  # one-signed rows
+    fc1[3, :] = -np.abs(fc1[3, :])
+    fc1[4, :32] = np.linspace(-1, 1, 32, dtype=np.float32)  # exact grid points and ties
+    fc1[4, 32:64] = np.arange(32, dtype=np.float32) / 8 - 2  # a dyadic ramp: ties at every bit width
+    fc1[5, 64:128] *= 40  # large magnitudes
+    fc1[6, :] *= 1e-4  # tiny magnitudes
+    fc1[7, 10] = 3.0  # one outlier in a group
+    t = {
+        QKV: qkv,
+        "blocks.0.attn.qkv.bias": rng.standard_normal(96) * 0.01,
+        FC1: fc1,
+        "blocks.0.mlp.fc1.bias": rng.standard_normal(64) * 0.01,
+        FC2: rng.standard_normal((32, 100)) * 0.05,  # 100 input columns: no group size divides it
+        "blocks.0.mlp.fc2.bias": rng.standard_normal(32) * 0.01,
+        "blocks.0.norm1.weight": 1 + rng.standard_normal(32) * 0.1,
+        "blocks.0.norm1.bias": rng.standard_normal(32) * 0.1,
+        CONV: rng.standard_normal((32, 3, 4, 4)) * 0.1,
+        "pos_embed": rng.standard_normal((1, 17, 32)) * 0.02,
+        "cls_token": rng.standard_normal((1, 1, 32)) * 0.02,
+    }
+    return {k: np.ascontiguousarray(v).astype(dtype) for k, v in t.items()}
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """{"F32": (path, tensors), "F16": (path, tensors)}."""
+    root = tmp_path_factory.mktemp("quant-src")
+    result = {}
+    for label, dtype in DTYPES.items():
+        tensors = synthetic_tensors(dtype)
+        path = root / f"src-{label.lower()}.safetensors"
+        save_file(tensors, str(path))
+        result[label] = (path, tensors)
+    return result
+
+
+def groupable(name: str, src: dict, group: int | None) -> bool:
+    """Whether `name` is a Linear weight ckpt quantizes at this group size (None = per channel / ggml block 32)."""
+    return name in LINEARS and (group is None or src[name].shape[1] % group == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def quantize(src, out, *args, check: int | None = 0):
+    """Runs `ckpt quantize SRC OUT ARGS --json`; returns the parsed report (or the process when check != 0)."""
+    proc = run_ckpt("quantize", src, out, *args, "--json", check=check, timeout=300)
+    if check == 0:
+        return json.loads(proc.stdout)
+    return proc
+
+
+def readback(path, tmp: Path, tag: str = "rb") -> dict[str, np.ndarray]:
+    """ckpt's own reading of `path` (dequantized), via `ckpt convert PATH x.safetensors`."""
+    out = tmp / f"{tag}.safetensors"
+    run_ckpt("convert", path, out, timeout=300)
+    return load_file(str(out))
+
+
+def report_by_name(report: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in report["tensors"]}
+
+
+def data_section_size(path) -> int:
+    blob = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return len(blob) - 8 - n
+
+
+def stored_bytes(path, names) -> int:
+    _, header, _ = read_safetensors_raw(path)
+    return sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names)
+
+
+def sq_error(w, w_hat) -> float:
+    d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    return float(np.sum(d * d))
+
+
+def sqnr_db(w, w_hat) -> float:
+    w = np.asarray(w, np.float64)
+    return float(10 * np.log10(np.sum(w * w) / sq_error(w, w_hat)))
+
+
+def assert_within_ulp(got: np.ndarray, want: np.ndarray, *, ulps: int = 1, name: str = "") -> None:
+    """|got - want| <= `ulps` units in the last place of the larger of the two, in got's dtype."""
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    big = np.maximum(np.abs(got), np.abs(want)).astype(got.dtype)
+    tol = np.spacing(big).astype(np.float64) * ulps
+    bad = np.abs(g - w) > tol
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} elements differ by more than {ulps} ulp, e.g. at {np.argwhere(bad)[0].tolist()}: "
+        f"{g[bad][0]!r} vs {w[bad][0]!r}")
+
+
+def unpack_codes(words: np.ndarray, cols: int, bits: int) -> np.ndarray:
+    """Codes of an LSB-first packed [rows, words] uint32/int32 array (formats/mlx.md), as int64 [rows, cols]."""
+    rows = words.shape[0]
+    stream = np.unpackbits(np.ascontiguousarray(words).view(np.uint8).reshape(rows, -1), axis=1, bitorder="little")
+    return stream[:, : cols * bits].reshape(rows, cols, bits).astype(np.int64) @ (1 << np.arange(bits))
+
+
+def mlx_unrounded(words, scales, biases, group: int, bits: int) -> np.ndarray:
+    """`scales*q + biases` in float32 from the stored MLX triplet, before any rounding to the weight dtype."""
+    q = unpack_codes(words, words.shape[1] * 32 // bits, bits)
+    s, b = np.repeat(scales, group, axis=1), np.repeat(biases, group, axis=1)
+    return q.astype(np.float32) * s.astype(np.float32) + b.astype(np.float32)
+
+
+def ct_unrounded(local: dict, bits: int) -> np.ndarray:
+    """`(q - zero_point)*scale` in float32 from a compressed-tensors module's stored tensors (numpy arrays)."""
+    rows, cols = (int(d) for d in local["weight_shape"])
+    scale = local["weight_scale"].astype(np.float32)
+    group = cols // scale.shape[1]
+    q = unpack_codes(local["weight_packed"], cols, bits)
+    if "weight_zero_point" in local:
+        zp = unpack_codes(np.ascontiguousarray(local["weight_zero_point"].T), rows, bits).T  # packed along rows
+    else:
+        zp = np.full(scale.shape, 2 ** (bits - 1))
+    z = np.repeat(zp, group, axis=1)
+    return (q - z).astype(np.float32) * np.repeat(scale, group, axis=1)
+
+
+def check_reported_error(entry: dict, w: np.ndarray, unrounded: np.ndarray, file_values: np.ndarray, *, name: str):
+    """quantize's sqnr_db/max_error describe the stored parameters' values in float32 (before the readback rounds
+    them to an F16 weight dtype): equal to what the file gives within 0.001 dB; for F32 weights that is the
+    readback itself."""
+    assert abs(entry["sqnr_db"] - sqnr_db(w, unrounded)) <= 1e-3, (name, entry["sqnr_db"], sqnr_db(w, unrounded))
+    max_err = float(np.abs(w.astype(np.float64) - unrounded.astype(np.float64)).max())
+    assert abs(entry["max_error"] - max_err) <= 1e-6 * max(1.0, max_err), (name, entry["max_error"], max_err)
+    # the readback (F16 for F16 weights) adds at most one rounding: within 0.15 dB of the report
+    tol = 1e-3 if w.dtype == np.float32 else 0.15
+    assert abs(entry["sqnr_db"] - sqnr_db(w, file_values)) <= tol, (name, entry["sqnr_db"], sqnr_db(w, file_values))
+
+
+def check_mlx_readback(rb: np.ndarray, mx_deq: np.ndarray, words, scales, biases, group: int, bits: int, *, name: str):
+    """ckpt's readback of an MLX triplet is `scales*q + biases` computed in float32 and rounded once to the scales'
+    dtype (formats/mlx.md), exactly. mx.dequantize computes in the scales' dtype: in F32 that is the same value
+    within 1 ulp; in F16 its product and its sum are each rounded to F16, so it may differ by one F16 ulp of the
+    product plus one of the result (and is checked to be exactly that F16 computation)."""
+    cols = words.shape[1] * 32 // bits
+    q = unpack_codes(words, cols, bits)
+    s, b = np.repeat(scales, group, axis=1), np.repeat(biases, group, axis=1)
+    want = (q.astype(np.float32) * s.astype(np.float32) + b.astype(np.float32)).astype(scales.dtype)
+    assert_same_array(rb, want, name=f"{name}: readback vs float32 scales*q + biases")
+    if scales.dtype == np.float32:
+        assert_within_ulp(rb, mx_deq, name=f"{name}: readback vs mx.dequantize")
+        return
+    product = (q.astype(scales.dtype) * s).astype(scales.dtype)
+    assert_same_array(mx_deq, (product + b).astype(scales.dtype), name=f"{name}: mx.dequantize vs F16 arithmetic")
+    tol = np.spacing(np.abs(product)).astype(np.float64) + np.spacing(np.abs(rb)).astype(np.float64)
+    diff = np.abs(rb.astype(np.float64) - mx_deq.astype(np.float64))
+    assert (diff <= tol).all(), f"{name}: readback and mx.dequantize differ by more than the F16 roundings"
+
+
+def assert_passthrough(out_tensors: dict, src: dict, names, *, label: str) -> None:
+    for name in names:
+        assert name in out_tensors, f"{label}: kept tensor {name} missing"
+        assert_same_array(out_tensors[name], src[name], name=f"{label} {name}")
+
+
+def affine_rtn(w: np.ndarray, group: int, bits: int):
+    """formats/mlx.md's RTN rule in numpy float32 (used where MLX itself has no such group size)."""
+    n = np.float32(2**bits - 1)
+    rows, cols = w.shape
+    g = w.astype(np.float32).reshape(rows, cols // group, group)
+    lo, hi = g.min(-1), g.max(-1)
+    use_min = np.abs(lo) > np.abs(hi)
+    scale = np.maximum((hi - lo) / n, np.float32(1e-7)).astype(np.float32)
+    scale = np.where(use_min, scale, -scale).astype(np.float32)
+    edge = np.where(use_min, lo, hi).astype(np.float32)
+    q0 = np.rint(edge / scale).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(q0 != 0, edge / q0, scale).astype(np.float32)
+    bias = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint((g - bias[..., None]) / scale[..., None]), 0, n).astype(np.float32)
+    return q.reshape(rows, cols), scale, bias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. MLX rtn against mx.quantize
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_mlx_rtn_matches_mx_quantize(sources, tmp_path, bits, group, dtype):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    src_path, src = sources[dtype]
+    out = tmp_path / "mlx"
+    report = quantize(src_path, out, "--format", "mlx", "--bits", bits, "--group-size", group)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+    config = json.loads((out / "config.json").read_text())
+    block = {"bits": bits, "group_size": group, "mode": "affine"}
+    assert config["quantization"] == block and config["quantization_config"] == block
+
+    arrays, metadata = mx.load(str(out / "model.safetensors"), return_metadata=True)
+    assert metadata.get("format") == "mlx"
+    quantized = [n for n in src if groupable(n, src, group)]
+    assert quantized == [QKV, FC1]
+    expected_names = set(src) | {n[: -len(".weight")] + s for n in quantized for s in (".scales", ".biases")}
+    assert set(arrays) == expected_names
+
+    rb = readback(out, tmp_path)
+    assert set(rb) == set(src), "ckpt's readback does not give back the logical tensors"
+    rng = np.random.default_rng(bits * 1000 + group)
+    for name in quantized:
+        module = name[: -len(".weight")]
+        w = src[name]
+        wq, s, b = mx.quantize(mx.array(w), group_size=group, bits=bits)
+        got_w, got_s, got_b = arrays[name], arrays[module + ".scales"], arrays[module + ".biases"]
+        assert_same_array(np.array(got_w), np.array(wq), name=f"{name} codes")
+        assert_same_array(np.array(got_s), np.array(s), name=f"{name} scales")
+        assert_same_array(np.array(got_b), np.array(b), name=f"{name} biases")
+
+        # mlx's dequantization of the stored triplet is what ckpt reads back.
+        deq = np.array(mx.dequantize(got_w, got_s, got_b, group_size=group, bits=bits))
+        assert rb[name].dtype == w.dtype
+        check_mlx_readback(rb[name], deq, np.array(got_w), np.array(got_s), np.array(got_b), group, bits, name=name)
+
+        # a QuantizedLinear holding the file's tensors computes x @ W_deq^T + b.
+        out_dim, in_dim = w.shape
+        layer = nn.QuantizedLinear(in_dim, out_dim, bias=True, group_size=group, bits=bits)
+        layer.load_weights([("weight", got_w), ("scales", got_s), ("biases", got_b), ("bias", arrays[module + ".bias"])])
+        x = rng.standard_normal((5, in_dim)).astype(w.dtype)
+        y = np.array(layer(mx.array(x))).astype(np.float64)
+        w_deq, bias = rb[name].astype(np.float64), src[module + ".bias"].astype(np.float64)
+        ref = x.astype(np.float64) @ w_deq.T + bias
+        # rounding bound: 16 units of roundoff of the dtype times sum |x_j w_ij| + |b_i| (F16 accumulates in F16)
+        tol = 16 * np.finfo(w.dtype).eps / 2 * (np.abs(x.astype(np.float64)) @ np.abs(w_deq).T + np.abs(bias))
+        assert (np.abs(y - ref) <= tol).all(), (
+            f"{name}: QuantizedLinear differs from the dequantized matmul by {np.abs(y - ref).max():.3g}")
+
+    kept = [n for n in src if n not in quantized]
+    assert_passthrough({k: np.array(v) for k, v in arrays.items() if k in kept}, src, kept, label="mlx")
+    assert_passthrough(rb, src, kept, label="mlx readback")
+
+    by_name = report_by_name(report)
+    assert set(by_name) == set(src)
+    for name in quantized:
+        t = by_name[name]
+        assert t["quantized"] and t["bits"] == bits and t["group_size"] == group and t["layout"] == f"mlx-affine {bits}-bit g{group}"
+    assert not by_name[CONV]["quantized"] and "conv" in by_name[CONV]["kept"]
+    assert not by_name[FC2]["quantized"]
+    assert "100" in by_name[FC2]["kept"] and str(group) in by_name[FC2]["kept"], by_name[FC2]
+    for name in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):
+        assert not by_name[name]["quantized"] and by_name[name]["kept"], by_name[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. MLX mse and hqq
+
+
+MSE_HQQ_CASES = [(2, 32), (3, 64), (4, 128), (8, 32)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bits,group", MSE_HQQ_CASES)
+def test_mlx_mse_and_hqq(sources, tmp_path, bits, group, dtype):
+    import mlx.core as mx
+
+    src_path, src = sources[dtype]
+    quantized = [n for n in src if groupable(n, src, group)]
+    errors, readbacks = {}, {}
+    for method in ("rtn", "mse", "hqq"):
+        out = tmp_path / method
+        report = quantize(src_path, out, "--format", "mlx", "--bits", bits, "--group-size", group, "--method", method)
+        arrays = mx.load(str(out / "model.safetensors"))
+        rb = readbacks[method] = readback(out, tmp_path, method)
+        by_name = report_by_name(report)
+        for name in quantized:
+            module = name[: -len(".weight")]
+            triplet = arrays[name], arrays[module + ".scales"], arrays[module + ".biases"]
+            deq = np.array(mx.dequantize(*triplet, group_size=group, bits=bits))
+            check_mlx_readback(rb[name], deq, *(np.array(a) for a in triplet), group, bits, name=f"{method} {name}")
+            errors[method, name] = sq_error(src[name], rb[name])
+            t = by_name[name]
+            assert t["quantized"] and t["bits"] == bits and t["group_size"] == group
+            check_reported_error(t, src[name], mlx_unrounded(*(np.array(a) for a in triplet), group, bits), rb[name],
+                                 name=f"{method} {name}")
+        for name in src:
+            if name not in quantized:
+                assert_same_array(rb[name], src[name], name=f"{method} kept {name}")
+    for name in quantized:
+        # the clipping search starts with the unclipped range, so it is never worse than rtn
+        assert errors["mse", name] <= errors["rtn", name] * (1 + 1e-6), (name, errors["mse", name], errors["rtn", name])
+        assert not np.array_equal(readbacks["hqq"][name], readbacks["rtn"][name]), f"{name}: hqq changed nothing"
+    if bits <= 4:
+        total = {m: sum(errors[m, n] for n in quantized) for m in ("rtn", "mse")}
+        assert total["mse"] < total["rtn"], f"mse found no better clipping than rtn at {bits} bits: {total}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. GGUF
+
+
+def gguf_field(reader, key):
+    field = reader.fields.get(key)
+    assert field is not None, f"GGUF key {key} missing"
+    return field.contents()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gguf_type", GGUF_TYPES)
+def test_gguf_blocks_match_gguf_py(sources, tmp_path, gguf_type, dtype):
+    import gguf
+    from gguf import quants
+
+    src_path, src = sources[dtype]
+    out = tmp_path / "out.gguf"
+    report = quantize(src_path, out, "--format", "gguf", "--gguf-type", gguf_type)
+    qtype = gguf.GGMLQuantizationType[gguf_type]
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    assert sorted(tensors) == sorted(src) and len(reader.tensors) == len(src), "GGUF tensor names differ"
+    assert gguf_field(reader, "general.architecture") == "vit"
+    assert gguf_field(reader, "general.quantization_version") == 2
+    assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{gguf_type}"].value
+
+    rb = readback(out, tmp_path)
+    quantized = [n for n in src if groupable(n, src, 32)]
+    assert quantized == [QKV, FC1]
+    by_name = report_by_name(report)
+    for name, w in src.items():
+        t = tensors[name]
+        assert tuple(int(d) for d in reversed(t.shape)) == w.shape, f"{name}: ggml dims {t.shape}"
+        if name in quantized:
+            assert t.tensor_type == qtype, f"{name}: {t.tensor_type.name}"
+            want = quants.quantize(w.astype(np.float32), qtype)
+            assert t.data.tobytes() == want.tobytes(), f"{name}: {gguf_type} blocks differ from gguf.quants.quantize"
+            deq = quants.dequantize(t.data, qtype).reshape(w.shape)
+            assert_same_array(rb[name], deq.astype(np.float32), name=f"{name} readback vs gguf.quants.dequantize")
+            r = by_name[name]
+            assert r["quantized"] and r["layout"] == gguf_type and r["group_size"] == 32
+            assert r["bits"] == int(gguf_type[1])
+            assert abs(r["sqnr_db"] - sqnr_db(w, rb[name])) <= 1e-3, (name, r["sqnr_db"])
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType[dtype], f"kept {name}: {t.tensor_type.name}"
+            assert_same_array(np.asarray(t.data).reshape(w.shape), w, name=f"gguf kept {name}")
+            assert_same_array(rb[name], w, name=f"gguf readback kept {name}")
+            assert not by_name[name]["quantized"]
+    assert "conv" in by_name[CONV]["kept"] and "100" in by_name[FC2]["kept"]
+    # sizes: output_bytes is the tensors' data (padding excluded)
+    assert report["output_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
+    assert report["output_bytes"] <= out.stat().st_size - int(reader.tensors[0].data_offset)
+
+
+@pytest.mark.parametrize("bits,implied", [(8, "Q8_0"), (5, "Q5_0"), (4, "Q4_0")])
+def test_gguf_type_from_bits(sources, tmp_path, bits, implied):
+    import gguf
+
+    src_path, _ = sources["F32"]
+    out = tmp_path / "out.gguf"
+    quantize(src_path, out, "--format", "gguf", "--bits", bits)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types[QKV] == implied and types[FC1] == implied
+
+
+def test_gguf_refuses_non_rtn_and_unknown_types(sources, tmp_path):
+    src_path, _ = sources["F32"]
+    for args in (["--method", "hqq"], ["--method", "mse"], ["--bits", "2"], ["--gguf-type", "Q3_K"], ["--gguf-type", "F16"]):
+        out = tmp_path / "x.gguf"
+        proc = quantize(src_path, out, "--format", "gguf", *args, check=64)
+        assert proc.stderr.strip(), args
+        assert not out.exists(), args
+
+
+def test_gguf_help_names_the_supported_types():
+    """--help's list of --gguf-type values is the list the option accepts."""
+    text = run_ckpt("quantize", "--help").stdout
+    m = re.search(r"\n  --gguf-type <gguf-type>(.*?)(?=\n  --)", text, re.S)
+    assert m, text
+    named = set(re.findall(r"\bQ\d_[0-9K]\b", m.group(1)))
+    assert named == set(GGUF_TYPES), f"--help names {sorted(named)}; the writer supports {sorted(GGUF_TYPES)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. compressed-tensors
+
+
+def ct_modules(state: dict) -> dict[str, dict]:
+    """Per-module local state dicts of the quantized modules (those with weight_packed)."""
+    modules = sorted(k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed"))
+    return {m: {k[len(m) + 1 :]: v for k, v in state.items() if k.startswith(m + ".")} for m in modules}
+
+
+def ct_reference(w: np.ndarray, bits: int, symmetric: bool, group: int | None):
+    """compressed-tensors' own RTN (min-max qparams, quantize, pack_to_int32) of `w`, as fixtures/quant/generate.py."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group" if group else "channel",
+                            group_size=group)
+    t = torch.from_numpy(np.ascontiguousarray(w))
+    g = group or w.shape[1]
+    grouped = t.reshape(w.shape[0], -1, g)
+    scale, zp = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    q = ct_quantize(t, scale, zp, args, dtype=torch.int8)
+    packed = pack_to_int32(q, bits).numpy()
+    zp_packed = None if symmetric else pack_to_int32(zp.to(torch.int8), bits, packed_dim=0).numpy()
+    return packed, scale.numpy(), zp_packed
+
+
+CT_CASES = [(b, g, s) for s in (True, False) for b in (2, 3, 4, 8) for g in (32, 128, 0)]
+
+
+def check_ct_folder(out: Path, src: dict, tmp_path: Path, *, bits: int, group: int, symmetric: bool, method: str,
+                    exact_reference: bool):
+    import torch
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file as load_torch
+
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    raw = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate(raw)
+    assert raw["quant_method"] == "compressed-tensors" and raw["format"] == "pack-quantized"
+    assert raw["quantization_status"] == "compressed" and isinstance(raw.get("version"), str) and raw["version"]
+    assert list(qc.config_groups) == ["group_0"]
+    scheme = qc.config_groups["group_0"]
+    assert scheme.targets == ["Linear"]
+    wargs = scheme.weights
+    assert wargs.num_bits == bits and wargs.symmetric == symmetric and wargs.type == "int"
+    assert wargs.strategy == ("group" if group else "channel")
+    assert wargs.group_size == (group or None)
+    assert wargs.observer == {"rtn": "memoryless_minmax", "mse": "mse", "hqq": "hqq"}[method]
+
+    group_or_none = group or None
+    quantized = [n for n in src if groupable(n, src, group_or_none)]
+    kept_linear = [n[: -len(".weight")] for n in LINEARS if n not in quantized]
+    assert sorted(raw["ignore"]) == sorted(kept_linear)
+
+    state = load_torch(str(out / "model.safetensors"))
+    modules = ct_modules(state)
+    assert sorted(modules) == sorted(n[: -len(".weight")] for n in quantized)
+    rb = readback(out, tmp_path)
+    assert set(rb) == set(src)
+    for module, local in modules.items():
+        name = module + ".weight"
+        w = src[name]
+        rows, cols = w.shape
+        groups = cols // group if group else 1
+        expected_keys = {"weight_packed", "weight_scale", "weight_shape", "bias"} | ({"weight_zero_point"} if not symmetric else set())
+        assert set(local) == expected_keys, (module, sorted(local))
+        assert local["weight_shape"].dtype == torch.int64 and local["weight_shape"].tolist() == [rows, cols]
+        assert local["weight_packed"].dtype == torch.int32
+        assert tuple(local["weight_packed"].shape) == (rows, -(-cols * bits // 32))
+        assert local["weight_scale"].dtype == {np.float32: torch.float32, np.float16: torch.float16}[w.dtype.type]
+        assert tuple(local["weight_scale"].shape) == (rows, groups)
+        if not symmetric:
+            assert local["weight_zero_point"].dtype == torch.int32
+            assert tuple(local["weight_zero_point"].shape) == (-(-rows * bits // 32), groups)
+
+        decompressed = PackedQuantizationCompressor.decompress(dict(local), scheme)["weight"]
+        assert rb[name].dtype == w.dtype
+        assert_within_ulp(rb[name], decompressed.numpy(), name=f"{name} readback vs compressed-tensors")
+
+        if exact_reference:
+            packed, scale, zp = ct_reference(w, bits, symmetric, group_or_none)
+            assert_same_array(local["weight_packed"].numpy(), packed, name=f"{name} weight_packed")
+            assert_same_array(local["weight_scale"].numpy(), scale, name=f"{name} weight_scale")
+            if not symmetric:
+                assert_same_array(local["weight_zero_point"].numpy(), zp, name=f"{name} weight_zero_point")
+    kept = [n for n in src if n not in quantized]
+    assert_passthrough({k: v.numpy() for k, v in state.items() if k in kept}, src, kept, label="compressed-tensors")
+    assert_passthrough(rb, src, kept, label="compressed-tensors readback")
+    return rb
+
+
+@pytest.mark.parametrize("bits,group,symmetric", CT_CASES,
+                         ids=[f"b{b}-{'g' + str(g) if g else 'channel'}-{'sym' if s else 'asym'}" for b, g, s in CT_CASES])
+def test_compressed_tensors_rtn(sources, tmp_path, bits, group, symmetric):
+    src_path, src = sources["F32"]
+    out = tmp_path / "ct"
+    flags = ["--symmetric"] if symmetric else []
+    report = quantize(src_path, out, "--format", "compressed-tensors", "--bits", bits, "--group-size", group, *flags)
+    rb = check_ct_folder(out, src, tmp_path, bits=bits, group=group, symmetric=symmetric, method="rtn",
+                         exact_reference=True)
+    by_name = report_by_name(report)
+    state = load_file(str(out / "model.safetensors"))
+    for name in LINEARS:
+        if groupable(name, src, group or None):
+            module = name[: -len(".weight")]
+            local = {k[len(module) + 1 :]: v for k, v in state.items() if k.startswith(module + ".weight_")}
+            unrounded = ct_unrounded(local, bits)
+            assert_same_array(rb[name], unrounded, name=f"{name}: readback vs (q - zero_point)*scale")
+            check_reported_error(by_name[name], src[name], unrounded, rb[name], name=name)
+    assert report["group_size"] == (group or None)
+    for name in LINEARS:
+        t = by_name[name]
+        if groupable(name, src, group or None):
+            assert t["quantized"] and t["bits"] == bits and t["group_size"] == (group or None), t
+        else:
+            assert not t["quantized"] and "100" in t["kept"], t
+
+
+CT_OTHER = [("rtn", 4, 32, False, "F16"), ("rtn", 3, 0, True, "F16"), ("rtn", 8, 128, True, "F16"),
+            ("mse", 4, 32, False, "F32"), ("mse", 3, 0, True, "F32"), ("hqq", 4, 32, False, "F32"),
+            ("hqq", 2, 128, True, "F32"), ("hqq", 4, 0, False, "F16"), ("mse", 2, 32, True, "F16")]
+
+
+@pytest.mark.parametrize("method,bits,group,symmetric,dtype", CT_OTHER)
+def test_compressed_tensors_methods_and_f16(sources, tmp_path, method, bits, group, symmetric, dtype):
+    """F16 inputs and the mse/hqq methods: compressed-tensors' decompressor reads ckpt's values back."""
+    src_path, src = sources[dtype]
+    out = tmp_path / "ct"
+    flags = ["--symmetric"] if symmetric else []
+    report = quantize(src_path, out, "--format", "compressed-tensors", "--bits", bits, "--group-size", group,
+                      "--method", method, *flags)
+    rb = check_ct_folder(out, src, tmp_path, bits=bits, group=group, symmetric=symmetric, method=method,
+                         exact_reference=False)
+    by_name = report_by_name(report)
+    state = load_file(str(out / "model.safetensors"))
+    for name in (QKV, FC1):
+        module = name[: -len(".weight")]
+        local = {k[len(module) + 1 :]: v for k, v in state.items() if k.startswith(module + ".weight_")}
+        check_reported_error(by_name[name], src[name], ct_unrounded(local, bits), rb[name], name=name)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (8, 0, True), (3, 128, False)])
+def test_compressed_tensors_model_compressor(sources, tmp_path, bits, group, symmetric):
+    """The whole-model path transformers takes: apply the config to a torch model whose modules carry the tensor
+    names, compress, load ckpt's state dict (strict), decompress."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file as load_torch
+
+    src_path, src = sources["F32"]
+    out = tmp_path / "ct"
+    flags = ["--symmetric"] if symmetric else []
+    quantize(src_path, out, "--format", "compressed-tensors", "--bits", bits, "--group-size", group, *flags)
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+
+    root = torch.nn.Module()
+
+    def put(path: str, module: torch.nn.Module):
+        parts, cur = path.split("."), root
+        for p in parts[:-1]:
+            if not hasattr(cur, p):
+                cur.add_module(p, torch.nn.Module())
+            cur = getattr(cur, p)
+        cur.add_module(parts[-1], module)
+
+    for name in LINEARS:
+        out_dim, in_dim = src[name].shape
+        put(name[: -len(".weight")], torch.nn.Linear(in_dim, out_dim))
+    put("blocks.0.norm1", torch.nn.LayerNorm(32))
+    put("patch_embed.proj", torch.nn.Conv2d(3, 32, 4, 4, bias=False))
+    root.register_parameter("pos_embed", torch.nn.Parameter(torch.zeros(1, 17, 32)))
+    root.register_parameter("cls_token", torch.nn.Parameter(torch.zeros(1, 1, 32)))
+
+    apply_quantization_config(root, qc)
+    compressor = ModelCompressor(quantization_config=qc)
+    compressor.compress_model(root)
+    root.load_state_dict(load_torch(str(out / "model.safetensors")), strict=True)
+    compressor.decompress_model(root)
+    state = {k: v.detach().numpy() for k, v in root.state_dict().items()}
+    rb = readback(out, tmp_path)
+    for name in src:
+        assert name in state, f"{name} missing after decompress_model"
+        if groupable(name, src, group or None):
+            assert_within_ulp(rb[name], state[name], name=f"ModelCompressor {name}")
+            assert not np.array_equal(state[name], src[name])
+        else:
+            assert_same_array(state[name], src[name], name=f"ModelCompressor kept {name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. dequantized
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bits,group,method", [(4, 64, "rtn"), (2, 32, "rtn"), (6, 128, "mse"), (3, 32, "hqq")])
+def test_dequantized_equals_mlx_readback(sources, tmp_path, bits, group, method, dtype):
+    src_path, src = sources[dtype]
+    common = ["--bits", bits, "--group-size", group, "--method", method]
+    deq_path = tmp_path / "deq.safetensors"
+    report = quantize(src_path, deq_path, "--format", "dequantized", *common)
+    assert deq_path.is_file()
+    quantize(src_path, tmp_path / "mlx", "--format", "mlx", *common)
+    deq = load_file(str(deq_path))
+    via_mlx = readback(tmp_path / "mlx", tmp_path)
+    assert set(deq) == set(src)
+    for name, w in src.items():
+        assert_same_array(deq[name], via_mlx[name], name=f"dequantized vs mlx readback {name}")
+        assert deq[name].dtype == w.dtype
+    quantized = {t["name"] for t in report["tensors"] if t["quantized"]}
+    assert quantized == {QKV, FC1}  # conv: 48 columns, no group size divides it
+    for name in src:
+        if name not in quantized:
+            assert_same_array(deq[name], src[name], name=f"dequantized kept {name}")
+        else:
+            assert not np.array_equal(deq[name], src[name])
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 0), (2, 128)])
+def test_dequantized_symmetric_equals_compressed_tensors_readback(sources, tmp_path, bits, group):
+    src_path, src = sources["F32"]
+    common = ["--bits", bits, "--group-size", group, "--symmetric"]
+    quantize(src_path, tmp_path / "deq.safetensors", "--format", "dequantized", *common)
+    quantize(src_path, tmp_path / "ct", "--format", "compressed-tensors", *common)
+    deq = load_file(str(tmp_path / "deq.safetensors"))
+    via_ct = readback(tmp_path / "ct", tmp_path)
+    for name in src:
+        if name == CONV:
+            continue  # dequantized output also quantizes convs when the group fits; compressed-tensors never does
+        assert_same_array(deq[name], via_ct[name], name=f"dequantized vs compressed-tensors readback {name}")
+
+
+def test_dequantized_per_channel_quantizes_conv(sources, tmp_path):
+    """`dequantized` is the one format that quantizes convs (flattened to [out, in*kh*kw]); per channel, the
+    affine RTN rule of formats/mlx.md applies to each output channel's 48 weights."""
+    src_path, src = sources["F32"]
+    out = tmp_path / "deq.safetensors"
+    report = quantize(src_path, out, "--format", "dequantized", "--bits", 4, "--group-size", 0)
+    by_name = report_by_name(report)
+    assert by_name[CONV]["quantized"] and by_name[FC2]["quantized"], by_name[CONV]
+    deq = load_file(str(out))
+    for name in (CONV, FC2, QKV):
+        w = src[name].reshape(src[name].shape[0], -1)
+        q, scale, bias = affine_rtn(w, w.shape[1], 4)
+        want = (q * scale + bias).astype(np.float32).reshape(src[name].shape)
+        assert_same_array(deq[name], want, name=f"per-channel {name}")
+
+
+def test_dequantized_folder_input_writes_folder(sources, tmp_path):
+    src_path, src = sources["F16"]
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(src, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5]}))
+    out = tmp_path / "deq"
+    quantize(folder, out, "--format", "dequantized")
+    assert out.is_dir()
+    assert (out / "preprocessor_config.json").read_bytes() == (folder / "preprocessor_config.json").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "vit" and "quantization" not in config and "quantization_config" not in config
+    deq = load_file(str(out / "model.safetensors"))
+    assert {k: (v.dtype, v.shape) for k, v in deq.items()} == {k: (v.dtype, v.shape) for k, v in src.items()}
+
+    mlx_out = tmp_path / "mlx"
+    quantize(folder, mlx_out, "--format", "mlx")
+    config = json.loads((mlx_out / "config.json").read_text())
+    assert config["model_type"] == "vit" and config["hidden_size"] == 32
+    assert config["quantization"] == {"bits": 4, "group_size": 64, "mode": "affine"}
+    assert (mlx_out / "preprocessor_config.json").read_bytes() == (folder / "preprocessor_config.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. reading back through ckpt
+
+
+READBACK_FORMATS = {
+    "mlx": ("mlx", ["--format", "mlx", "--bits", "3", "--group-size", "32"]),
+    "ct-asym": ("ct", ["--format", "compressed-tensors", "--bits", "4", "--group-size", "128"]),
+    "ct-sym": ("ct", ["--format", "compressed-tensors", "--bits", "8", "--group-size", "0", "--symmetric"]),
+    "gguf": ("out.gguf", ["--format", "gguf", "--gguf-type", "Q5_1"]),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("fmt", list(READBACK_FORMATS))
+def test_inspect_and_diff_read_quantized_outputs(sources, tmp_path, fmt, dtype):
+    src_path, src = sources[dtype]
+    target, args = READBACK_FORMATS[fmt]
+    out = tmp_path / target
+    report = quantize(src_path, out, *args)
+    quantized = {t["name"] for t in report["tensors"] if t["quantized"]}
+    assert quantized >= {QKV, FC1}
+
+    info = run_ckpt("inspect", out, "--json").stdout
+    info = json.loads(info)
+    tensors = {t["name"]: t for t in info["tensors"]}
+    assert set(tensors) == set(src), sorted(tensors)
+    for name, w in src.items():
+        t = tensors[name]
+        assert tuple(t["shape"]) == w.shape, (name, t)
+        want_dtype = "F32" if fmt == "gguf" and name in quantized else dtype
+        assert t["dtype"] == want_dtype, (name, t)
+        assert t["bytes"] == w.size * np.dtype(np.float32 if want_dtype == "F32" else np.float16).itemsize
+    assert info["total_params"] == sum(w.size for w in src.values())
+    if fmt == "mlx":
+        assert info["metadata"].get("format") == "mlx"
+    if fmt == "gguf":
+        assert info["format"] == "gguf"
+
+    proc = run_ckpt("diff", src_path, out, "--json", check=1)
+    diff = {t["name"]: t for t in json.loads(proc.stdout)["tensors"]}
+    by_name = report_by_name(report)
+    assert set(diff) == set(src)
+    for name in src:
+        d = diff[name]
+        assert d["dtype_a"] == dtype
+        if name in quantized:
+            # diff measures the file's values, rounded to F16 for F16 weights; the report measures them before
+            # that rounding (see check_reported_error)
+            tol = 1e-3 if dtype == "F32" else 0.15
+            assert abs(d["sqnr_db"] - by_name[name]["sqnr_db"]) <= tol, (name, d["sqnr_db"], by_name[name]["sqnr_db"])
+            assert not d["equal"]
+        else:
+            assert d["equal"] and d["max_abs_error"] == 0, (name, d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. errors
+
+
+def assert_refused(proc, code: int, *, out: Path | None = None, names: tuple[str, ...] = ()):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip(), "no message on stderr"
+    for n in names:
+        assert n in proc.stderr, f"stderr does not name {n}: {proc.stderr!r}"
+    if out is not None:
+        assert not out.exists(), f"{out} was left behind"
+        assert temp_leftovers(out.parent) == []
+
+
+@pytest.mark.parametrize("fmt,target", [("mlx", "mlx"), ("compressed-tensors", "ct"), ("gguf", "out.gguf"),
+                                        ("dequantized", "deq.safetensors")])
+def test_nan_weight_is_refused(tmp_path, fmt, target):
+    tensors = synthetic_tensors()
+    tensors[FC1] = tensors[FC1].copy()
+    tensors[FC1][3, 7] = np.nan
+    tensors["blocks.0.norm1.bias"] = tensors["blocks.0.norm1.bias"].copy()
+    src = tmp_path / "nan.safetensors"
+    save_file(tensors, str(src))
+    before = src.read_bytes()
+    out = tmp_path / target
+    proc = quantize(src, out, "--format", fmt, "--group-size", "32", check=None)
+    assert_refused(proc, 2, out=out, names=(FC1,))
+    assert "nan" in proc.stderr.lower()
+    assert src.read_bytes() == before
+
+    # a NaN outside the selection does not matter
+    ok = tmp_path / ("ok-" + target)
+    quantize(src, ok, "--format", fmt, "--group-size", "32", "--skip", "fc1")
+    assert ok.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["--format", "mlx", "--bits", "7"],
+    ["--format", "mlx", "--bits", "1"],
+    ["--format", "compressed-tensors", "--bits", "16"],
+    ["--format", "mlx", "--group-size", "48"],
+    ["--format", "compressed-tensors", "--group-size", "256"],
+    ["--format", "mlx", "--symmetric"],
+    ["--format", "mlx", "--group-size", "0"],
+    ["--format", "tflite"],
+    ["--format", "mlx", "--method", "gptq"],
+    ["--bits", "4"],  # --format is required
+], ids=lambda a: " ".join(a))
+def test_usage_errors(sources, tmp_path, args):
+    src_path, _ = sources["F32"]
+    out = tmp_path / "out"
+    proc = run_ckpt("quantize", src_path, out, *args, check=None)
+    assert_refused(proc, 64, out=out)
+
+
+@pytest.mark.parametrize("flag", ["--only", "--skip"])
+def test_bad_regex(sources, tmp_path, flag):
+    src_path, _ = sources["F32"]
+    out = tmp_path / "mlx"
+    proc = quantize(src_path, out, "--format", "mlx", flag, "attn.(qkv", check=None)
+    assert proc.returncode in (2, 64), (proc.returncode, proc.stderr)
+    assert flag in proc.stderr and "attn.(qkv" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_output_equal_to_input_is_refused(sources, tmp_path):
+    _, src = sources["F32"]
+    path = tmp_path / "model.safetensors"
+    save_file(src, str(path))
+    before = path.read_bytes()
+    proc = run_ckpt("quantize", path, path, "--format", "dequantized", check=None)
+    assert_refused(proc, 64)
+    # the same file under another spelling: refused too (ckpt never overwrites its input)
+    proc = run_ckpt("quantize", path, tmp_path / "." / "model.safetensors", "--format", "dequantized", check=None)
+    assert_refused(proc, 2)
+    assert "overwrite an input" in proc.stderr, proc.stderr
+    assert path.read_bytes() == before
+    # a folder output that is the input folder
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(src, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    before = (folder / "model.safetensors").read_bytes()
+    assert_refused(run_ckpt("quantize", folder, folder, "--format", "mlx", check=None), 64)
+    proc = run_ckpt("quantize", folder, str(folder) + "/", "--format", "mlx", check=None)
+    assert_refused(proc, 2)
+    assert "overwrite an input" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+def _mlx_folder(src_path, tmp_path, *args) -> Path:
+    out = tmp_path / "mlx"
+    quantize(src_path, out, "--format", "mlx", *args)
+    return out
+
+
+def test_corrupt_mlx_scales_shape(sources, tmp_path):
+    src_path, _ = sources["F32"]
+    out = _mlx_folder(src_path, tmp_path, "--bits", "4", "--group-size", "32")
+    state = load_file(str(out / "model.safetensors"))
+    module = QKV[: -len(".weight")]
+    state[module + ".scales"] = np.ascontiguousarray(state[module + ".scales"][:, :-1])
+    state[module + ".biases"] = np.ascontiguousarray(state[module + ".biases"][:, :-1])
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "mlx"})
+    proc = run_ckpt("inspect", out, "--json", check=None)
+    assert_refused(proc, 2, names=(QKV,))
+    assert proc.stdout == ""
+    # scales and biases of different shapes
+    state = load_file(str(out / "model.safetensors"))
+    state[module + ".biases"] = np.zeros((96, 4), np.float32)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "mlx"})
+    assert_refused(run_ckpt("convert", out, tmp_path / "x.safetensors", check=None), 2, names=(QKV,),
+                   out=tmp_path / "x.safetensors")
+
+
+def test_mlx_config_errors(sources, tmp_path):
+    src_path, _ = sources["F32"]
+    out = _mlx_folder(src_path, tmp_path, "--bits", "4", "--group-size", "64")
+    config = json.loads((out / "config.json").read_text())
+    # no config.json: 4-bit g64 is also 2-bit g128 and 8-bit g32 by the shapes alone
+    (out / "config.json").unlink()
+    proc = run_ckpt("inspect", out, "--json", check=None)
+    assert_refused(proc, 2)
+    assert "config.json" in proc.stderr and ("qkv" in proc.stderr or "fc1" in proc.stderr), proc.stderr
+    # a mode other than affine
+    (out / "config.json").write_text(json.dumps({**config, "quantization": {**config["quantization"], "mode": "mxfp4"}}))
+    proc = run_ckpt("inspect", out, "--json", check=None)
+    assert_refused(proc, 2)
+    assert "mxfp4" in proc.stderr
+    # bits the layout does not support
+    (out / "config.json").write_text(json.dumps({"quantization": {"bits": 7, "group_size": 64}}))
+    assert_refused(run_ckpt("inspect", out, "--json", check=None), 2)
+    # a config that contradicts the shapes (8-bit g64 cannot give these word counts)
+    (out / "config.json").write_text(json.dumps({"quantization": {"bits": 8, "group_size": 64}}))
+    assert_refused(run_ckpt("inspect", out, "--json", check=None), 2)
+
+
+def test_mlx_without_config_unambiguous_shapes(sources, tmp_path):
+    """3-bit g32 is the only (bits, group) the shapes allow: read back without config.json, same values."""
+    src_path, _ = sources["F32"]
+    out = _mlx_folder(src_path, tmp_path, "--bits", "3", "--group-size", "32")
+    with_config = readback(out, tmp_path, "with")
+    (out / "config.json").unlink()
+    without = readback(out, tmp_path, "without")
+    assert set(with_config) == set(without)
+    for name in with_config:
+        assert_same_array(without[name], with_config[name], name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. selection and report
+
+
+@pytest.mark.parametrize("flags,want", [
+    (["--only", "attn"], {QKV}),
+    (["--only", "qkv"], {QKV}),  # unanchored: matches inside the name
+    (["--only", "^qkv"], set()),  # anchored by the user: matches nothing
+    (["--only", r"fc\d"], {FC1}),  # fc2 has 100 columns
+    (["--skip", "fc1"], {QKV}),
+    (["--skip", r"weight$"], set()),
+    (["--only", "blocks", "--skip", "attn"], {FC1}),
+    (["--only", "patch_embed"], set()),  # a conv: matched, but mlx keeps convs
+], ids=lambda f: " ".join(f) if isinstance(f, list) else None)
+def test_only_skip(sources, tmp_path, flags, want):
+    src_path, src = sources["F32"]
+    out = tmp_path / "mlx"
+    report = quantize(src_path, out, "--format", "mlx", "--group-size", "32", *flags)
+    by_name = report_by_name(report)
+    assert {n for n, t in by_name.items() if t["quantized"]} == want
+    state = load_file(str(out / "model.safetensors"))
+    assert {n[: -len(".scales")] + ".weight" for n in state if n.endswith(".scales")} == want
+    for name in (QKV, FC1):
+        if name in want:
+            continue
+        reason = by_name[name]["kept"]
+        if "--only" in flags and not re.search(flags[flags.index("--only") + 1], name):
+            assert "--only" in reason, reason
+        else:
+            assert "--skip" in reason, reason
+        assert_same_array(state[name], src[name], name=name)
+
+
+@pytest.mark.parametrize("fmt,args", [
+    ("mlx", ["--bits", "4", "--group-size", "64"]),
+    ("mlx", ["--bits", "3", "--group-size", "32"]),
+    ("compressed-tensors", ["--bits", "4", "--group-size", "32"]),
+    ("compressed-tensors", ["--bits", "2", "--group-size", "0", "--symmetric"]),
+])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_report_totals(sources, tmp_path, fmt, args, dtype):
+    src_path, src = sources[dtype]
+    out = tmp_path / "out"
+    report = quantize(src_path, out, "--format", fmt, *args)
+    model = out / "model.safetensors"
+    assert report["format"] == fmt and report["method"] == "rtn"
+    assert report["input_bytes"] == data_section_size(src_path) == sum(w.nbytes for w in src.values())
+    assert report["output_bytes"] == data_section_size(model)
+    assert report["output_bytes"] < out.joinpath("model.safetensors").stat().st_size
+    _, header, _ = read_safetensors_raw(model)
+    quantized = [t for t in report["tensors"] if t["quantized"]]
+    assert {t["name"] for t in quantized} == {n for n in LINEARS if groupable(n, src, int(args[3]) or None)}
+    for t in report["tensors"]:
+        assert tuple(t["shape"]) == src[t["name"]].shape
+        if t["quantized"]:
+            for key in ("bits", "group_size", "sqnr_db", "max_error", "layout"):
+                assert key in t, (key, t)
+            module = t["name"][: -len(".weight")]
+            stored = [n for n in header if n.startswith(module + ".") and n != module + ".bias"]
+            assert t["output_bytes"] == stored_bytes(model, stored), (t, stored)
+            assert t["sqnr_db"] > 0 and t["max_error"] > 0
+        else:
+            assert t["output_bytes"] == src[t["name"]].nbytes
+    weights = sum(int(np.prod(t["shape"])) for t in quantized)
+    assert report["quantized_weights"] == weights
+    bpw = sum(t["output_bytes"] for t in quantized) * 8 / weights
+    assert report["bits_per_weight"] == pytest.approx(bpw, rel=1e-12)
+    if fmt == "mlx":
+        bits, group = int(args[1]), int(args[3])
+        scale_bits = 16 if dtype == "F16" else 32
+        assert report["bits_per_weight"] == pytest.approx(bits + 2 * scale_bits / group, rel=1e-12)
+    assert sum(t["output_bytes"] for t in report["tensors"]) == report["output_bytes"]
+
+
+def test_table_output(sources, tmp_path):
+    """Without --json: a table naming each weight and its layout, and the totals line."""
+    src_path, _ = sources["F32"]
+    proc = run_ckpt("quantize", src_path, tmp_path / "mlx", "--format", "mlx")
+    assert QKV in proc.stdout and "mlx-affine 4-bit g64" in proc.stdout
+    assert FC2 in proc.stdout and "kept" in proc.stdout
+    assert "bits/weight" in proc.stdout and "wrote" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. DINOv2-S
+
+
+@pytest.mark.skipif(not (DINO_FOLDER / "model.safetensors").is_file(), reason=f"{DINO_FOLDER} missing")
+def test_dinov2_mlx_matches_mx_quantize(tmp_path):
+    import mlx.core as mx
+
+    src = load_file(str(DINO_FOLDER / "model.safetensors"))
+    out = tmp_path / "dino-mlx"
+    report = quantize(DINO_FOLDER, out, "--format", "mlx", "--bits", 4, "--group-size", 64)
+    linear = [n for n, w in src.items() if w.ndim == 2 and n.endswith(".weight") and "embed" not in n]
+    assert len(linear) == 72, len(linear)
+    quantized = {t["name"] for t in report["tensors"] if t["quantized"]}
+    assert quantized == set(linear)
+
+    arrays = mx.load(str(out / "model.safetensors"))
+    for name in linear:
+        module = name[: -len(".weight")]
+        wq, s, b = mx.quantize(mx.array(src[name]), group_size=64, bits=4)
+        assert_same_array(np.array(arrays[name]), np.array(wq), name=f"{name} codes")
+        assert_same_array(np.array(arrays[module + ".scales"]), np.array(s), name=f"{name} scales")
+        assert_same_array(np.array(arrays[module + ".biases"]), np.array(b), name=f"{name} biases")
+    for name, w in src.items():
+        if name not in quantized:
+            assert_same_array(np.array(arrays[name]), w, name=f"kept {name}")
+
+    config = json.loads((out / "config.json").read_text())
+    source_config = json.loads((DINO_FOLDER / "config.json").read_text())
+    assert config["model_type"] == source_config["model_type"] == "dinov2"
+    for key, value in source_config.items():
+        assert config[key] == value, key
+    assert config["quantization"] == config["quantization_config"] == {"bits": 4, "group_size": 64, "mode": "affine"}
+    pre = out / "preprocessor_config.json"
+    assert pre.is_file() and pre.read_bytes() == (DINO_FOLDER / "preprocessor_config.json").read_bytes()

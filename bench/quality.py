@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Weight-only quantization quality on the bundled model: DINOv2-S/14 + the Fashion-MNIST linear head.
+
+For each setting (bits x group size) and method (rtn, mse, hqq) this runs
+  ckpt quantize MODEL OUT --format dequantized --bits B --group-size G --method M
+  ckpt eval OUT --head HEAD --data DATA --json --save-logits L
+and prints accuracy, top-1 agreement with F32 and the mean softmax KL(F32 || quantized) over the eval set.
+The dequantized (affine) weights are exactly what the MLX layout stores, so the numbers hold for --format mlx.
+
+Usage: bench/quality.py [--limit N] [--out results.json]   (run scripts/build.sh and scripts/demo.sh first;
+$CKPT overrides the binary)
+"""
+import argparse, json, os, subprocess, sys, tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CKPT = Path(os.environ.get("CKPT", ROOT / ".build/release/ckpt"))
+MODEL = ROOT / ".cache/dinov2/dinov2-small-224"
+HEAD = ROOT / "fixtures/eval/fmnist_head.safetensors"
+DATA = ROOT / "fixtures/eval/fmnist_eval.npz"
+SETTINGS = [(8, 64), (6, 64), (4, 128), (4, 64), (4, 32), (3, 64), (2, 64)]
+METHODS = ["rtn", "mse", "hqq"]
+
+
+def log_softmax(x):
+    x = x - x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+
+def evaluate(model, logits_path, limit):
+    cmd = [str(CKPT), "eval", str(model), "--head", str(HEAD), "--data", str(DATA), "--json", "--save-logits", str(logits_path)]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
+        tmp = Path(tmp)
+        base = evaluate(MODEL, tmp / "f32.npy", a.limit)
+        ref = np.load(tmp / "f32.npy")
+        print(f"F32: accuracy {base['accuracy']:.4f} on {base['n']} images", flush=True)
+        for bits, group in SETTINGS:
+            for method in METHODS:
+                out = tmp / f"w{bits}g{group}-{method}"
+                q = subprocess.run([str(CKPT), "quantize", str(MODEL), str(out), "--format", "dequantized", "--bits", str(bits),
+                                    "--group-size", str(group), "--method", method, "--json"],
+                                   check=True, capture_output=True, text=True).stdout
+                report = json.loads(q)
+                sqnr = np.mean([t["sqnr_db"] for t in report["tensors"] if t["quantized"]])
+                r = evaluate(out, tmp / "q.npy", a.limit)
+                logits = np.load(tmp / "q.npy")
+                lp, lq = log_softmax(ref), log_softmax(logits)
+                kl = float((np.exp(lp) * (lp - lq)).sum(1).mean())
+                agree = float(np.mean(logits.argmax(1) == ref.argmax(1)))
+                row = dict(bits=bits, group=group, method=method, accuracy=r["accuracy"], agreement=agree, kl=kl,
+                           sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
+                rows.append(row)
+                print(f"W{bits} g{group} {method:3s}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
+                      f"{100 * (r['accuracy'] - base['accuracy']):+.1f} pt), agreement {agree:.4f}, KL {kl:.4f}, "
+                      f"mean SQNR {sqnr:.2f} dB", flush=True)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+    if a.out:
+        a.out.write_text(json.dumps(dict(f32_accuracy=base["accuracy"], n=base["n"], rows=rows), indent=2) + "\n")
+    print("\n| setting | " + " | ".join(f"{m.upper()} acc / agree / KL" for m in METHODS) + " |")
+    print("|---|" + "---|" * len(METHODS))
+    for bits, group in SETTINGS:
+        cells = []
+        for m in METHODS:
+            r = next(x for x in rows if x["bits"] == bits and x["group"] == group and x["method"] == m)
+            cells.append(f"{100 * r['accuracy']:.1f} / {100 * r['agreement']:.1f} / {r['kl']:.3f}")
+        print(f"| W{bits} g{group} | " + " | ".join(cells) + " |")
+    print(f"| F32 | {100 * base['accuracy']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
