@@ -20,14 +20,16 @@ pkg-config --exists openblas zlib || { echo "setup: pkg-config cannot find openb
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import numpy, safetensors, ml_dtypes, huggingface_hub, onnx, pytest" 2>/dev/null \
-    || ! .venv/bin/pip freeze | grep -qx "numpy==2.4.6"; then
+if ! .venv/bin/python -c "import numpy, safetensors, ml_dtypes, huggingface_hub, onnx, pytest, gguf, mlx.core" 2>/dev/null \
+    || ! .venv/bin/pip freeze | grep -qx "numpy==2.4.6" || ! .venv/bin/pip freeze | grep -qx "mlx==0.32.4"; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q -r scripts/requirements.txt
 fi
-# PEFT/transformers on CPU torch: the reference for adapter merging (fixtures and interop tests). The CPU wheel
+# PEFT/transformers on CPU torch: the reference for adapter merging (fixtures and interop tests); compressed-tensors
+# (needs torch) reads back ckpt's pack-quantized files. The CPU wheel
 # comes from the machine image's pip find-links; PyPI only has multi-GB CUDA builds.
-if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "peft==0.21.2" || ! .venv/bin/pip freeze | grep -qx "torch==2.13.0+cpu"; then
+if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "peft==0.21.2" || ! .venv/bin/pip freeze | grep -qx "torch==2.13.0+cpu" \
+    || ! .venv/bin/pip freeze | grep -qx "compressed-tensors==0.20.0"; then
     echo "setup: installing torch (CPU), transformers and peft into .venv"
     .venv/bin/pip install -q -r scripts/requirements-torch.txt
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test: the Swift suites (unit, format rules, malformed corpus, end-to-end CLI) and the Python interop suite
-# against numpy / safetensors / ml_dtypes / huggingface_hub / gguf-py / PEFT / torch, plus a check that the committed fixtures are exactly
+# against numpy / safetensors / ml_dtypes / huggingface_hub / gguf-py / mlx / compressed-tensors / PEFT / torch, plus a check that the committed fixtures are exactly
 # what the real libraries produce.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ grep -q "Test run with .* passed" .build/swift-test.log || { echo "swift test fa
 echo "== fixtures: regenerate and compare, then check the manifest with the Python libraries"
 .venv/bin/python fixtures/generate.py --check
 .venv/bin/python fixtures/gguf/generate.py --check
+.venv/bin/python fixtures/quant/generate.py --check
 .venv/bin/python -m pytest -p no:cacheprovider -q fixtures/test_manifest.py
 
 echo "== adapter fixtures: the committed tiny sets are what PEFT / the SSF and FacT models produce; real sets into .cache"
