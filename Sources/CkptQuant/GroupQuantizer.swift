@@ -129,7 +129,7 @@ struct GroupQuantizer {
             for j in 0..<n {
                 let q = code(w[j], exact)
                 codes[j] = UInt8(q)
-                let d = abs(w[j] - value(q, result))
+                let d = abs(w[j] - stored(value(q, result)))  // as written: rounded to the weight dtype
                 squared += Double(d * d)
                 largest = max(largest, d)
             }
@@ -146,7 +146,7 @@ struct GroupQuantizer {
         for j in 0..<n {
             let q = code(w[j], p)
             codes[j] = UInt8(q)
-            let d = abs(w[j] - value(q, p))
+            let d = abs(w[j] - stored(value(q, p)))
             squared += Double(d * d)
             largest = max(largest, d)
         }

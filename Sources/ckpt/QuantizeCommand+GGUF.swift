@@ -11,6 +11,9 @@ extension QuantizeCommand {
             guard let type = GGUFQuantizedWriter.supportedTypes.first(where: { $0.name == ggufType.uppercased() }) else {
                 throw ValidationError("--gguf-type \(ggufType): choose \(names)")
             }
+            if let bitsOption, bitsOption != type.bits {
+                throw ValidationError("--bits \(bitsOption) contradicts --gguf-type \(type.name) (\(type.bits)-bit blocks); give one of them")
+            }
             return type
         }
         switch bits {

@@ -26,8 +26,10 @@ struct QuantizeCommand: ParsableCommand {
     @Argument(help: "Output folder (mlx, compressed-tensors, dequantized from a folder) or file (gguf, dequantized).")
     var output: String
 
-    @Option(help: "Bits per weight: 2, 3, 4, 5, 6 or 8 (gguf: implied by --gguf-type).")
-    var bits: Int = 4
+    @Option(name: .customLong("bits"), help: "Bits per weight: 2, 3, 4, 5, 6 or 8 (default 4; gguf: implied by --gguf-type).")
+    var bitsOption: Int?
+
+    var bits: Int { bitsOption ?? 4 }
 
     @Option(name: .customLong("group-size"), help: "Weights per scale along the input dimension: 32, 64 or 128; 0 for one scale per output channel.")
     var groupSize: Int = 64
@@ -41,7 +43,7 @@ struct QuantizeCommand: ParsableCommand {
     @Flag(help: "Symmetric quantization (zero at the middle code): compressed-tensors and dequantized only.")
     var symmetric = false
 
-    @Option(name: .customLong("gguf-type"), help: "GGUF block type: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K (default from --bits: 8→Q8_0, 5→Q5_0, 4→Q4_0).")
+    @Option(name: .customLong("gguf-type"), help: "GGUF block type: Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1 (default from --bits: 8→Q8_0, 5→Q5_0, 4→Q4_0).")
     var ggufType: String?
 
     @Option(help: ArgumentHelp("Quantize only tensors whose name matches this regular expression (searched, not anchored).", valueName: "REGEX"))
@@ -153,6 +155,13 @@ struct QuantizeCommand: ParsableCommand {
         return out
     }
 
+    /// Bits and group of the whole run: for GGUF, the block type's.
+    var reportedBits: Int { (try? parsedFormat) == .gguf ? ((try? ggmlType())?.bits ?? bits) : bits }
+    var reportedGroup: String {
+        if (try? parsedFormat) == .gguf { return (try? ggmlType()).map { String($0.blockSize) } ?? "null" }
+        return groupSize == 0 ? "null" : String(groupSize)
+    }
+
     func reportJSON(_ report: QuantizationReport, format: QuantizedFormat) -> String {
         func number(_ x: Double?) -> String { x.map(Formatting.jsonNumber) ?? "null" }
         var items: [String] = []
@@ -173,7 +182,7 @@ struct QuantizeCommand: ParsableCommand {
             items.append("{" + fields.joined(separator: ",") + "}")
         }
         return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format.rawValue)),"
-            + "\"method\":\(JSONWriter.quoted(method)),\"bits\":\(bits),\"group_size\":\(groupSize == 0 ? "null" : String(groupSize)),"
+            + "\"method\":\(JSONWriter.quoted(method)),\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
             + "\"input_bytes\":\(report.inputBytes),\"output_bytes\":\(report.outputBytes),"
             + "\"quantized_weights\":\(report.quantizedWeights),\"bits_per_weight\":\(number(report.bitsPerWeight)),"
             + "\"seconds\":\(number(report.seconds)),\"tensors\":[" + items.joined(separator: ",") + "]}"
