@@ -168,6 +168,58 @@ typealias Bits = SIMD16<UInt32>
     return first < 32 ? Int(first) : 0
 }
 
+// MARK: Four blocks at a time
+
+// The scalar part of a block (its scale, 1/scale, the F16 conversion) is a long dependency chain; doing it for
+// four blocks at once in SIMD4 lanes (divps instead of divss) keeps the vector units busy.
+
+typealias Quad = SIMD4<Float>
+
+/// The largest of the 32 values `x0`, `x1` as a SIMD4 whose lanes remain to be reduced.
+@inline(__always) func partialMaximum(_ x0: Vector, _ x1: Vector) -> Quad {
+    let (a, b, c, d) = split(maximum(x0, x1))
+    return maximum(maximum(a, b), maximum(c, d))
+}
+@inline(__always) func partialMinimum(_ x0: Vector, _ x1: Vector) -> Quad {
+    let (a, b, c, d) = split(minimum(x0, x1))
+    return minimum(minimum(a, b), minimum(c, d))
+}
+
+/// Lane k: the largest lane of the k-th argument (a 4×4 transpose folded into the reduction).
+@inline(__always) func lanesMaximum(_ a: Quad, _ b: Quad, _ c: Quad, _ d: Quad) -> Quad {
+    let ab = maximum(Quad(a[0], b[0], a[1], b[1]), Quad(a[2], b[2], a[3], b[3]))
+    let cd = maximum(Quad(c[0], d[0], c[1], d[1]), Quad(c[2], d[2], c[3], d[3]))
+    return maximum(Quad(ab[0], ab[1], cd[0], cd[1]), Quad(ab[2], ab[3], cd[2], cd[3]))
+}
+@inline(__always) func lanesMinimum(_ a: Quad, _ b: Quad, _ c: Quad, _ d: Quad) -> Quad {
+    let ab = minimum(Quad(a[0], b[0], a[1], b[1]), Quad(a[2], b[2], a[3], b[3]))
+    let cd = minimum(Quad(c[0], d[0], c[1], d[1]), Quad(c[2], d[2], c[3], d[3]))
+    return minimum(Quad(ab[0], ab[1], cd[0], cd[1]), Quad(ab[2], ab[3], cd[2], cd[3]))
+}
+
+/// `d ≠ 0 ? 1/d : 0` per lane.
+@inline(__always) func inverse(_ d: Quad) -> Quad {
+    (Quad(repeating: 1) / d).replacing(with: 0, where: d .== 0)
+}
+
+/// F32 → F16 bit patterns per lane, the same rounding as ``FloatBits/f32ToF16(bits:)`` (nearest even,
+/// subnormals, overflow to infinity, quiet NaN), without branches.
+@inline(__always) func halfBits(_ v: Quad) -> SIMD4<UInt32> {
+    let x = unsafeBitCast(v, to: SIMD4<UInt32>.self)
+    let sign = x & 0x8000_0000, magnitude = x & 0x7FFF_FFFF
+    let normal = (magnitude &+ 0xC800_0FFF &+ ((magnitude &>> 13) & 1)) &>> 13
+    let subnormal = unsafeBitCast(unsafeBitCast(magnitude, to: Quad.self) + 0.5, to: SIMD4<UInt32>.self) &- 0x3F00_0000
+    let m = unsafeBitCast(magnitude, to: SIMD4<Int32>.self)  // < 2^31: signed compares (SSE2 has no unsigned ones)
+    var result = normal.replacing(with: subnormal, where: m .< 0x3880_0000)
+    result.replace(with: 0x7C00, where: m .>= 0x4780_0000)
+    result.replace(with: 0x7E00 | ((magnitude &>> 13) & 0x3FF), where: m .> 0x7F80_0000)
+    return result | (sign &>> 16)
+}
+
+@inline(__always) func storeHalf(_ bits: UInt32, _ p: UnsafeMutableRawPointer, _ offset: Int) {
+    p.storeBytes(of: UInt16(truncatingIfNeeded: bits).littleEndian, toByteOffset: offset, as: UInt16.self)
+}
+
 @inline(__always) func load(_ p: UnsafePointer<Float>) -> Vector {
     UnsafeRawPointer(p).loadUnaligned(as: Vector.self)
 }
@@ -235,15 +287,22 @@ typealias Bits = SIMD16<UInt32>
 extension GGMLQuants {
     /// `{ f16 d; int8 qs[32] }`: d = max|x| / 127, qs = roundf(x / d) (multiplied by the float32 1/d).
     static func quantizeQ8_0(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int) {
-        for block in 0..<blocks {
-            let p = x + 32 * block, out = y + 34 * block
-            let x0 = load(p), x1 = load(p + 16)
-            let amax = horizontalMaximum(maximum(absolute(x0), absolute(x1)))
+        for first in stride(from: 0, to: blocks, by: 4) {
+            // Lanes past the last block repeat it; only real blocks are stored.
+            let n = min(4, blocks - first)
+            let p0 = x + 32 * first, p1 = p0 + 32 * min(1, n - 1), p2 = p0 + 32 * min(2, n - 1), p3 = p0 + 32 * min(3, n - 1)
+            let amax = lanesMaximum(
+                partialMaximum(absolute(load(p0)), absolute(load(p0 + 16))), partialMaximum(absolute(load(p1)), absolute(load(p1 + 16))),
+                partialMaximum(absolute(load(p2)), absolute(load(p2 + 16))), partialMaximum(absolute(load(p3)), absolute(load(p3 + 16))))
             let d = amax / 127
-            let id: Float = d != 0 ? 1 / d : 0
-            storeF16(d, out, 0)
-            out.storeBytes(of: narrow(roundAwayBits(x0 * id)), toByteOffset: 2, as: SIMD16<UInt8>.self)
-            out.storeBytes(of: narrow(roundAwayBits(x1 * id)), toByteOffset: 18, as: SIMD16<UInt8>.self)
+            let ids = inverse(d), halves = halfBits(d)
+            for k in 0..<n {
+                let p = p0 + 32 * k, out = y + 34 * (first + k)
+                let id = ids[k]
+                storeHalf(halves[k], out, 0)
+                out.storeBytes(of: narrow(roundAwayBits(load(p) * id)), toByteOffset: 2, as: SIMD16<UInt8>.self)
+                out.storeBytes(of: narrow(roundAwayBits(load(p + 16) * id)), toByteOffset: 18, as: SIMD16<UInt8>.self)
+            }
         }
     }
 
@@ -272,23 +331,36 @@ extension GGMLQuants {
     static func quantizeSymmetric(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int, levels: Int) {
         let blockBytes = levels == 16 ? 18 : 22, codesOffset = levels == 16 ? 2 : 6
         let divisor = -Float(levels / 2), offset = Float(levels / 2) + 0.5, ceiling = Float(levels) - 0.5
-        for block in 0..<blocks {
-            let p = x + 32 * block, out = y + blockBytes * block
-            let x0 = load(p), x1 = load(p + 16)
+        for first in stride(from: 0, to: blocks, by: 4) {
+            let n = min(4, blocks - first)
+            let p0 = x + 32 * first, p1 = p0 + 32 * min(1, n - 1), p2 = p0 + 32 * min(2, n - 1), p3 = p0 + 32 * min(3, n - 1)
+            let x00 = load(p0), x01 = load(p0 + 16), x10 = load(p1), x11 = load(p1 + 16)
+            let x20 = load(p2), x21 = load(p2 + 16), x30 = load(p3), x31 = load(p3 + 16)
+            let high = lanesMaximum(partialMaximum(x00, x01), partialMaximum(x10, x11), partialMaximum(x20, x21), partialMaximum(x30, x31))
+            let low = lanesMinimum(partialMinimum(x00, x01), partialMinimum(x10, x11), partialMinimum(x20, x21), partialMinimum(x30, x31))
             // ggml keeps the first element whose |x| exceeds all before it (0 when every |x| is 0). The largest
             // and smallest values decide which sign that is, unless both reach the same magnitude.
-            let high = horizontalMaximum(maximum(x0, x1)), low = horizontalMinimum(minimum(x0, x1))
-            var max: Float = high >= -low ? high : low
-            if high == -low { max = high > 0 ? p[firstIndex(of: high, absolute(x0), absolute(x1))] : 0 }
+            var max = high.replacing(with: low, where: high .< -low)
+            let tie = high .== -low
+            if any(tie) {
+                for k in 0..<4 where tie[k] {
+                    let p = p0 + 32 * min(k, n - 1)
+                    max[k] = high[k] > 0 ? p[firstIndex(of: high[k], absolute(load(p)), absolute(load(p + 16)))] : 0
+                }
+            }
             let d = max / divisor
-            let id: Float = d != 0 ? 1 / d : 0
-            storeF16(d, out, 0)
-            let q0 = floorBits(minimum(x0 * id + offset, Vector(repeating: ceiling)))
-            let q1 = floorBits(minimum(x1 * id + offset, Vector(repeating: ceiling)))
-            let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
-            out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
-            if levels == 32 {
-                out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 2, as: UInt32.self)
+            let ids = inverse(d), halves = halfBits(d)
+            for k in 0..<n {
+                let p = p0 + 32 * k, out = y + blockBytes * (first + k)
+                let id = ids[k]
+                storeHalf(halves[k], out, 0)
+                let q0 = floorBits(minimum(load(p) * id + offset, Vector(repeating: ceiling)))
+                let q1 = floorBits(minimum(load(p + 16) * id + offset, Vector(repeating: ceiling)))
+                let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
+                out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
+                if levels == 32 {
+                    out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 2, as: UInt32.self)
+                }
             }
         }
     }
@@ -321,25 +393,37 @@ extension GGMLQuants {
     @inline(__always)
     static func quantizeAffine(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int, levels: Int) {
         let blockBytes = levels == 16 ? 20 : 24, codesOffset = levels == 16 ? 4 : 8
-        let ceiling = Float(levels) - 0.5, steps = Float(levels - 1)
-        for block in 0..<blocks {
-            let p = x + 32 * block, out = y + blockBytes * block
-            let x0 = load(p), x1 = load(p + 16)
-            var min = horizontalMinimum(minimum(x0, x1))
-            let max = horizontalMaximum(maximum(x0, x1))
+        let ceiling = Float(levels) - 0.5, steps = Quad(repeating: Float(levels - 1))
+        for first in stride(from: 0, to: blocks, by: 4) {
+            let n = min(4, blocks - first)
+            let p0 = x + 32 * first, p1 = p0 + 32 * min(1, n - 1), p2 = p0 + 32 * min(2, n - 1), p3 = p0 + 32 * min(3, n - 1)
+            let x00 = load(p0), x01 = load(p0 + 16), x10 = load(p1), x11 = load(p1 + 16)
+            let x20 = load(p2), x21 = load(p2 + 16), x30 = load(p3), x31 = load(p3 + 16)
+            let max = lanesMaximum(partialMaximum(x00, x01), partialMaximum(x10, x11), partialMaximum(x20, x21), partialMaximum(x30, x31))
+            var min = lanesMinimum(partialMinimum(x00, x01), partialMinimum(x10, x11), partialMinimum(x20, x21), partialMinimum(x30, x31))
             // ggml keeps the first minimal element, so a zero minimum has that element's sign.
-            if min == 0 { min = p[firstIndex(of: 0, x0, x1)] }
+            let zero = min .== 0
+            if any(zero) {
+                for k in 0..<4 where zero[k] {
+                    let p = p0 + 32 * Swift.min(k, n - 1)
+                    min[k] = p[firstIndex(of: 0, load(p), load(p + 16))]
+                }
+            }
             // When max and min are one value ggml subtracts an element from itself: +0, never −0.
-            let d = max == min ? 0 : (max - min) / steps
-            let id: Float = d != 0 ? 1 / d : 0
-            storeF16(d, out, 0)
-            storeF16(min, out, 2)
-            let q0 = floorBits(minimum((x0 - min) * id + 0.5, Vector(repeating: ceiling)))
-            let q1 = floorBits(minimum((x1 - min) * id + 0.5, Vector(repeating: ceiling)))
-            let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
-            out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
-            if levels == 32 {
-                out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 4, as: UInt32.self)
+            let d = ((max - min) / steps).replacing(with: 0, where: max .== min)
+            let ids = inverse(d), halves = halfBits(d), minima = halfBits(min)
+            for k in 0..<n {
+                let p = p0 + 32 * k, out = y + blockBytes * (first + k)
+                let id = ids[k], m = min[k]
+                storeHalf(halves[k], out, 0)
+                storeHalf(minima[k], out, 2)
+                let q0 = floorBits(minimum((load(p) - m) * id + 0.5, Vector(repeating: ceiling)))
+                let q1 = floorBits(minimum((load(p + 16) - m) * id + 0.5, Vector(repeating: ceiling)))
+                let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
+                out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
+                if levels == 32 {
+                    out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 4, as: UInt32.self)
+                }
             }
         }
     }

@@ -45,6 +45,8 @@ extension GGUF {
         public let type: GGMLType
         public let byteCount: Int
         private let produce: @Sendable (OutputTensor.Sink) throws(CkptError) -> Void
+        /// Encodes straight into the writer's buffers, where the encoder can (quantization): saves a copy.
+        let encodeInPlace: (@Sendable (ChunkPipeline) throws(CkptError) -> Void)?
 
         /// Refuses shapes whose rows (last dimension) are not whole blocks of `type`.
         public init(
@@ -65,6 +67,20 @@ extension GGUF {
             self.type = type
             self.byteCount = byteCount
             self.produce = produce
+            self.encodeInPlace = nil
+        }
+
+        private init(
+            name: String, shape: Shape, type: GGMLType, byteCount: Int,
+            produce: @escaping @Sendable (OutputTensor.Sink) throws(CkptError) -> Void,
+            encodeInPlace: @escaping @Sendable (ChunkPipeline) throws(CkptError) -> Void
+        ) {
+            self.name = name
+            self.shape = shape
+            self.type = type
+            self.byteCount = byteCount
+            self.produce = produce
+            self.encodeInPlace = encodeInPlace
         }
 
         /// A plain tensor stored unchanged; dtypes GGUF has no type for (unsigned integers, BOOL, F8, complex)
@@ -93,9 +109,20 @@ extension GGUF {
                 }
                 return try OutputTensorInfo(try OutputTensor.from(entry, convertingTo: dtype))
             }
-            return try OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
+            let plain = try OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
                 try quantize(entry, as: type, sink)
             }
+            return OutputTensorInfo(
+                name: plain.name, shape: plain.shape, type: type, byteCount: plain.byteCount, produce: plain.produce,
+                encodeInPlace: { (pipeline: ChunkPipeline) throws(CkptError) in
+                    let staging = pipeline.staging.assumingMemoryBound(to: Float.self)
+                    try forEachF32Chunk(entry, elements: pipelineChunkElements, staging: staging) { (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
+                        try pipeline.fill { (slot: UnsafeMutableRawBufferPointer) -> Int in
+                            GGMLQuants.quantizeParallel(type, source: floats, count: count, destination: slot.baseAddress!)
+                            return count / type.blockSize * type.bytesPerBlock
+                        }
+                    }
+                })
         }
 
         /// Streams the bytes to `sink`, checking that exactly ``byteCount`` bytes come out.
@@ -114,30 +141,44 @@ extension GGUF {
         }
     }
 
-    /// Quantizes `entry` chunk by chunk: 2^21 elements (a multiple of every block size, so chunks end on block
-    /// boundaries) decoded to F32 where needed, quantized in parallel, handed to `sink`.
-    static func quantize(_ entry: TensorEntry, as type: GGMLType, _ sink: OutputTensor.Sink) throws(CkptError) {
-        let chunkElements = 1 << 21
+    /// Elements per chunk when quantizing into the writer's buffers: the F32 input fills the staging buffer and
+    /// the blocks of every type fit a slot. A power of two, so chunks end on block boundaries.
+    static let pipelineChunkElements = ChunkPipeline.stagingBytes / 4
+
+    /// Calls `body` with `entry`'s values as F32, in chunks of at most `elements` (a multiple of every block size,
+    /// so chunks end on block boundaries): aligned F32 input in place, anything else decoded into `staging`.
+    static func forEachF32Chunk(
+        _ entry: TensorEntry, elements: Int, staging: UnsafeMutablePointer<Float>,
+        _ body: (UnsafePointer<Float>, Int) throws(CkptError) -> Void
+    ) throws(CkptError) {
         let width = entry.dtype.byteWidth!
-        let total = entry.shape.elements
-        let capacity = min(chunkElements, max(total, 1))
-        let output = LargeAllocation.allocate(capacity / type.blockSize * type.bytesPerBlock + type.bytesPerBlock)
-        let staging = LargeAllocation.allocate(capacity * 4)
-        defer {
-            LargeAllocation.deallocate(output, count: capacity / type.blockSize * type.bytesPerBlock + type.bytesPerBlock)
-            LargeAllocation.deallocate(staging, count: capacity * 4)
-        }
-        try entry.forEachChunk(maxBytes: chunkElements * width) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+        try entry.forEachChunk(maxBytes: elements * width) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
             let count = chunk.count / width
             guard count > 0 else { return }
-            var floats = staging.assumingMemoryBound(to: Float.self)
             if entry.dtype == .f32, Int(bitPattern: chunk.baseAddress!) % 4 == 0 {
-                floats = UnsafeMutablePointer(mutating: chunk.baseAddress!.assumingMemoryBound(to: Float.self))
+                try body(chunk.baseAddress!.assumingMemoryBound(to: Float.self), count)
             } else {
                 // Other float dtypes, or F32 at an odd address (MLX writes unaligned data): an aligned F32 copy.
                 DTypeConversion.convertParallel(from: entry.dtype, to: .f32, count: count, source: chunk.baseAddress!, destination: staging)
+                try body(UnsafePointer(staging), count)
             }
-            GGMLQuants.quantizeParallel(type, source: UnsafePointer(floats), count: count, destination: output)
+        }
+    }
+
+    /// Quantizes `entry` chunk by chunk (2^21 elements), across cores, handing each chunk's blocks to `sink`.
+    static func quantize(_ entry: TensorEntry, as type: GGMLType, _ sink: OutputTensor.Sink) throws(CkptError) {
+        let chunkElements = 1 << 21
+        let capacity = min(chunkElements, max(entry.shape.elements, type.blockSize))
+        let outputBytes = capacity / type.blockSize * type.bytesPerBlock
+        let output = LargeAllocation.allocate(outputBytes)
+        let staging = LargeAllocation.allocate(capacity * 4)
+        defer {
+            LargeAllocation.deallocate(output, count: outputBytes)
+            LargeAllocation.deallocate(staging, count: capacity * 4)
+        }
+        try forEachF32Chunk(entry, elements: chunkElements, staging: staging.assumingMemoryBound(to: Float.self)) {
+            (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
+            GGMLQuants.quantizeParallel(type, source: floats, count: count, destination: output)
             try sink(UnsafeRawBufferPointer(start: output, count: count / type.blockSize * type.bytesPerBlock))
         }
     }
@@ -249,18 +290,33 @@ extension GGUF {
         var file = try OutputFile(path: path, inputs: inputs)
         try file.write(header.bytes)
         let zeros = [UInt8](repeating: 0, count: header.alignment)
-        for tensor in tensors {
-            do {
-                try tensor.write { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+        do throws(CkptError) {
+            // Tensors are produced (quantized) on another thread while this one writes what is ready.
+            try ChunkPipeline.run(
+                produce: { (pipeline: ChunkPipeline) throws(CkptError) in
+                    for (index, tensor) in tensors.enumerated() {
+                        if let encode = tensor.encodeInPlace {
+                            try encode(pipeline)
+                        } else {
+                            try tensor.write { (chunk: UnsafeRawBufferPointer) throws(CkptError) in try pipeline.send(chunk) }
+                        }
+                        let sent = pipeline.end(index)
+                        guard sent == tensor.byteCount else {
+                            throw CkptError(.shortData, "encoder wrote \(sent) of \(tensor.byteCount) bytes", tensor: tensor.name)
+                        }
+                    }
+                },
+                consume: { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
                     try file.write(chunk)
                     progress?.advance(bytes: chunk.count)
-                }
-            } catch {
-                throw error.at(path: path)
-            }
-            let padding = aligned(tensor.byteCount, header.alignment)! - tensor.byteCount
-            try file.write(Array(zeros[0..<padding]))
-            progress?.finishedTensor()
+                },
+                ended: { (index: Int) throws(CkptError) in
+                    let count = tensors[index].byteCount
+                    try file.write(Array(zeros[0..<aligned(count, header.alignment)! - count]))
+                    progress?.finishedTensor()
+                })
+        } catch {
+            throw error.at(path: path)
         }
         try file.commit()
     }

@@ -94,6 +94,20 @@ struct GGUFTests {
             #expect(Array(serial[range]) == Array(expected[range]), "\(typeName) block \(block) (row \(block / 8), values \(source[block * 32..<block * 32 + 4])…)")
         }
         #expect(parallel == serial)
+        // Blocks are quantized four at a time: every batch size (1, 2, 3) gives the same bytes.
+        var pieces = [UInt8](repeating: 0xAA, count: expected.count)
+        source.withUnsafeBufferPointer { src in
+            pieces.withUnsafeMutableBytes { out in
+                var block = 0, size = 1
+                while block < src.count / 32 {
+                    let n = min(size, src.count / 32 - block)
+                    GGMLQuants.quantize(type, source: src.baseAddress! + 32 * block, count: 32 * n, destination: out.baseAddress! + blockBytes * block)
+                    block += n
+                    size = size % 3 + 1
+                }
+            }
+        }
+        #expect(pieces == serial)
     }
 
     @Test("dequantize reproduces gguf-py's values bit for bit", arguments: ["q.q8_0", "q.q4_0", "q.q4_1", "q.q5_0", "q.q5_1", "k.q4_k", "k.q6_k"])
@@ -272,6 +286,16 @@ struct GGUFTests {
         #expect(implicit.metadata.isEmpty && implicit.alignment == 32)
     }
 
+    @Test("GGUF.write quantizes straight into its buffers: the bytes of gguf-py")
+    func inPlaceEncoding() throws {
+        let sourceEntry = try Checkpoint.open(Support.fixture("gguf/source.npy")).tensors[0]
+        let dir = Support.temporaryDirectory()
+        for type in [GGMLType.q8_0, .q4_0, .q4_1, .q5_0, .q5_1] {
+            try GGUF.write(tensors: [try GGUF.OutputTensorInfo.encoding(sourceEntry, as: type)], metadata: [], to: dir + "/\(type.name).gguf")
+            #expect(try GGUFFixture.storedBytes("source", in: dir + "/\(type.name).gguf") == (try GGUFFixture.storedBytes("q.\(type.name.lowercased())")))
+        }
+    }
+
     @Test("chunked encoding of a tensor larger than one chunk equals quantizing it at once")
     func chunkedEncoding() throws {
         let rows = 8193, columns = 256  // 2^21 + 256 elements: one full chunk and a partial one
@@ -295,6 +319,9 @@ struct GGUFTests {
             direct.withUnsafeMutableBytes { GGMLQuants.quantize(.q8_0, source: src.baseAddress!, count: src.count, destination: $0.baseAddress!) }
         }
         #expect(streamed == direct)
+        // The writer's in-place path takes chunks of another size.
+        try GGUF.write(tensors: [info], metadata: [], to: dir + "/w.gguf")
+        #expect(try GGUFFixture.storedBytes("w", in: dir + "/w.gguf") == direct)
     }
 
     @Test("writer refuses what ggml would refuse, before creating any file")
@@ -330,6 +357,11 @@ struct GGUFTests {
             try [UInt8](repeating: 0, count: 12).withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(raw) }
         }
         #expect(code([try tensor("ok", [8]), short]) == .shortData)
+        let failing = try GGUF.OutputTensorInfo(name: "failing", shape: Shape([1 << 22]), type: .f32) { (sink: OutputTensor.Sink) throws(CkptError) in
+            try [UInt8](repeating: 0, count: 8 << 20).withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(raw) }
+            throw CkptError(.crcMismatch, "the input went bad halfway")
+        }
+        #expect(code([try tensor("ok", [8]), failing]) == .crcMismatch)
         #expect(try FilePaths.contents(of: dir).filter { $0 != "x.gguf" }.isEmpty, "no temporary file is left behind")
         #expect(throws: CkptError.self) { try GGUF.OutputTensorInfo(try OutputTensor.bytes(name: "u", dtype: .u8, shape: Shape([1]), [1])) }
     }
