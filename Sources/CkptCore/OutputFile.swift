@@ -144,4 +144,16 @@ public struct StagedFile: Sendable {
 
     /// Removes the temporary file.
     public func discard() { unlink(temporaryPath) }
+
+    /// Publishes `files` in order; if one rename fails, the ones not yet published are discarded.
+    public static func publishAll(_ files: [StagedFile]) throws(CkptError) {
+        for (i, file) in files.enumerated() {
+            do {
+                try file.publish()
+            } catch {
+                files[(i + 1)...].forEach { $0.discard() }
+                throw error
+            }
+        }
+    }
 }

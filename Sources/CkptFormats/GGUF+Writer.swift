@@ -127,17 +127,7 @@ extension GGUF {
 
         /// Streams the bytes to `sink`, checking that exactly ``byteCount`` bytes come out.
         public func write(to sink: OutputTensor.Sink) throws(CkptError) {
-            var written = 0
-            try produce { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
-                written += chunk.count
-                guard written <= byteCount else {
-                    throw CkptError(.shortData, "producer wrote more than the \(byteCount) bytes declared", tensor: name)
-                }
-                try sink(chunk)
-            }
-            guard written == byteCount else {
-                throw CkptError(.shortData, "producer wrote \(written) of \(byteCount) bytes", tensor: name)
-            }
+            try OutputTensor.checkedWrite(name: name, byteCount: byteCount, produce: produce, to: sink)
         }
     }
 

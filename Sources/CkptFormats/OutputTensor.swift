@@ -28,6 +28,13 @@ public struct OutputTensor: Sendable {
 
     /// Streams the bytes to `sink`, checking that exactly ``byteCount`` bytes come out.
     public func write(to sink: Sink) throws(CkptError) {
+        try Self.checkedWrite(name: name, byteCount: byteCount, produce: produce, to: sink)
+    }
+
+    /// Runs a producer into `sink`, failing (`shortData`) unless it yields exactly `byteCount` bytes.
+    public static func checkedWrite(
+        name: String, byteCount: Int, produce: @escaping @Sendable (Sink) throws(CkptError) -> Void, to sink: Sink
+    ) throws(CkptError) {
         var written = 0
         try produce { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
             written += chunk.count

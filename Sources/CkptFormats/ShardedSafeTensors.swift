@@ -196,13 +196,6 @@ public enum ShardedSafeTensors {
             throw error
         }
         // Shards first, index last: a reader that sees the index finds every shard it names.
-        for (i, file) in staged.enumerated() {
-            do {
-                try file.publish()
-            } catch {
-                staged[(i + 1)...].forEach { $0.discard() }
-                throw error
-            }
-        }
+        try StagedFile.publishAll(staged)
     }
 }

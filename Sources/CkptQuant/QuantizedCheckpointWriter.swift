@@ -243,13 +243,6 @@ public enum QuantizedCheckpointWriter {
             if created { FilePaths.removeEmptyDirectory(directory) }
             throw error
         }
-        for (i, file) in staged.enumerated() {
-            do {
-                try file.publish()
-            } catch {
-                staged[(i + 1)...].forEach { $0.discard() }
-                throw error
-            }
-        }
+        try StagedFile.publishAll(staged)
     }
 }

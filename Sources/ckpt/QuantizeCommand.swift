@@ -96,8 +96,8 @@ struct QuantizeCommand: ParsableCommand {
     }
 
     func validate() throws {
-        let s = try settings()
-        if try parsedFormat == .gguf { _ = try ggmlType() } else { _ = s }
+        _ = try settings()
+        if try parsedFormat == .gguf { _ = try ggmlType() }
         if input == output { throw ValidationError("input and output are the same path") }
     }
 
@@ -133,7 +133,7 @@ struct QuantizeCommand: ParsableCommand {
 
     func reportTable(_ report: QuantizationReport) -> String {
         var rows: [[String]] = []
-        for t in report.tensors where t.scheme != nil || TensorSelectionNote.isWeightLike(t) {
+        for t in report.tensors where t.scheme != nil || t.isWeightMatrix {
             rows.append([
                 t.name, Formatting.shape(t.shape), t.scheme ?? "kept: " + (t.keptReason ?? ""),
                 t.bits.map(String.init) ?? "-", t.scheme == nil ? "-" : (t.groupSize.map(String.init) ?? "channel"),
@@ -189,7 +189,7 @@ struct QuantizeCommand: ParsableCommand {
     }
 }
 
-/// Which kept tensors the table lists: weight matrices (so a skipped Linear is visible), not every bias and norm.
-enum TensorSelectionNote {
-    static func isWeightLike(_ t: TensorReport) -> Bool { t.shape.rank >= 2 && t.name.hasSuffix("weight") }
+extension TensorReport {
+    /// Kept tensors the table lists: weight matrices (so a skipped Linear is visible), not every bias and norm.
+    var isWeightMatrix: Bool { shape.rank >= 2 && name.hasSuffix("weight") }
 }
