@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets for the safetensors, .npy and .npz parsers and runs them.
+# Builds the libFuzzer targets for the safetensors, .npy, .npz and GGUF parsers and runs them.
 #
 #   fuzz/run.sh [TARGET|all] [SECONDS]
 #
-# TARGET: safetensors | numpy | npz | all (default all). SECONDS per target (default 60); 0 only replays the
+# TARGET: safetensors | numpy | npz | gguf | all (default all). SECONDS per target (default 60); 0 only replays the
 # seed corpus and regressions once (a quick check that nothing known crashes).
 # Environment: FUZZ_ARGS (extra libFuzzer flags, e.g. "-jobs=4 -workers=4" or "-seed=1"), SWIFTC (compiler),
 # FUZZ_SKIP_REGRESSIONS=1 (do not seed with fuzz/regressions/<target>/, e.g. while a saved crash is unfixed).
@@ -21,10 +21,10 @@ SECONDS_PER_TARGET="${2:-60}"
 MAX_LEN=65536
 
 case "$TARGET" in
-    all) TARGETS=(safetensors numpy npz) ;;
-    safetensors|numpy|npz) TARGETS=("$TARGET") ;;
+    all) TARGETS=(safetensors numpy npz gguf) ;;
+    safetensors|numpy|npz|gguf) TARGETS=("$TARGET") ;;
     -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "usage: fuzz/run.sh [safetensors|numpy|npz|all] [SECONDS]" >&2; exit 2 ;;
+    *) echo "usage: fuzz/run.sh [safetensors|numpy|npz|gguf|all] [SECONDS]" >&2; exit 2 ;;
 esac
 [[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number" >&2; exit 2; }
 
@@ -88,6 +88,7 @@ source_for() {
         safetensors) echo fuzz/FuzzSafeTensors.swift ;;
         numpy) echo fuzz/FuzzNumPy.swift ;;
         npz) echo fuzz/FuzzNPZ.swift fuzz/ZipFixup.swift ;;
+        gguf) echo fuzz/FuzzGGUF.swift ;;
     esac
 }
 
@@ -101,6 +102,7 @@ seeds_for() {
                             fixtures/malformed/st_*) ;;
         numpy) files=(fixtures/npy/*.npy fixtures/malformed/npy_*) ;;
         npz) files=(fixtures/npz/*.npz fixtures/dinov2/*.npz fixtures/malformed/npz_*) ;;
+        gguf) files=(fixtures/gguf/*.gguf) ;;
     esac
     # Saved crashers replay first in every run; FUZZ_SKIP_REGRESSIONS=1 leaves them out (to keep fuzzing while
     # a known crash is still unfixed).

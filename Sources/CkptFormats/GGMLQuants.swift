@@ -1,7 +1,8 @@
 import CkptCore
 
 /// ggml's block quantizers and dequantizers, bit-identical to the reference C code (`quantize_row_*_ref`,
-/// `dequantize_row_*` in ggml-quants.c) and to gguf-py 0.19.0's numpy port of it.
+/// `dequantize_row_*` in ggml-quants.c) and, for the types it has, to gguf-py 0.19.0's numpy port of it. The
+/// K-quants (Q4_K, Q6_K) are in GGMLQuants+KQuants.swift.
 ///
 /// Each 32-element block is processed as two `SIMD16<Float>` halves. Rounding never calls `rintf`/`roundf`
 /// (library calls per element on baseline x86-64): adding 1.5·2^23 rounds a float with |x| < 2^22 to the nearest
@@ -445,73 +446,5 @@ extension GGMLQuants {
             out.storeBytes(of: toFloat(low) * d + m, toByteOffset: 0, as: Vector.self)
             out.storeBytes(of: toFloat(high) * d + m, toByteOffset: 64, as: Vector.self)
         }
-    }
-}
-
-// MARK: - K-quants (256-element super-blocks)
-
-extension GGMLQuants {
-    /// Q4_K `{ f16 d, dmin; u8 scales[12]; u8 qs[128] }`: 8 sub-blocks of 32, each with a 6-bit scale and min.
-    static func dequantizeQ4_K(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int) {
-        for block in 0..<blocks {
-            let p = x + 144 * block, out = y + 256 * block
-            let d = loadF16(p, 0), dmin = loadF16(p, 2)
-            let scales = p + 4, qs = p + 16
-            for chunk in 0..<4 {  // 64 elements: low nibbles are sub-block 2·chunk, high nibbles 2·chunk+1
-                let (sc0, m0) = scaleMinK4(2 * chunk, scales)
-                let (sc1, m1) = scaleMinK4(2 * chunk + 1, scales)
-                let d0 = d * Float(sc0), min0 = dmin * Float(m0)
-                let d1 = d * Float(sc1), min1 = dmin * Float(m1)
-                let codes = qs + 32 * chunk
-                for half in 0..<2 {
-                    let packed = widen(codes + 16 * half)
-                    let base = UnsafeMutableRawPointer(out + 64 * chunk + 16 * half)
-                    base.storeBytes(of: d0 * toFloat(packed & 0xF) - min0, toByteOffset: 0, as: Vector.self)
-                    base.storeBytes(of: d1 * toFloat(packed &>> 4) - min1, toByteOffset: 128, as: Vector.self)
-                }
-            }
-        }
-    }
-
-    /// The 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
-    @inline(__always)
-    static func scaleMinK4(_ j: Int, _ q: UnsafeRawPointer) -> (UInt8, UInt8) {
-        let b = { (i: Int) in q.load(fromByteOffset: i, as: UInt8.self) }
-        if j < 4 { return (b(j) & 63, b(j + 4) & 63) }
-        return ((b(j + 4) & 0xF) | ((b(j - 4) >> 6) << 4), (b(j + 4) >> 4) | ((b(j) >> 6) << 4))
-    }
-
-    /// Q6_K `{ u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d }`: 16 sub-blocks of 16, codes q − 32 in −32…31.
-    static func dequantizeQ6_K(_ x: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>, _ blocks: Int) {
-        for block in 0..<blocks {
-            let p = x + 210 * block
-            let d = loadF16(p, 208)
-            for half in 0..<2 {  // 128 elements from ql[64·half…], qh[32·half…], scales[8·half…]
-                let ql = p + 64 * half, qh = p + 128 + 32 * half, sc = p + 192 + 8 * half
-                let out = y + 256 * block + 128 * half
-                for l in 0..<32 {
-                    let low0 = ql.load(fromByteOffset: l, as: UInt8.self), low1 = ql.load(fromByteOffset: l + 32, as: UInt8.self)
-                    let high = qh.load(fromByteOffset: l, as: UInt8.self)
-                    let q1 = Int((low0 & 0xF) | ((high & 3) << 4)) - 32
-                    let q2 = Int((low1 & 0xF) | (((high >> 2) & 3) << 4)) - 32
-                    let q3 = Int((low0 >> 4) | (((high >> 4) & 3) << 4)) - 32
-                    let q4 = Int((low1 >> 4) | (((high >> 6) & 3) << 4)) - 32
-                    let s = l / 16
-                    let scale = { (i: Int) in d * Float(sc.load(fromByteOffset: i, as: Int8.self)) }
-                    out[l] = scale(s) * Float(q1)
-                    out[l + 32] = scale(s + 2) * Float(q2)
-                    out[l + 64] = scale(s + 4) * Float(q3)
-                    out[l + 96] = scale(s + 6) * Float(q4)
-                }
-            }
-        }
-    }
-
-    static func quantizeQ4_K(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int) {
-        preconditionFailure("Q4_K quantization is not implemented")
-    }
-
-    static func quantizeQ6_K(_ x: UnsafePointer<Float>, _ y: UnsafeMutableRawPointer, _ blocks: Int) {
-        preconditionFailure("Q6_K quantization is not implemented")
     }
 }

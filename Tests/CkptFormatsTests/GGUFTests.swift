@@ -162,6 +162,35 @@ struct GGUFTests {
         }
     }
 
+    /// CRC-32 of what ggml's `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref` (ggml-org/ggml d99724f2,
+    /// src/ggml-quants.c built for baseline x86-64 with gcc -O2, so without fused multiply-adds) write for
+    /// fixtures/gguf/source.npy. gguf-py cannot quantize K-quants, so these pins come from libggml itself.
+    static let kQuantReference: [(GGMLType, Int, UInt32)] = [(.q4_K, 2304, 0x98C2_B37D), (.q6_K, 3360, 0x4A80_BD79)]
+
+    @Test("K-quant quantizers reproduce ggml's reference blocks", arguments: 0..<2)
+    func kQuantsMatchReference(index: Int) throws {
+        let (type, bytes, crc) = Self.kQuantReference[index]
+        let source = try GGUFFixture.source()
+        var blocks = [UInt8](repeating: 0xAA, count: try #require(type.byteCount(elements: source.count)))
+        #expect(blocks.count == bytes)
+        source.withUnsafeBufferPointer { src in
+            blocks.withUnsafeMutableBytes { GGMLQuants.quantizeParallel(type, source: src.baseAddress!, count: src.count, destination: $0.baseAddress!) }
+        }
+        #expect(Support.crc32(blocks) == crc, "\(type.name): CRC-32 \(String(Support.crc32(blocks), radix: 16)), ggml's is \(String(crc, radix: 16))")
+        // Decoded, every value stays within a step of the source, a step being the super-block's range over the
+        // code count (scales are themselves quantized against the super-block's largest one).
+        var back = [Float](repeating: 0, count: source.count)
+        blocks.withUnsafeBytes { raw in
+            back.withUnsafeMutableBufferPointer { GGMLQuants.dequantize(type, source: raw.baseAddress!, count: $0.count, destination: $0.baseAddress!) }
+        }
+        for start in stride(from: 0, to: source.count, by: 256) {
+            let amax = source[start..<start + 256].map(abs).max()!
+            guard amax < 1e4, amax > 1e-6 else { continue }  // F16 scales saturate or vanish at the extremes
+            let worst = zip(source[start..<start + 256], back[start..<start + 256]).map { abs($0 - $1) }.max()!
+            #expect(worst <= 2 * amax / (type == .q4_K ? 15 : 63), "\(type.name) super-block \(start / 256)")
+        }
+    }
+
     // MARK: - Reading
 
     @Test("reading gguf-py's file: metadata as text, names, PyTorch-order shapes, dtypes, quantization")
@@ -293,6 +322,12 @@ struct GGUFTests {
         for type in [GGMLType.q8_0, .q4_0, .q4_1, .q5_0, .q5_1] {
             try GGUF.write(tensors: [try GGUF.OutputTensorInfo.encoding(sourceEntry, as: type)], metadata: [], to: dir + "/\(type.name).gguf")
             #expect(try GGUFFixture.storedBytes("source", in: dir + "/\(type.name).gguf") == (try GGUFFixture.storedBytes("q.\(type.name.lowercased())")))
+        }
+        for (type, _, crc) in Self.kQuantReference {
+            try GGUF.write(tensors: [try GGUF.OutputTensorInfo.encoding(sourceEntry, as: type)], metadata: [], to: dir + "/\(type.name).gguf")
+            #expect(Support.crc32(try GGUFFixture.storedBytes("source", in: dir + "/\(type.name).gguf")) == crc)
+            let read = try Checkpoint.open(dir + "/\(type.name).gguf")
+            #expect(read.metadata["general.quantization_version"] == "2" && read.tensors[0].quantization?.scheme == type.name)
         }
     }
 
