@@ -10,7 +10,26 @@ import Glibc
 /// tensor is dequantized again right after encoding to report its SQNR and largest error.
 public enum GGUFQuantizedWriter {
     /// The block types ckpt can encode.
-    public static let supportedTypes: [GGMLType] = [.q8_0, .q5_1, .q5_0, .q4_1, .q4_0]
+    public static let supportedTypes: [GGMLType] = [.q8_0, .q6_K, .q5_1, .q5_0, .q4_K, .q4_1, .q4_0]
+
+    /// The 32-value block type a K-quant falls back to for a row that is not whole 256-value super-blocks (DINOv2-S's
+    /// 384-wide layers, for instance). Same choice as llama.cpp's quantizer: Q4_K → Q5_0, Q6_K → Q8_0, never fewer bits.
+    public static func fallback(for type: GGMLType) -> GGMLType? {
+        switch type {
+        case .q4_K: return .q5_0
+        case .q6_K: return .q8_0
+        default: return nil
+        }
+    }
+
+    /// The smallest block any tensor is encoded with: the input size must be a multiple of it to be quantized.
+    public static func minimumBlockSize(_ type: GGMLType) -> Int { fallback(for: type)?.blockSize ?? type.blockSize }
+
+    /// The block type one tensor with `cols` inputs is written with.
+    static func blockType(_ type: GGMLType, cols: Int) -> GGMLType {
+        if cols % type.blockSize == 0 { return type }
+        return fallback(for: type) ?? type
+    }
 
     /// Writes the GGUF file; `config` (the input's config.json) adds the ViT hyper-parameters as `vit.*` keys.
     public static func write(
@@ -22,6 +41,7 @@ public enum GGUFQuantizedWriter {
         for item in plan {
             let entry = item.entry
             if item.isQuantized {
+                let type = blockType(type, cols: item.cols)
                 let info = try GGUF.OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
                     let result = try encode(item, type: type, sink)
                     stats.withLock { $0[entry.name] = result }

@@ -18,6 +18,7 @@ extension QuantizeCommand {
         }
         switch bits {
         case 8: return .q8_0
+        case 6: return .q6_K
         case 5: return .q5_0
         case 4: return .q4_0
         default: throw ValidationError("--bits \(bits) has no GGUF block type; give --gguf-type (\(names))")
@@ -26,7 +27,7 @@ extension QuantizeCommand {
 
     func quantizeToGGUF(_ checkpoint: Checkpoint, selection: TensorSelection, inputs: [FileIdentity], inputIsFolder: Bool) throws -> QuantizationReport {
         let type = try ggmlType()
-        let plan = QuantizationPlan.make(checkpoint, selection: selection, format: .gguf, blockSize: type.blockSize)
+        let plan = QuantizationPlan.make(checkpoint, selection: selection, format: .gguf, blockSize: GGUFQuantizedWriter.minimumBlockSize(type))
         let config = inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil
         return try GGUFQuantizedWriter.write(checkpoint, plan: plan, type: type, config: config, to: output, inputs: inputs)
     }

@@ -43,7 +43,7 @@ struct QuantizeCommand: ParsableCommand {
     @Flag(help: "Symmetric quantization (zero at the middle code): compressed-tensors and dequantized only.")
     var symmetric = false
 
-    @Option(name: .customLong("gguf-type"), help: "GGUF block type: Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1 (default from --bits: 8→Q8_0, 5→Q5_0, 4→Q4_0).")
+    @Option(name: .customLong("gguf-type"), help: "GGUF block type: Q8_0, Q6_K, Q5_0, Q5_1, Q4_K, Q4_0 or Q4_1 (default from --bits: 8→Q8_0, 6→Q6_K, 5→Q5_0, 4→Q4_0). Q4_K/Q6_K rows that are not whole 256-value super-blocks fall back to Q5_0/Q8_0, as llama.cpp does.")
     var ggufType: String?
 
     @Option(help: ArgumentHelp("Quantize only tensors whose name matches this regular expression (searched, not anchored).", valueName: "REGEX"))

@@ -16,6 +16,8 @@ folder (.cache/dinov2/dinov2-small-224) where present. CKPT_BIN selects the bina
    SQNR of the stored values (0.001 dB; the F16 readback's extra rounding is allowed 0.15 dB).
 3. GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1: gguf.GGUFReader reads the file; block bytes equal gguf.quants.quantize, whose
    dequantize equals ckpt's readback exactly; kept tensors keep dtype and values; general.* keys; hqq refused.
+   Q4_K/Q6_K: gguf-py dequantizes them to ckpt's readback; rows that are not whole super-blocks fall back to
+   Q5_0/Q8_0 (llama.cpp's rule), bit-identical to gguf-py.
 4. compressed-tensors sym/asym, bits {2,3,4,8} x group {32,128,channel}: PackedQuantizationCompressor.decompress
    equals ckpt's readback exactly (F32 and F16); rtn codes/scales/zero points equal compressed-tensors' own
    calculate_qparams + quantize + pack_to_int32 exactly (F32); weight_shape, zero points, ignore list, version;
@@ -48,6 +50,8 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 DTYPES = {"F32": np.float32, "F16": np.float16}
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# K-quants and the 32-block type a row that is not whole 256-value super-blocks falls back to (llama.cpp's rule)
+GGUF_K_TYPES = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,7 +430,49 @@ def test_gguf_blocks_match_gguf_py(sources, tmp_path, gguf_type, dtype):
     assert report["output_bytes"] <= out.stat().st_size - int(reader.tensors[0].data_offset)
 
 
-@pytest.mark.parametrize("bits,implied", [(8, "Q8_0"), (5, "Q5_0"), (4, "Q4_0")])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gguf_type", list(GGUF_K_TYPES))
+def test_gguf_k_quants(sources, tmp_path, gguf_type, dtype):
+    """Q4_K/Q6_K: gguf-py reads and dequantizes the super-blocks to ckpt's values (the block bytes themselves are
+    pinned against compiled ggml in the Swift tests: gguf-py has no K-quant encoder); a 128-wide row falls back."""
+    import gguf
+    from gguf import quants
+
+    src_path, src = sources[dtype]
+    out = tmp_path / "out.gguf"
+    report = quantize(src_path, out, "--format", "gguf", "--gguf-type", gguf_type)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    rb = readback(out, tmp_path)
+    by_name = report_by_name(report)
+    k_type, fallback = gguf.GGMLQuantizationType[gguf_type], gguf.GGMLQuantizationType[GGUF_K_TYPES[gguf_type]]
+    # FC1 is 256 wide: one super-block per row
+    t = tensors[FC1]
+    assert t.tensor_type == k_type, t.tensor_type.name
+    w = src[FC1].astype(np.float32)
+    deq = quants.dequantize(t.data, k_type).reshape(w.shape)
+    assert_same_array(rb[FC1], deq.astype(np.float32), name=f"{FC1} readback vs gguf.quants.dequantize")
+    assert by_name[FC1]["layout"] == gguf_type and by_name[FC1]["group_size"] == 256
+    assert abs(by_name[FC1]["sqnr_db"] - sqnr_db(w, rb[FC1])) <= 1e-3
+    # error bound per 256-value super-block: one step of its widest range (sub-block scales are themselves 6/8-bit
+    # codes of the super-block's, so a tiny sub-block beside large ones may round to scale 0). Row 6 (x1e-4) is left
+    # out: its super-block scale d = range/15/63 underflows F16, a limit of the format.
+    steps = 15 if gguf_type == "Q4_K" else 63
+    sup = np.delete(w, 6, axis=0)
+    deq = np.delete(deq, 6, axis=0)
+    span = np.abs(sup).max(1, keepdims=True) * 2
+    err = np.abs(deq.reshape(-1, 256) - sup)
+    assert (err <= span / steps + 1e-6).all(), float((err / (span / steps + 1e-12)).max())
+    assert by_name[FC1]["sqnr_db"] > (18 if gguf_type == "Q4_K" else 30)
+    # QKV is 128 wide: not whole super-blocks, so the fallback type, bit-identical to gguf-py's encoder
+    t = tensors[QKV]
+    assert t.tensor_type == fallback, t.tensor_type.name
+    assert t.data.tobytes() == quants.quantize(src[QKV].astype(np.float32), fallback).tobytes()
+    assert by_name[QKV]["layout"] == fallback.name and by_name[QKV]["group_size"] == 32
+    assert "100" in by_name[FC2]["kept"]
+
+
+@pytest.mark.parametrize("bits,implied", [(8, ("Q8_0", "Q8_0")), (6, ("Q8_0", "Q6_K")), (5, ("Q5_0", "Q5_0")),
+                                          (4, ("Q4_0", "Q4_0"))])
 def test_gguf_type_from_bits(sources, tmp_path, bits, implied):
     import gguf
 
@@ -434,7 +480,7 @@ def test_gguf_type_from_bits(sources, tmp_path, bits, implied):
     out = tmp_path / "out.gguf"
     quantize(src_path, out, "--format", "gguf", "--bits", bits)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
-    assert types[QKV] == implied and types[FC1] == implied
+    assert (types[QKV], types[FC1]) == implied
 
 
 def test_gguf_from_folder(sources, tmp_path):
@@ -492,7 +538,8 @@ def test_gguf_help_names_the_supported_types():
     m = re.search(r"\n  --gguf-type <gguf-type>(.*?)(?=\n  --)", text, re.S)
     assert m, text
     named = set(re.findall(r"\bQ\d_[0-9K]\b", m.group(1)))
-    assert named == set(GGUF_TYPES), f"--help names {sorted(named)}; the writer supports {sorted(GGUF_TYPES)}"
+    supported = set(GGUF_TYPES) | set(GGUF_K_TYPES)
+    assert named == supported, f"--help names {sorted(named)}; the writer supports {sorted(supported)}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
