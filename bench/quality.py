@@ -7,8 +7,11 @@ For each setting (bits x group size) and method (rtn, mse, hqq) this runs
 and prints accuracy, top-1 agreement with F32 and the mean softmax KL(F32 || quantized) over the eval set.
 The dequantized (affine) weights are exactly what the MLX layout stores, so the numbers hold for --format mlx.
 
-Usage: bench/quality.py [--limit N] [--out results.json]   (run scripts/build.sh and scripts/demo.sh first;
-$CKPT overrides the binary)
+With --sensitivity it instead measures how sensitive the probe is: the same metrics for F16 and BF16 round trips of
+all weights (ckpt convert) and for W4 g64 RTN applied to one kind of Linear layer at a time (--only).
+
+Usage: bench/quality.py [--limit N] [--out results.json] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
+first; $CKPT overrides the binary)
 """
 import argparse, json, os, subprocess, sys, tempfile
 from pathlib import Path
@@ -37,11 +40,46 @@ def evaluate(model, logits_path, limit):
     return json.loads(out)
 
 
+def compare(ref, logits):
+    """(top-1 agreement, mean KL(ref || logits)) of two logit matrices."""
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return float(np.mean(logits.argmax(1) == ref.argmax(1))), float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+# Linear layers of the bundled model (Hugging Face Dinov2 names), one --only pattern per kind
+LAYER_KINDS = [("query", r"attention\.attention\.query"), ("key", r"attention\.attention\.key"),
+               ("value", r"attention\.attention\.value"), ("attention output", r"attention\.output\.dense"),
+               ("mlp fc1", r"mlp\.fc1"), ("mlp fc2", r"mlp\.fc2")]
+
+
+def sensitivity(limit):
+    """F16/BF16 round trips of every weight, and W4 g64 RTN on one kind of layer at a time."""
+    with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
+        tmp = Path(tmp)
+        base = evaluate(MODEL, tmp / "f32.npy", limit)
+        ref = np.load(tmp / "f32.npy")
+        print(f"F32: accuracy {base['accuracy']:.4f} on {base['n']} images\n")
+        print("| weights changed | accuracy | agreement | KL |\n|---|---|---|---|")
+        runs = [(f"all, {d} round trip", ["convert", str(MODEL), str(tmp / f"{d}.safetensors"), "--dtype", d], tmp / f"{d}.safetensors")
+                for d in ("F16", "BF16")]
+        runs += [(f"{kind} only, W4 g64 RTN", ["quantize", str(MODEL), str(tmp / "q"), "--format", "dequantized", "--bits", "4",
+                                               "--group-size", "64", "--only", pattern], tmp / "q") for kind, pattern in LAYER_KINDS]
+        for label, command, model in runs:
+            subprocess.run(["rm", "-rf", str(model)], check=True)
+            subprocess.run([str(CKPT), *command], check=True, capture_output=True)
+            r = evaluate(model, tmp / "q.npy", limit)
+            agree, kl = compare(ref, np.load(tmp / "q.npy"))
+            print(f"| {label} | {100 * r['accuracy']:.1f} | {100 * agree:.1f} | {kl:.4f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--sensitivity", action="store_true")
     a = p.parse_args()
+    if a.sensitivity:
+        return sensitivity(a.limit)
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         tmp = Path(tmp)
@@ -58,9 +96,7 @@ def main():
                 sqnr = np.mean([t["sqnr_db"] for t in report["tensors"] if t["quantized"]])
                 r = evaluate(out, tmp / "q.npy", a.limit)
                 logits = np.load(tmp / "q.npy")
-                lp, lq = log_softmax(ref), log_softmax(logits)
-                kl = float((np.exp(lp) * (lp - lq)).sum(1).mean())
-                agree = float(np.mean(logits.argmax(1) == ref.argmax(1)))
+                agree, kl = compare(ref, logits)
                 row = dict(bits=bits, group=group, method=method, accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)
