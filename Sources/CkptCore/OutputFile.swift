@@ -91,6 +91,30 @@ public struct OutputFile: ~Copyable {
         if !ok { throw CkptError(.io, "cannot write", path: path, cause: errnoText()) }
     }
 
+    /// Writes bytes at `position`, which may lie past the end (the gap reads as zeros until written): for layouts
+    /// whose parts are produced in another order than they are stored. Sequential ``write(_:)`` calls continue at
+    /// the end of the furthest byte written so far.
+    public mutating func write(_ bytes: UnsafeRawBufferPointer, at position: Int) throws(CkptError) {
+        guard let source = bytes.baseAddress, bytes.count > 0 else { return }
+        precondition(position >= 0, "negative file position")
+        try flush()
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(fd, source + done, bytes.count - done, off_t(position + done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CkptError(.io, "cannot write", path: path, cause: errnoText())
+            }
+            done += n
+        }
+        if position + bytes.count > offset {
+            offset = position + bytes.count
+            guard lseek(fd, off_t(offset), SEEK_SET) >= 0 else {
+                throw CkptError(.io, "cannot seek", path: path, cause: errnoText())
+            }
+        }
+    }
+
     private mutating func flush() throws(CkptError) {
         guard buffered > 0 else { return }
         try writeAll(fd: fd, UnsafeRawPointer(buffer), buffered)

@@ -99,7 +99,13 @@ extension GGUF {
 
         /// A floating checkpoint tensor encoded as `type`: block types are quantized with ggml's reference
         /// quantizers (in chunks of whole blocks, across cores), plain float types converted.
-        public static func encoding(_ entry: TensorEntry, as type: GGMLType) throws(CkptError) -> OutputTensorInfo {
+        ///
+        /// With `measured`, block types are also compared with their source in the same pass (each chunk's blocks
+        /// dequantized into a small scratch), `measured` receives the statistics once the last block is encoded,
+        /// and NaN/Inf values are refused (`nonFinite`, naming the first such element).
+        public static func encoding(
+            _ entry: TensorEntry, as type: GGMLType, measured: (@Sendable (GGMLQuants.Measurement) -> Void)? = nil
+        ) throws(CkptError) -> OutputTensorInfo {
             guard entry.dtype.isConvertibleFloat else {
                 throw CkptError(.unsupportedConversion, "\(entry.dtype.name) is not a floating dtype; it cannot become \(type.name)", path: entry.path, tensor: entry.name)
             }
@@ -110,17 +116,29 @@ extension GGUF {
                 return try OutputTensorInfo(try OutputTensor.from(entry, convertingTo: dtype))
             }
             let plain = try OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
-                try quantize(entry, as: type, sink)
+                // Streaming to a sink: buffers of our own, sized for this tensor.
+                let elements = min(pipelineChunkElements, max(entry.shape.elements, type.blockSize))
+                let outputBytes = elements / type.blockSize * type.bytesPerBlock
+                let output = LargeAllocation.allocate(outputBytes)
+                let staging = LargeAllocation.allocate(elements * 4)
+                defer {
+                    LargeAllocation.deallocate(output, count: outputBytes)
+                    LargeAllocation.deallocate(staging, count: elements * 4)
+                }
+                try quantize(entry, as: type, staging: staging.assumingMemoryBound(to: Float.self), measured: measured) {
+                    (encode: (UnsafeMutableRawPointer) throws(CkptError) -> Int) throws(CkptError) in
+                    let count = try encode(output)
+                    try sink(UnsafeRawBufferPointer(start: output, count: count))
+                }
             }
             return OutputTensorInfo(
                 name: plain.name, shape: plain.shape, type: type, byteCount: plain.byteCount, produce: plain.produce,
                 encodeInPlace: { (pipeline: ChunkPipeline) throws(CkptError) in
+                    // Straight into the writer's ring buffers: no copy, no buffer per tensor.
                     let staging = pipeline.staging.assumingMemoryBound(to: Float.self)
-                    try forEachF32Chunk(entry, elements: pipelineChunkElements, staging: staging) { (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
-                        try pipeline.fill { (slot: UnsafeMutableRawBufferPointer) -> Int in
-                            GGMLQuants.quantizeParallel(type, source: floats, count: count, destination: slot.baseAddress!)
-                            return count / type.blockSize * type.bytesPerBlock
-                        }
+                    try quantize(entry, as: type, staging: staging, measured: measured) {
+                        (encode: (UnsafeMutableRawPointer) throws(CkptError) -> Int) throws(CkptError) in
+                        try pipeline.fill { (slot: UnsafeMutableRawBufferPointer) throws(CkptError) -> Int in try encode(slot.baseAddress!) }
                     }
                 })
         }
@@ -131,46 +149,34 @@ extension GGUF {
         }
     }
 
-    /// Elements per chunk when quantizing into the writer's buffers: the F32 input fills the staging buffer and
-    /// the blocks of every type fit a slot. A power of two, so chunks end on block boundaries.
+    /// Elements per chunk when quantizing: the F32 input fills the writer's staging buffer and the blocks of every
+    /// type fit a slot. A power of two, so chunks end on block boundaries.
     static let pipelineChunkElements = ChunkPipeline.stagingBytes / 4
 
-    /// Calls `body` with `entry`'s values as F32, in chunks of at most `elements` (a multiple of every block size,
-    /// so chunks end on block boundaries): aligned F32 input in place, anything else decoded into `staging`.
-    static func forEachF32Chunk(
-        _ entry: TensorEntry, elements: Int, staging: UnsafeMutablePointer<Float>,
-        _ body: (UnsafePointer<Float>, Int) throws(CkptError) -> Void
+    /// Quantizes `entry` chunk by chunk (``pipelineChunkElements`` values, across cores). For each chunk `output`
+    /// lends a buffer to `encode`, which fills it with the chunk's blocks and returns their byte count; `staging`
+    /// holds inputs that are not aligned F32. With `measured`, see ``OutputTensorInfo/encoding(_:as:measured:)``.
+    static func quantize(
+        _ entry: TensorEntry, as type: GGMLType, staging: UnsafeMutablePointer<Float>,
+        measured: (@Sendable (GGMLQuants.Measurement) -> Void)?,
+        output: ((UnsafeMutableRawPointer) throws(CkptError) -> Int) throws(CkptError) -> Void
     ) throws(CkptError) {
-        let width = entry.dtype.byteWidth!
-        try entry.forEachChunk(maxBytes: elements * width) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
-            let count = chunk.count / width
-            guard count > 0 else { return }
-            if entry.dtype == .f32, Int(bitPattern: chunk.baseAddress!) % 4 == 0 {
-                try body(chunk.baseAddress!.assumingMemoryBound(to: Float.self), count)
-            } else {
-                // Other float dtypes, or F32 at an odd address (MLX writes unaligned data): an aligned F32 copy.
-                DTypeConversion.convertParallel(from: entry.dtype, to: .f32, count: count, source: chunk.baseAddress!, destination: staging)
-                try body(UnsafePointer(staging), count)
+        var total = GGMLQuants.Measurement()
+        var offset = 0
+        try entry.forEachF32Chunk(elements: pipelineChunkElements, staging: staging) { (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
+            try output { (blocks: UnsafeMutableRawPointer) throws(CkptError) -> Int in
+                if measured == nil {
+                    GGMLQuants.quantizeParallel(type, source: floats, count: count, destination: blocks)
+                } else {
+                    let (measurement, bad) = GGMLQuants.quantizeMeasured(type, source: floats, count: count, destination: blocks)
+                    if let bad { throw entry.nonFiniteError(element: offset + bad, value: floats[bad]) }
+                    total.add(measurement)
+                }
+                return count / type.blockSize * type.bytesPerBlock
             }
+            offset += count
         }
-    }
-
-    /// Quantizes `entry` chunk by chunk (2^21 elements), across cores, handing each chunk's blocks to `sink`.
-    static func quantize(_ entry: TensorEntry, as type: GGMLType, _ sink: OutputTensor.Sink) throws(CkptError) {
-        let chunkElements = 1 << 21
-        let capacity = min(chunkElements, max(entry.shape.elements, type.blockSize))
-        let outputBytes = capacity / type.blockSize * type.bytesPerBlock
-        let output = LargeAllocation.allocate(outputBytes)
-        let staging = LargeAllocation.allocate(capacity * 4)
-        defer {
-            LargeAllocation.deallocate(output, count: outputBytes)
-            LargeAllocation.deallocate(staging, count: capacity * 4)
-        }
-        try forEachF32Chunk(entry, elements: chunkElements, staging: staging.assumingMemoryBound(to: Float.self)) {
-            (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
-            GGMLQuants.quantizeParallel(type, source: floats, count: count, destination: output)
-            try sink(UnsafeRawBufferPointer(start: output, count: count / type.blockSize * type.bytesPerBlock))
-        }
+        measured?(total)
     }
 
     // MARK: - Writing

@@ -6,8 +6,9 @@ import Glibc
 #endif
 
 /// `ckpt quantize --format gguf`: Linear weights become ggml blocks made by ggml's reference quantizers
-/// (GGMLQuants, bit-identical to ggml), every other tensor keeps its float type (F64 becomes F32). Each quantized
-/// tensor is dequantized again right after encoding to report its SQNR and largest error.
+/// (GGMLQuants, bit-identical to ggml), every other tensor keeps its float type (F64 becomes F32). Quantizing happens
+/// inside the writer's pipeline, chunk by chunk; each chunk's blocks are dequantized again right after encoding to
+/// report the tensor's SQNR and largest error, and NaN/Inf weights are refused on the way.
 public enum GGUFQuantizedWriter {
     /// The block types ckpt can encode.
     public static let supportedTypes: [GGMLType] = [.q8_0, .q6_K, .q5_1, .q5_0, .q4_K, .q4_1, .q4_0]
@@ -42,9 +43,8 @@ public enum GGUFQuantizedWriter {
             let entry = item.entry
             if item.isQuantized {
                 let type = blockType(type, cols: item.cols)
-                let info = try GGUF.OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
-                    let result = try encode(item, type: type, sink)
-                    stats.withLock { $0[entry.name] = result }
+                let info = try GGUF.OutputTensorInfo.encoding(entry, as: type) { (measured: GGMLQuants.Measurement) in
+                    stats.withLock { $0[entry.name] = (measured.sqnr, measured.maxError) }
                 }
                 infos.append(info)
                 reports.append(TensorReport(
@@ -74,31 +74,6 @@ public enum GGUFQuantizedWriter {
             }
         }
         return QuantizationReport(tensors: reports, inputBytes: checkpoint.storedBytes)
-    }
-
-    /// Quantizes one tensor (rows of whole blocks), streams the blocks, and measures the round trip.
-    static func encode(_ item: PlannedTensor, type: GGMLType, _ sink: OutputTensor.Sink) throws(CkptError) -> (sqnr: Double, maxError: Float) {
-        let count = item.rows * item.cols
-        let floats = LargeAllocation.allocate(count * 4).bindMemory(to: Float.self, capacity: count)
-        defer { LargeAllocation.deallocate(UnsafeMutableRawPointer(floats), count: count * 4) }
-        try QuantizationPlan.loadFinite(item, into: floats)
-        let bytes = count / type.blockSize * type.bytesPerBlock
-        let blocks = LargeAllocation.allocate(bytes)
-        defer { LargeAllocation.deallocate(blocks, count: bytes) }
-        GGMLQuants.quantizeParallel(type, source: UnsafePointer(floats), count: count, destination: blocks)
-        try sink(UnsafeRawBufferPointer(start: blocks, count: bytes))
-        let roundTrip = LargeAllocation.allocate(count * 4).bindMemory(to: Float.self, capacity: count)
-        defer { LargeAllocation.deallocate(UnsafeMutableRawPointer(roundTrip), count: count * 4) }
-        GGMLQuants.dequantizeParallel(type, source: UnsafeRawPointer(blocks), count: count, destination: roundTrip)
-        var signal: Double = 0, noise: Double = 0
-        var largest: Float = 0
-        for i in 0..<count {
-            let d = floats[i] - roundTrip[i]
-            signal += Double(floats[i] * floats[i])
-            noise += Double(d * d)
-            largest = max(largest, abs(d))
-        }
-        return (noise == 0 ? .infinity : 10 * log10(signal / noise), largest)
     }
 
     /// ViT hyper-parameters from config.json as `vit.*` keys, so the file describes the model it holds.

@@ -60,9 +60,7 @@ public enum QuantizationPlan {
         try item.entry.decodeFloats(into: buffer)
         let count = item.rows * item.cols
         for i in 0..<count where !buffer[i].isFinite {
-            throw CkptError(
-                .nonFinite, "element \(i) is \(buffer[i]); a weight with NaN/Inf cannot be quantized",
-                path: item.entry.path, tensor: item.entry.name)
+            throw item.entry.nonFiniteError(element: i, value: buffer[i])
         }
     }
 }

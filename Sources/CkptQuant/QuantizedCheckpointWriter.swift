@@ -1,5 +1,6 @@
 import CkptCore
 import CkptFormats
+import Synchronization
 
 /// Quantizes the planned tensors and writes them in one of the safetensors-based layouts (MLX, compressed-tensors,
 /// dequantized). Folder outputs (model.safetensors + config.json) are staged and published together, so a failed
@@ -31,50 +32,50 @@ public enum QuantizedCheckpointWriter {
         [.f32, .f16, .bf16].contains(dtype) ? dtype : .f32
     }
 
-    /// Quantizes every planned tensor; `settings.scaleType` is replaced per tensor by its own dtype.
-    public static func quantizeAll(_ plan: [PlannedTensor], settings: QuantizationSettings) throws(CkptError) -> [String: QuantizedMatrix] {
-        var result: [String: QuantizedMatrix] = [:]
-        for item in plan where item.isQuantized {
-            let count = item.rows * item.cols
-            let buffer = LargeAllocation.allocate(count * 4).bindMemory(to: Float.self, capacity: count)
-            defer { LargeAllocation.deallocate(UnsafeMutableRawPointer(buffer), count: count * 4) }
-            try QuantizationPlan.loadFinite(item, into: buffer)
-            var tensorSettings = settings
-            tensorSettings.scaleType = scaleType(for: item.entry.dtype)
-            result[item.entry.name] = QuantizedMatrix.quantize(buffer, rows: item.rows, cols: item.cols, settings: tensorSettings)
-        }
-        return result
-    }
-
+    /// Quantizes the planned tensors while writing them: each matrix is quantized once, a chunk of rows at a time,
+    /// and its codes, scales and offsets go straight to their places in the file, so memory stays bounded whatever
+    /// the model's size. `settings.scaleType` is replaced per tensor by the tensor's own dtype.
     public static func write(
-        _ checkpoint: Checkpoint, plan: [PlannedTensor], matrices: [String: QuantizedMatrix], format: QuantizedFormat,
-        settings: QuantizationSettings, to destination: Destination
+        _ checkpoint: Checkpoint, plan: [PlannedTensor], format: QuantizedFormat, settings: QuantizationSettings,
+        to destination: Destination
     ) throws(CkptError) -> QuantizationReport {
-        var outputs: [OutputTensor] = []
+        let quantizer = StreamingQuantizer()
+        let stats = Mutex<[String: StreamingQuantizer.Statistics]>([:])
+        var groups: [OutputTensorGroup] = []
         var reports: [TensorReport] = []
         for item in plan {
             let entry = item.entry
-            guard let matrix = matrices[entry.name] else {
-                outputs.append(try OutputTensor.from(entry))
+            guard item.isQuantized else {
+                groups.append(OutputTensorGroup(try OutputTensor.from(entry)))
                 reports.append(TensorReport(
                     name: entry.name, shape: entry.shape, keptReason: item.keptReason ?? "not quantized",
                     outputBytes: entry.byteCount, elements: entry.shape.elements))
                 continue
             }
-            let tensors = try self.tensors(for: matrix, entry: entry, format: format)
-            outputs += tensors
+            var tensorSettings = settings
+            tensorSettings.scaleType = scaleType(for: entry.dtype)
+            let group = try self.group(for: item, format: format, settings: tensorSettings, quantizer: quantizer) {
+                (measured: StreamingQuantizer.Statistics) in stats.withLock { $0[entry.name] = measured }
+            }
+            groups.append(group)
             reports.append(TensorReport(
-                name: entry.name, shape: entry.shape, scheme: label(format: format, settings: settings), bits: matrix.settings.bits,
-                groupSize: settings.groupSize, sqnr: matrix.sqnr, maxError: matrix.maxError,
-                outputBytes: tensors.reduce(0) { $0 + $1.byteCount }, elements: entry.shape.elements))
+                name: entry.name, shape: entry.shape, scheme: label(format: format, settings: settings), bits: tensorSettings.bits,
+                groupSize: settings.groupSize, outputBytes: group.parts.reduce(0) { $0 + $1.byteCount }, elements: entry.shape.elements))
         }
         var metadata = checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors ? checkpoint.metadata : [:]
         if format == .mlx { metadata["format"] = "mlx" }
         if destination.folder {
-            try writeFolder(outputs, metadata: metadata, config: config(for: format, settings: settings, plan: plan, base: destination.inputConfig),
+            try writeFolder(groups, metadata: metadata, config: config(for: format, settings: settings, plan: plan, base: destination.inputConfig),
                             to: destination)
         } else {
-            try SafeTensors.write(outputs, metadata: metadata, to: destination.path, inputs: destination.inputs)
+            try SafeTensors.write(groups: groups, metadata: metadata, to: destination.path, inputs: destination.inputs)
+        }
+        let measured = stats.withLock { $0 }
+        for i in reports.indices {
+            if let s = measured[reports[i].name] {
+                reports[i].sqnr = s.sqnr
+                reports[i].maxError = s.maxError
+            }
         }
         return QuantizationReport(tensors: reports, inputBytes: checkpoint.storedBytes)
     }
@@ -92,71 +93,89 @@ public enum QuantizedCheckpointWriter {
 
     // MARK: tensors per layout
 
-    static func tensors(for matrix: QuantizedMatrix, entry: TensorEntry, format: QuantizedFormat) throws(CkptError) -> [OutputTensor] {
+    /// The tensors one quantized matrix becomes in `format`, produced together chunk by chunk of rows.
+    static func group(
+        for item: PlannedTensor, format: QuantizedFormat, settings: QuantizationSettings, quantizer: StreamingQuantizer,
+        measured: @escaping @Sendable (StreamingQuantizer.Statistics) -> Void
+    ) throws(CkptError) -> OutputTensorGroup {
+        let entry = item.entry
         let module = String(entry.name.dropLast(".weight".count))
-        let scaleType = matrix.settings.scaleType
-        let parameterShape = try Shape([matrix.rows, matrix.groups])
+        let (rows, cols, bits) = (item.rows, item.cols, settings.bits)
+        let groups = cols / (settings.groupSize ?? cols)
+        let wordsPerRow = BitPacking.wordCount(codes: cols, bits: bits)
+        let scaleType = settings.scaleType
+        let parameterShape = try Shape([rows, groups])
+        typealias Part = OutputTensorGroup.Part
+        typealias Sink = OutputTensorGroup.Sink
         switch format {
         case .dequantized:
-            return [try OutputTensor(name: entry.name, dtype: entry.dtype, shape: entry.shape) { (sink: OutputTensor.Sink) throws(CkptError) in
-                let count = matrix.rows * matrix.cols
-                let buffer = LargeAllocation.allocate(count * 4)
-                defer { LargeAllocation.deallocate(buffer, count: count * 4) }
-                matrix.dequantize(into: buffer.bindMemory(to: Float.self, capacity: count))
-                try OutputTensor.writeConverted(UnsafeRawBufferPointer(start: buffer, count: count * 4), from: .f32, to: entry.dtype, sink)
-            }]
-        case .mlx:
-            precondition(matrix.settings.grid == .mlxAffine)
-            return [
-                try words(entry.name, .u32, [matrix.rows, matrix.wordsPerRow], matrix.words),
-                try floats(module + ".scales", scaleType, parameterShape, matrix.scales),
-                try floats(module + ".biases", scaleType, parameterShape, matrix.offsets),
-            ]
-        case .compressedTensors:
-            var result = [
-                try words(module + ".weight_packed", .i32, [matrix.rows, matrix.wordsPerRow], matrix.words),
-                try floats(module + ".weight_scale", scaleType, parameterShape, matrix.scales),
-                try int64s(module + ".weight_shape", [Int64(matrix.rows), Int64(matrix.cols)]),
-            ]
-            if matrix.settings.grid == .integerZeroPoint {
-                // Zero codes (signed zero point + 2^(bits-1)) packed along the output dimension, one column per group.
-                let zpWords = BitPacking.wordCount(codes: matrix.rows, bits: matrix.settings.bits)
-                var packed = [UInt32](repeating: 0, count: zpWords * matrix.groups)
-                var column = [UInt8](repeating: 0, count: matrix.rows)
-                var words = [UInt32](repeating: 0, count: zpWords)
-                for g in 0..<matrix.groups {
-                    for r in 0..<matrix.rows { column[r] = UInt8(matrix.offsets[r * matrix.groups + g]) }
-                    column.withUnsafeBufferPointer { c in
-                        words.withUnsafeMutableBufferPointer { BitPacking.pack(c.baseAddress!, count: matrix.rows, bits: matrix.settings.bits, into: $0.baseAddress!) }
+            return OutputTensorGroup(parts: [try Part(name: entry.name, dtype: entry.dtype, shape: entry.shape)]) { (sink: Sink) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                    try quantizer.converted(chunk.values!, count: chunk.rows.count * cols, to: entry.dtype) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
+                        try sink(0, bytes)
                     }
-                    for k in 0..<zpWords { packed[k * matrix.groups + g] = words[k] }
-                }
-                result.append(try self.words(module + ".weight_zero_point", .i32, [zpWords, matrix.groups], packed))
+                })
             }
-            return result
+        case .mlx:
+            precondition(settings.grid == .mlxAffine)
+            let parts = [
+                try Part(name: entry.name, dtype: .u32, shape: try Shape([rows, wordsPerRow])),
+                try Part(name: module + ".scales", dtype: scaleType, shape: parameterShape),
+                try Part(name: module + ".biases", dtype: scaleType, shape: parameterShape),
+            ]
+            return OutputTensorGroup(parts: parts) { (sink: Sink) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                    try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
+                    try parameters(chunk, groups: groups, as: scaleType, quantizer: quantizer, sink)
+                })
+            }
+        case .compressedTensors:
+            var parts = [
+                try Part(name: module + ".weight_packed", dtype: .i32, shape: try Shape([rows, wordsPerRow])),
+                try Part(name: module + ".weight_scale", dtype: scaleType, shape: parameterShape),
+                try Part(name: module + ".weight_shape", dtype: .i64, shape: try Shape([2])),
+            ]
+            let zeroPoints = settings.grid == .integerZeroPoint
+            // Zero codes (signed zero point + 2^(bits-1)) packed along the output dimension, one column per group.
+            let zpWords = BitPacking.wordCount(codes: rows, bits: bits)
+            if zeroPoints { parts.append(try Part(name: module + ".weight_zero_point", dtype: .i32, shape: try Shape([zpWords, groups]))) }
+            return OutputTensorGroup(parts: parts) { (sink: Sink) throws(CkptError) in
+                try [Int64(rows), Int64(cols)].withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(2, raw) }
+                // Every row's zero codes are needed before the first packed word: kept (one byte per group) until the end.
+                let zeroCodes = quantizer.buffer(.zeroCodes, zeroPoints ? rows * groups : 0, as: UInt8.self)
+                measured(try quantizer.quantize(item, settings: settings, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                    try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
+                    try quantizer.converted(chunk.scales, count: chunk.rows.count * groups, to: scaleType) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
+                        try sink(1, bytes)
+                    }
+                    if zeroPoints {
+                        let base = chunk.rows.lowerBound * groups
+                        for k in 0..<chunk.rows.count * groups { zeroCodes[base + k] = UInt8(chunk.offsets[k]) }
+                    }
+                })
+                guard zeroPoints else { return }
+                let packed = quantizer.buffer(.zeroWords, zpWords * groups + zpWords, as: UInt32.self)
+                let column = quantizer.buffer(.zeroColumn, rows, as: UInt8.self)
+                let words = packed + zpWords * groups
+                for g in 0..<groups {
+                    for r in 0..<rows { column[r] = zeroCodes[r * groups + g] }
+                    BitPacking.pack(column, count: rows, bits: bits, into: words)
+                    for k in 0..<zpWords { packed[k * groups + g] = words[k] }
+                }
+                try sink(3, UnsafeRawBufferPointer(start: packed, count: zpWords * groups * 4))
+            }
         case .gguf:
             preconditionFailure("GGUF is written by GGUFQuantizedWriter")
         }
     }
 
-    static func words(_ name: String, _ dtype: DType, _ dims: [Int], _ values: [UInt32]) throws(CkptError) -> OutputTensor {
-        try OutputTensor(name: name, dtype: dtype, shape: try Shape(dims)) { (sink: OutputTensor.Sink) throws(CkptError) in
-            try values.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(raw) }
-        }
-    }
-
-    static func int64s(_ name: String, _ values: [Int64]) throws(CkptError) -> OutputTensor {
-        try OutputTensor(name: name, dtype: .i64, shape: try Shape([values.count])) { (sink: OutputTensor.Sink) throws(CkptError) in
-            try values.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(raw) }
-        }
-    }
-
-    static func floats(_ name: String, _ dtype: DType, _ shape: Shape, _ values: [Float]) throws(CkptError) -> OutputTensor {
-        try OutputTensor(name: name, dtype: dtype, shape: shape) { (sink: OutputTensor.Sink) throws(CkptError) in
-            try values.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in
-                try OutputTensor.writeConverted(raw, from: .f32, to: dtype, sink)
-            }
-        }
+    /// An MLX chunk's scales and biases (parts 1 and 2) in the scale dtype.
+    private static func parameters(
+        _ chunk: StreamingQuantizer.Chunk, groups: Int, as dtype: DType, quantizer: StreamingQuantizer, _ sink: OutputTensorGroup.Sink
+    ) throws(CkptError) {
+        let count = chunk.rows.count * groups
+        try quantizer.converted(chunk.scales, count: count, to: dtype) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in try sink(1, bytes) }
+        try quantizer.converted(chunk.offsets, count: count, to: dtype) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in try sink(2, bytes) }
     }
 
     // MARK: config.json
@@ -217,7 +236,7 @@ public enum QuantizedCheckpointWriter {
 
     // MARK: folder output
 
-    static func writeFolder(_ outputs: [OutputTensor], metadata: [String: String], config: JSONValue, to destination: Destination) throws(CkptError) {
+    static func writeFolder(_ groups: [OutputTensorGroup], metadata: [String: String], config: JSONValue, to destination: Destination) throws(CkptError) {
         let directory = destination.path
         let created = FileIdentity.of(directory) == nil
         try FilePaths.makeDirectory(directory)
@@ -227,7 +246,7 @@ public enum QuantizedCheckpointWriter {
                 throw CkptError(.invalidArgument, "the folder holds \(stale) from an earlier write; remove it or choose another folder", path: directory)
             }
             var model = try OutputFile(path: FilePaths.join(directory, "model.safetensors"), inputs: destination.inputs)
-            try SafeTensors.write(outputs, metadata: metadata, into: &model)
+            try SafeTensors.write(groups: groups, metadata: metadata, into: &model)
             staged.append(try model.stage())
             var configFile = try OutputFile(path: FilePaths.join(directory, "config.json"), inputs: destination.inputs)
             try configFile.write(Array((JSONWriter.serialize(config, indent: 2) + "\n").utf8))

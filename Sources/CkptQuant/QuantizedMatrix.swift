@@ -28,9 +28,7 @@ public struct QuantizedMatrix: Sendable {
     public let maxError: Float
 
     /// Signal-to-quantization-noise ratio in dB (infinite when the reconstruction is exact).
-    public var sqnr: Double {
-        errorEnergy == 0 ? .infinity : 10 * log10(signalEnergy / errorEnergy)
-    }
+    public var sqnr: Double { Self.sqnr(signal: signalEnergy, error: errorEnergy) }
 
     /// Quantizes `weights` (`rows*cols` floats, row-major), rows split across cores.
     public static func quantize(
@@ -56,27 +54,15 @@ public struct QuantizedMatrix: Sendable {
                             rowMax.withUnsafeMutableBufferPointer { maxBuffer in
                                 nonisolated(unsafe) let out = (wordsBuffer.baseAddress!, scaleBuffer.baseAddress!, offsetBuffer.baseAddress!,
                                                                signalBuffer.baseAddress!, errorBuffer.baseAddress!, maxBuffer.baseAddress!)
-                                // Methods that search cost more per weight: smaller chunks keep both cores busy.
-                                let minimumRows = max(1, (settings.method == .rtn ? 1 << 16 : 1 << 13) / cols)
-                                Parallel.forEachChunk(count: rows, minimumChunk: minimumRows) { range in
+                                Parallel.forEachChunk(count: rows, minimumChunk: minimumRows(cols: cols, method: settings.method)) { range in
                                     let codes = UnsafeMutablePointer<UInt8>.allocate(capacity: cols)
                                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: groupSize)
                                     defer { codes.deallocate(); scratch.deallocate() }
                                     for r in range {
-                                        let row = w + r * cols
-                                        var signal: Double = 0
-                                        for j in 0..<cols { signal += Double(row[j] * row[j]) }
-                                        var error: Double = 0
-                                        var largest: Float = 0
-                                        for g in 0..<groups {
-                                            let (p, squared, maxError) = quantizer.quantize(
-                                                row + g * groupSize, groupSize, codes: codes + g * groupSize, scratch: scratch)
-                                            out.1[r * groups + g] = p.scale
-                                            out.2[r * groups + g] = p.offset
-                                            error += squared
-                                            largest = max(largest, maxError)
-                                        }
-                                        BitPacking.pack(codes, count: cols, bits: settings.bits, into: out.0 + r * wordsPerRow)
+                                        guard let (signal, error, largest) = quantizeRow(
+                                            w + r * cols, cols: cols, groupSize: groupSize, quantizer: quantizer, codes: codes, scratch: scratch,
+                                            scales: out.1 + r * groups, offsets: out.2 + r * groups, words: out.0 + r * wordsPerRow, values: nil)
+                                        else { preconditionFailure("row \(r) holds NaN/Inf: check the weights first (QuantizationPlan.loadFinite)") }
                                         out.3[r] = signal
                                         out.4[r] = error
                                         out.5[r] = largest
@@ -91,6 +77,64 @@ public struct QuantizedMatrix: Sendable {
         return QuantizedMatrix(
             rows: rows, cols: cols, settings: settings, groupSize: groupSize, words: words, scales: scales, offsets: offsets,
             signalEnergy: rowSignal.reduce(0, +), errorEnergy: rowError.reduce(0, +), maxError: rowMax.max() ?? 0)
+    }
+
+    /// Rows per worker below which threads cost more than they save: methods that search cost more per weight,
+    /// so smaller chunks keep every core busy.
+    static func minimumRows(cols: Int, method: QuantMethod) -> Int {
+        max(1, (method == .rtn ? 1 << 16 : 1 << 13) / cols)
+    }
+
+    /// SQNR in dB of a signal energy against an error energy (infinite when the error is zero).
+    static func sqnr(signal: Double, error: Double) -> Double {
+        error == 0 ? .infinity : 10 * log10(signal / error)
+    }
+
+    /// Quantizes one row of `cols` weights group by group: the groups' stored scales and offsets, and the row's
+    /// packed codes (`words`) and/or its dequantized values as the runtime computes them (`values`). Returns
+    /// Σ w², Σ (w − ŵ)² and max |w − ŵ| of the row, or nil (before quantizing anything) when the row holds a
+    /// NaN/Inf, which no scale can represent.
+    @inline(__always)
+    static func quantizeRow(
+        _ row: UnsafePointer<Float>, cols: Int, groupSize: Int, quantizer: GroupQuantizer,
+        codes: UnsafeMutablePointer<UInt8>, scratch: UnsafeMutablePointer<Float>,
+        scales: UnsafeMutablePointer<Float>, offsets: UnsafeMutablePointer<Float>,
+        words: UnsafeMutablePointer<UInt32>?, values: UnsafeMutablePointer<Float>?
+    ) -> (signal: Double, error: Double, largest: Float)? {
+        // Four partial sums: one chain of double additions would cost more than the rest of this loop.
+        var s0: Double = 0, s1: Double = 0, s2: Double = 0, s3: Double = 0
+        var j = 0
+        while j + 4 <= cols {
+            s0 += Double(row[j] * row[j])
+            s1 += Double(row[j + 1] * row[j + 1])
+            s2 += Double(row[j + 2] * row[j + 2])
+            s3 += Double(row[j + 3] * row[j + 3])
+            j += 4
+        }
+        while j < cols {
+            s0 += Double(row[j] * row[j])
+            j += 1
+        }
+        let signal = (s0 + s1) + (s2 + s3)
+        // The square of a NaN/Inf is not finite: only then look for one (a finite weight too large to square
+        // lands here too, and is quantized).
+        if !signal.isFinite {
+            for j in 0..<cols where !row[j].isFinite { return nil }
+        }
+        var error: Double = 0
+        var largest: Float = 0
+        for g in 0..<cols / groupSize {
+            let (p, squared, maxError) = quantizer.quantize(row + g * groupSize, groupSize, codes: codes + g * groupSize, scratch: scratch)
+            scales[g] = p.scale
+            offsets[g] = p.offset
+            error += squared
+            largest = max(largest, maxError)
+            if let values {
+                for j in g * groupSize..<(g + 1) * groupSize { values[j] = quantizer.value(Float(codes[j]), p) }
+            }
+        }
+        if let words { BitPacking.pack(codes, count: cols, bits: quantizer.settings.bits, into: words) }
+        return (signal, error, largest)
     }
 
     /// The dequantized matrix as the target runtime computes it, into `destination` (`rows*cols` floats).

@@ -122,9 +122,7 @@ struct QuantizeCommand: ParsableCommand {
                     path: output, folder: folder,
                     inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
                     companions: companions, inputs: inputs)
-                let matrices = try QuantizedCheckpointWriter.quantizeAll(plan, settings: settings)
-                report = try QuantizedCheckpointWriter.write(
-                    checkpoint, plan: plan, matrices: matrices, format: format, settings: settings, to: destination)
+                report = try QuantizedCheckpointWriter.write(checkpoint, plan: plan, format: format, settings: settings, to: destination)
             }
             report.seconds = MonotonicClock.seconds() - started
             print(json.enabled ? reportJSON(report, format: format) : reportTable(report))

@@ -64,4 +64,19 @@ struct OutputFileTests {
         let bytes = try ByteStorage(mapping: dir + "/big.bin").withUnsafeBytes { Array($0) }
         #expect(bytes.first == 1 && bytes.last == 2 && bytes.count == big.count + 2 && bytes[1] == 7)
     }
+
+    @Test("positional writes land anywhere, also past the end; sequential writes continue after the furthest byte")
+    func positionalWrites() throws {
+        let dir = temporaryDirectory()
+        var file = try OutputFile(path: dir + "/p.bin")
+        try file.write([1, 2])  // buffered, flushed by the positional write
+        try [UInt8]([7, 8]).withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try file.write(raw, at: 6) }
+        #expect(file.offset == 8)
+        try [UInt8]([5]).withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try file.write(raw, at: 3) }
+        #expect(file.offset == 8, "a write inside the file does not move the end")
+        try file.write([3])
+        try file.commit()
+        let bytes = try ByteStorage(mapping: dir + "/p.bin").withUnsafeBytes { Array($0) }
+        #expect(bytes == [1, 2, 0, 5, 0, 0, 7, 8, 3])
+    }
 }

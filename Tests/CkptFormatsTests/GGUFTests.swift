@@ -1,5 +1,6 @@
 import CkptCore
 import CkptFormats
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -357,6 +358,96 @@ struct GGUFTests {
         // The writer's in-place path takes chunks of another size.
         try GGUF.write(tensors: [info], metadata: [], to: dir + "/w.gguf")
         #expect(try GGUFFixture.storedBytes("w", in: dir + "/w.gguf") == direct)
+    }
+
+    @Test("quantizeMeasured writes quantize's blocks, measures their dequantized values, and finds the first NaN/Inf")
+    func measuredQuantization() throws {
+        let count = 3 * 4096 + 512  // several measured units, the last one short
+        let source: [Float] = (0..<count).map { (i: Int) -> Float in
+            let base = Float((i * 7919) % 2001 - 1000) / 256
+            return base * (1 + Float(i % 7) / 3)
+        }
+        for type in GGUFTests.measuredTypes {
+            var expected = [UInt8](repeating: 0, count: count / type.blockSize * type.bytesPerBlock)
+            var blocks = expected
+            var restored = [Float](repeating: 0, count: count)
+            source.withUnsafeBufferPointer { src in
+                expected.withUnsafeMutableBytes { GGMLQuants.quantize(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
+            }
+            expected.withUnsafeBytes { e in
+                restored.withUnsafeMutableBufferPointer { GGMLQuants.dequantize(type, source: e.baseAddress!, count: count, destination: $0.baseAddress!) }
+            }
+            let result = source.withUnsafeBufferPointer { src in
+                blocks.withUnsafeMutableBytes { GGMLQuants.quantizeMeasured(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
+            }
+            #expect(blocks == expected, "\(type.name)")
+            #expect(result.firstNonFinite == nil)
+            var signal: Double = 0, noise: Double = 0
+            var largest: Float = 0
+            for i in 0..<count {
+                let x: Float = source[i], d: Float = source[i] - restored[i]
+                signal += Double(x * x)
+                noise += Double(d * d)
+                largest = max(largest, abs(d))
+            }
+            #expect(abs(result.measurement.signalEnergy - signal) <= 1e-12 * signal)
+            #expect(abs(result.measurement.errorEnergy - noise) <= 1e-12 * noise)
+            #expect(result.measurement.maxError == largest)
+        }
+        var bad = source
+        bad[9000] = -.infinity
+        bad[5000] = .nan
+        var blocks = [UInt8](repeating: 0, count: count / 32 * 34)
+        for expected in [5000, 9000] {
+            let result = bad.withUnsafeBufferPointer { src in
+                blocks.withUnsafeMutableBytes { GGMLQuants.quantizeMeasured(.q8_0, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
+            }
+            #expect(result.firstNonFinite == expected)
+            bad[5000] = 1
+        }
+    }
+
+    static let measuredTypes: [GGMLType] = [.q8_0, .q6_K, .q5_1, .q5_0, .q4_K, .q4_1, .q4_0]
+
+    @Test("encoding(measured:) reports the statistics once the tensor is written, and refuses NaN/Inf leaving no file")
+    func measuredEncoding() throws {
+        let rows = 1100, columns = 1024  // more than one chunk of 2^20 values
+        var floats: [Float] = (0..<rows * columns).map { (i: Int) -> Float in Float((i * 7919) % 2001 - 1000) / 512 }
+        let dir = Support.temporaryDirectory()
+        func entry(_ values: [Float], _ name: String) throws -> TensorEntry {
+            let bytes = values.withUnsafeBytes { Array($0) }
+            try SafeTensors.write([try OutputTensor.bytes(name: "w", dtype: .f32, shape: Shape([rows, columns]), bytes)], metadata: [:], to: dir + "/" + name)
+            return try Checkpoint.open(dir + "/" + name).tensors[0]
+        }
+        let measured = Mutex<GGMLQuants.Measurement?>(nil)
+        let info = try GGUF.OutputTensorInfo.encoding(try entry(floats, "ok.safetensors"), as: .q4_0) { (m: GGMLQuants.Measurement) in
+            measured.withLock { $0 = m }
+        }
+        try GGUF.write(tensors: [info], metadata: [], to: dir + "/ok.gguf")
+        let stored = try GGUFFixture.storedBytes("w", in: dir + "/ok.gguf")
+        var restored = [Float](repeating: 0, count: floats.count)
+        stored.withUnsafeBytes { b in
+            restored.withUnsafeMutableBufferPointer { GGMLQuants.dequantize(.q4_0, source: b.baseAddress!, count: floats.count, destination: $0.baseAddress!) }
+        }
+        var noise: Double = 0
+        var largest: Float = 0
+        for i in 0..<floats.count {
+            let d: Float = floats[i] - restored[i]
+            noise += Double(d * d)
+            largest = max(largest, abs(d))
+        }
+        let m = try #require(measured.withLock { $0 })
+        #expect(abs(m.errorEnergy - noise) <= 1e-12 * noise)
+        #expect(m.maxError == largest)
+
+        floats[1_048_576 + 3 * columns + 5] = .infinity  // in the second chunk
+        let bad = try GGUF.OutputTensorInfo.encoding(try entry(floats, "bad.safetensors"), as: .q4_0) { (_: GGMLQuants.Measurement) in }
+        let error = #expect(throws: CkptError.self) { try GGUF.write(tensors: [bad], metadata: [], to: dir + "/bad.gguf") }
+        #expect(error?.code == .nonFinite && error?.tensor == "w" && error?.path == dir + "/bad.safetensors")
+        #expect(error?.message.hasPrefix("element \(1_048_576 + 3 * columns + 5) is inf") == true)
+        #expect(FileIdentity.of(dir + "/bad.gguf") == nil)
+        let left = try FilePaths.contents(of: dir)
+        #expect(left.allSatisfy { !$0.contains("tmp") }, "no temporary file left: \(left)")
     }
 
     @Test("writer refuses what ggml would refuse, before creating any file")

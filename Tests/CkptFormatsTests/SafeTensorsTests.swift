@@ -115,4 +115,44 @@ struct JSONTests {
         #expect(JSONWriter.quoted("a\"b\\c\n\u{1}é") == "\"a\\\"b\\\\c\\n\\u0001é\"")
         #expect(JSONWriter.quoted("é😀\u{7F}", asciiOnly: true) == "\"\\u00e9\\ud83d\\ude00\\u007f\"")
     }
+
+    @Test("tensor groups: parts produced interleaved, in small pieces, land where the sequential writer puts them")
+    func groupsMatchSequentialWrite() throws {
+        func bytes(_ count: Int, _ seed: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 * 31 + seed) } }
+        @Sendable func send(_ part: Int, _ piece: ArraySlice<UInt8>, _ sink: OutputTensorGroup.Sink) throws(CkptError) {
+            try Array(piece).withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(part, raw) }
+        }
+        let words = bytes(4 * 6, 1), scales = bytes(2 * 3, 2), biases = bytes(2 * 3, 3), plain = bytes(4 * 5, 4)
+        let tensors = [
+            try OutputTensor.bytes(name: "m.weight", dtype: .u32, shape: Shape([2, 3]), words),
+            try OutputTensor.bytes(name: "m.scales", dtype: .f16, shape: Shape([3]), scales),
+            try OutputTensor.bytes(name: "m.biases", dtype: .f16, shape: Shape([3]), biases),
+            try OutputTensor.bytes(name: "a.bias", dtype: .f32, shape: Shape([5]), plain),
+        ]
+        let dir = Support.temporaryDirectory()
+        try SafeTensors.write(tensors, metadata: ["k": "v"], to: dir + "/sequential.safetensors")
+        let parts = try tensors[0..<3].map { (t: OutputTensor) throws(CkptError) in try OutputTensorGroup.Part(name: t.name, dtype: t.dtype, shape: t.shape) }
+        let group = OutputTensorGroup(parts: parts) { (sink: OutputTensorGroup.Sink) throws(CkptError) in
+            // Row by row, as a quantizer emits them: each part's pieces in order, the parts interleaved.
+            for row in 0..<2 {
+                try send(0, words[row * 12..<(row + 1) * 12], sink)
+                for part in [2, 1] { try send(part, (part == 1 ? scales : biases)[row * 3..<(row + 1) * 3], sink) }
+            }
+        }
+        try SafeTensors.write(groups: [OutputTensorGroup(tensors[3]), group], metadata: ["k": "v"], to: dir + "/groups.safetensors")
+        #expect(try Support.read(dir + "/groups.safetensors") == (try Support.read(dir + "/sequential.safetensors")))
+
+        // A producer that leaves a part short (or overfills it) fails and leaves no file.
+        let short = OutputTensorGroup(parts: parts) { (sink: OutputTensorGroup.Sink) throws(CkptError) in
+            try send(0, words[...], sink)
+            try send(1, scales[...], sink)
+        }
+        let long = OutputTensorGroup(parts: Array(parts[1...1])) { (sink: OutputTensorGroup.Sink) throws(CkptError) in
+            try send(0, (scales + scales)[...], sink)
+        }
+        for bad in [short, long] {
+            #expect(throws: CkptError.self) { try SafeTensors.write(groups: [bad], metadata: [:], to: dir + "/bad.safetensors") }
+            #expect(FileIdentity.of(dir + "/bad.safetensors") == nil)
+        }
+    }
 }

@@ -154,6 +154,90 @@ struct QuantizerTests {
         #expect(m.maxError == largest)
     }
 
+    static func temporaryDirectory() -> String {
+        var template = Array("/tmp/ckpt-test-XXXXXX".utf8CString)
+        return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
+    }
+
+    /// A `[rows, cols]` tensor of `values` stored as `dtype` in a safetensors file, planned for quantization.
+    static func planned(_ values: [Float], rows: Int, cols: Int, dtype: DType) throws -> PlannedTensor {
+        var bytes = [UInt8](repeating: 0, count: values.count * dtype.byteWidth!)
+        values.withUnsafeBytes { src in
+            bytes.withUnsafeMutableBytes { DTypeConversion.convert(from: .f32, to: dtype, count: values.count, source: src.baseAddress!, destination: $0.baseAddress!) }
+        }
+        let path = temporaryDirectory() + "/w.safetensors"
+        try SafeTensors.write([try OutputTensor.bytes(name: "m.weight", dtype: dtype, shape: Shape([rows, cols]), bytes)], metadata: [:], to: path)
+        let entry = try Checkpoint.open(path).tensors[0]
+        return PlannedTensor(entry: entry, kind: .linear, rows: rows, cols: cols, keptReason: nil)
+    }
+
+    static func pseudoRandom(_ count: Int) -> [Float] {
+        var state: UInt32 = 12345
+        return (0..<count).map { (_: Int) -> Float in
+            state = state &* 1_664_525 &+ 1_013_904_223
+            let uniform = Float(state >> 8) / Float(1 << 24) - 0.5
+            return uniform * uniform * uniform * 8  // heavy-ish tails, like trained weights
+        }
+    }
+
+    static let streamingCases: [(rows: Int, cols: Int, settings: QuantizationSettings)] = [
+        // 1.2 M values: two chunks, the second partial; F16 input goes through the staging buffer.
+        (600, 2048, QuantizationSettings(bits: 4, groupSize: 64, method: .rtn, grid: .mlxAffine)),
+        (48, 384, QuantizationSettings(bits: 3, groupSize: 32, method: .hqq, grid: .integerZeroPoint)),
+        (40, 320, QuantizationSettings(bits: 5, groupSize: nil, method: .mse, grid: .symmetric)),
+    ]
+
+    @Test("the streaming quantizer gives QuantizedMatrix's codes, scales, offsets, values and statistics, bit for bit",
+          arguments: streamingCases, [DType.f32, .f16])
+    func streaming(_ c: (rows: Int, cols: Int, settings: QuantizationSettings), dtype: DType) throws {
+        var settings = c.settings
+        settings.scaleType = dtype
+        let item = try Self.planned(Self.pseudoRandom(c.rows * c.cols), rows: c.rows, cols: c.cols, dtype: dtype)
+        var decoded = [Float](repeating: 0, count: c.rows * c.cols)
+        try decoded.withUnsafeMutableBufferPointer { try item.entry.decodeFloats(into: $0.baseAddress!) }
+        let matrix = decoded.withUnsafeBufferPointer { QuantizedMatrix.quantize($0.baseAddress!, rows: c.rows, cols: c.cols, settings: settings) }
+        var restored = [Float](repeating: 0, count: decoded.count)
+        restored.withUnsafeMutableBufferPointer { matrix.dequantize(into: $0.baseAddress!) }
+
+        let quantizer = StreamingQuantizer()
+        var words: [UInt32] = [], scales: [Float] = [], offsets: [Float] = [], values: [Float] = []
+        var next = 0
+        let packed = try quantizer.quantize(item, settings: settings, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+            #expect(chunk.rows.lowerBound == next && chunk.values == nil)
+            next = chunk.rows.upperBound
+            words += UnsafeBufferPointer(start: chunk.words!, count: chunk.rows.count * matrix.wordsPerRow)
+            scales += UnsafeBufferPointer(start: chunk.scales, count: chunk.rows.count * matrix.groups)
+            offsets += UnsafeBufferPointer(start: chunk.offsets, count: chunk.rows.count * matrix.groups)
+        }
+        #expect(next == c.rows)
+        #expect(words == matrix.words && scales == matrix.scales && offsets == matrix.offsets)
+        #expect(packed.signalEnergy == matrix.signalEnergy && packed.errorEnergy == matrix.errorEnergy && packed.maxError == matrix.maxError)
+        let dequantized = try quantizer.quantize(item, settings: settings, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+            #expect(chunk.words == nil)
+            values += UnsafeBufferPointer(start: chunk.values!, count: chunk.rows.count * c.cols)
+        }
+        #expect(values.map(\.bitPattern) == restored.map(\.bitPattern))
+        #expect(dequantized.errorEnergy == matrix.errorEnergy)
+    }
+
+    @Test("the streaming quantizer names the first NaN/Inf element, before emitting the chunk that holds it")
+    func streamingNonFinite() throws {
+        let rows = 600, cols = 2048
+        var weights = Self.pseudoRandom(rows * cols)
+        let first = 520 * cols + 17  // the second chunk (512 rows each)
+        weights[first + 3 * cols] = .nan
+        weights[first] = -.infinity
+        let item = try Self.planned(weights, rows: rows, cols: cols, dtype: .f32)
+        var emitted: [Range<Int>] = []
+        let error = #expect(throws: CkptError.self) {
+            _ = try StreamingQuantizer().quantize(item, settings: QuantizationSettings(bits: 4, groupSize: 64, method: .rtn, grid: .mlxAffine),
+                                                  output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in emitted.append(chunk.rows) }
+        }
+        #expect(error?.code == .nonFinite && error?.tensor == "m.weight")
+        #expect(error?.message.hasPrefix("element \(first) is -inf;") == true)
+        #expect(emitted == [0..<512])
+    }
+
     @Test("x^-0.3 approximation used by HQQ is within 2e-5 relative of libm", arguments: [1e-30, 1e-7, 3e-3, 0.5, 1, 7.25, 1e4] as [Float])
     func fastPow(x: Float) {
         let exact = Float(pow(Double(x), -0.3))

@@ -1,0 +1,142 @@
+import CkptCore
+import CkptFormats
+
+/// Quantizes planned matrices a chunk of rows at a time, for writers that stream: each chunk is read in place
+/// (aligned F32) or decoded into a staging buffer, its rows are checked for NaN/Inf, quantized, measured and packed
+/// (or dequantized) across cores in one pass, and its results are handed on before the next chunk is read. The
+/// buffers are kept from chunk to chunk and tensor to tensor, so memory stays at a few chunks whatever the model.
+///
+/// Rows go through ``QuantizedMatrix/quantizeRow(_:cols:groupSize:quantizer:codes:scratch:scales:offsets:words:values:)``,
+/// as in ``QuantizedMatrix/quantize(_:rows:cols:settings:)``, and the statistics are summed row by row in the
+/// same order: the results are those of the whole-matrix quantizer, bit for bit.
+///
+/// One tensor at a time (writers run their producers in order); Sendable only so those producers can hold it.
+final class StreamingQuantizer: @unchecked Sendable {
+    /// What a chunk carries besides scales and offsets.
+    enum Output { case packed, dequantized }
+
+    /// One chunk of rows' results, valid until the `emit` it is passed to returns.
+    struct Chunk {
+        let rows: Range<Int>
+        /// `rows.count × wordsPerRow` packed codes (`.packed`).
+        let words: UnsafePointer<UInt32>?
+        /// `rows.count × cols` values as the runtime dequantizes them (`.dequantized`).
+        let values: UnsafePointer<Float>?
+        /// `rows.count × groups` stored scales, and offsets (biases or zero codes).
+        let scales: UnsafePointer<Float>
+        let offsets: UnsafePointer<Float>
+    }
+
+    /// Σ w², Σ (w − ŵ)² and max |w − ŵ| of a whole matrix.
+    struct Statistics {
+        var signalEnergy: Double = 0
+        var errorEnergy: Double = 0
+        var maxError: Float = 0
+        var sqnr: Double { QuantizedMatrix.sqnr(signal: signalEnergy, error: errorEnergy) }
+    }
+
+    /// Elements per chunk (at least one row): 4 MiB of F32 input, a few milliseconds of work per core.
+    static let chunkElements = 1 << 20
+
+    enum Buffer: Int, CaseIterable {
+        case staging, words, values, scales, offsets, signal, error, largest, bad, converted, zeroCodes, zeroColumn, zeroWords
+    }
+
+    private var buffers: [(pointer: UnsafeMutableRawPointer, bytes: Int)?] = Array(repeating: nil, count: Buffer.allCases.count)
+
+    deinit {
+        for case let (pointer, bytes)? in buffers { LargeAllocation.deallocate(pointer, count: bytes) }
+    }
+
+    /// A reused buffer of at least `count` elements, grown (contents dropped) when too small. Pointers from an
+    /// earlier call for the same buffer are invalid after a call that grows it.
+    func buffer<T>(_ which: Buffer, _ count: Int, as type: T.Type) -> UnsafeMutablePointer<T> {
+        let bytes = max(1, count) * MemoryLayout<T>.stride
+        if let current = buffers[which.rawValue], current.bytes >= bytes {
+            return current.pointer.assumingMemoryBound(to: T.self)
+        }
+        if let current = buffers[which.rawValue] { LargeAllocation.deallocate(current.pointer, count: current.bytes) }
+        let pointer = LargeAllocation.allocate(bytes)
+        buffers[which.rawValue] = (pointer, bytes)
+        return pointer.bindMemory(to: T.self, capacity: max(1, count))
+    }
+
+    /// Quantizes `item` chunk by chunk, calling `emit` with each chunk's results in row order. Throws `nonFinite`
+    /// (naming the first NaN/Inf element) before emitting the chunk that holds one.
+    func quantize(
+        _ item: PlannedTensor, settings: QuantizationSettings, output: Output, _ emit: (Chunk) throws(CkptError) -> Void
+    ) throws(CkptError) -> Statistics {
+        let (rows, cols) = (item.rows, item.cols)
+        let groupSize = settings.groupSize ?? cols
+        precondition(cols % groupSize == 0 && rows > 0 && cols > 0)
+        let groups = cols / groupSize
+        let wordsPerRow = BitPacking.wordCount(codes: cols, bits: settings.bits)
+        let chunkRows = max(1, min(rows, Self.chunkElements / cols))
+        let staging = buffer(.staging, chunkRows * cols, as: Float.self)
+        nonisolated(unsafe) let words = output == .packed ? buffer(.words, chunkRows * wordsPerRow, as: UInt32.self) : nil
+        nonisolated(unsafe) let values = output == .dequantized ? buffer(.values, chunkRows * cols, as: Float.self) : nil
+        nonisolated(unsafe) let scales = buffer(.scales, chunkRows * groups, as: Float.self)
+        nonisolated(unsafe) let offsets = buffer(.offsets, chunkRows * groups, as: Float.self)
+        nonisolated(unsafe) let signal = buffer(.signal, chunkRows, as: Double.self)
+        nonisolated(unsafe) let error = buffer(.error, chunkRows, as: Double.self)
+        nonisolated(unsafe) let largest = buffer(.largest, chunkRows, as: Float.self)
+        nonisolated(unsafe) let bad = buffer(.bad, chunkRows, as: Bool.self)
+        let quantizer = GroupQuantizer(settings)
+        let minimumRows = QuantizedMatrix.minimumRows(cols: cols, method: settings.method)
+        var total = Statistics()
+        var firstRow = 0
+        try item.entry.forEachF32Chunk(elements: chunkRows * cols, staging: staging) { (weights: UnsafePointer<Float>, count: Int) throws(CkptError) in
+            let n = count / cols
+            nonisolated(unsafe) let w = weights
+            Parallel.forEachChunk(count: n, minimumChunk: minimumRows) { range in
+                withUnsafeTemporaryAllocation(of: UInt8.self, capacity: cols) { codes in
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: groupSize) { scratch in
+                        for r in range {
+                            let result = QuantizedMatrix.quantizeRow(
+                                w + r * cols, cols: cols, groupSize: groupSize, quantizer: quantizer,
+                                codes: codes.baseAddress!, scratch: scratch.baseAddress!,
+                                scales: scales + r * groups, offsets: offsets + r * groups,
+                                words: words.map { $0 + r * wordsPerRow }, values: values.map { $0 + r * cols })
+                            bad[r] = result == nil
+                            if let result {
+                                signal[r] = result.signal
+                                error[r] = result.error
+                                largest[r] = result.largest
+                            }
+                        }
+                    }
+                }
+            }
+            // Row order, as QuantizedMatrix sums its rows.
+            for r in 0..<n {
+                if bad[r] {
+                    let row = weights + r * cols
+                    let j = (0..<cols).first { !row[$0].isFinite }!
+                    throw item.entry.nonFiniteError(element: (firstRow + r) * cols + j, value: row[j])
+                }
+                total.signalEnergy += signal[r]
+                total.errorEnergy += error[r]
+                total.maxError = max(total.maxError, largest[r])
+            }
+            try emit(Chunk(
+                rows: firstRow..<firstRow + n, words: words.map { UnsafePointer($0) }, values: values.map { UnsafePointer($0) },
+                scales: scales, offsets: offsets))
+            firstRow += n
+        }
+        return total
+    }
+
+    /// `count` F32 values as `dtype`'s bytes, for `body`: in place for F32, otherwise converted into a reused buffer.
+    func converted(
+        _ values: UnsafePointer<Float>, count: Int, to dtype: DType, _ body: (UnsafeRawBufferPointer) throws(CkptError) -> Void
+    ) throws(CkptError) {
+        if dtype == .f32 {
+            try body(UnsafeRawBufferPointer(start: values, count: count * 4))
+            return
+        }
+        let width = dtype.byteWidth!
+        let out = buffer(.converted, count * width, as: UInt8.self)
+        DTypeConversion.convertParallel(from: .f32, to: dtype, count: count, source: values, destination: out)
+        try body(UnsafeRawBufferPointer(start: out, count: count * width))
+    }
+}
