@@ -18,12 +18,17 @@ public struct OutputTensor: Sendable {
         self.name = name
         self.dtype = dtype
         self.shape = shape
+        self.byteCount = try Self.byteCount(name: name, dtype: dtype, shape: shape)
+        self.produce = produce
+    }
+
+    /// The tensor's size in bytes; an overflowing shape is an error naming the tensor.
+    static func byteCount(name: String, dtype: DType, shape: Shape) throws(CkptError) -> Int {
         do {
-            self.byteCount = try shape.byteCount(for: dtype)
+            return try shape.byteCount(for: dtype)
         } catch {
             throw error.at(tensor: name)
         }
-        self.produce = produce
     }
 
     /// Streams the bytes to `sink`, checking that exactly ``byteCount`` bytes come out.

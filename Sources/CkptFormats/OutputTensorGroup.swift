@@ -18,11 +18,7 @@ public struct OutputTensorGroup: Sendable {
             self.name = name
             self.dtype = dtype
             self.shape = shape
-            do {
-                self.byteCount = try shape.byteCount(for: dtype)
-            } catch {
-                throw error.at(tensor: name)
-            }
+            self.byteCount = try OutputTensor.byteCount(name: name, dtype: dtype, shape: shape)
         }
 
         init(_ tensor: OutputTensor) {

@@ -322,7 +322,7 @@ struct RoleTable {
         } else if optional(.layerScale1(i), .value) != nil || optional(.layerScale2(i), .value) != nil {
             throw CkptError(.modelConfig, "block \(i) has LayerScale but block 0 has none", path: path)
         }
-        return try ViTBlock(
+        return ViTBlock(
             norm1Weight: try vector(.norm1(i), .weight, d), norm1Bias: try vector(.norm1(i), .bias, d),
             qkvWeight: qkvWeight, qkvBias: qkvBias, projectionWeight: projectionWeight, projectionBias: projectionBias,
             norm2Weight: try vector(.norm2(i), .weight, d), norm2Bias: try vector(.norm2(i), .bias, d),
