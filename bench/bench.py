@@ -357,6 +357,28 @@ def run_op(op, ckpt, py):
 # --------------------------------------------------------------------------
 # Reporting
 
+def add_quiet_machine_options(ap, redo_scope, wait_before):
+    """--max-foreign, --max-redo and --idle-wait, shared by the benches that discard disturbed rounds (infer.py's
+    and quantize.py's helpers read them)."""
+    ap.add_argument("--max-foreign", type=float, default=0.25,
+                    help="a timed round during which other processes used more CPU than this many cores is "
+                         "discarded and redone (default 0.25)")
+    ap.add_argument("--max-redo", type=int, default=10, help=f"at most this many redone rounds{redo_scope}")
+    ap.add_argument("--idle-wait", type=float, default=300,
+                    help=f"before {wait_before} and before a redo, wait up to this many seconds for other "
+                         "processes to use < 0.1 core (default 300; 0: don't wait)")
+
+
+def ready_ckpt(path, *dirs):
+    """The absolute path of an executable ckpt binary (else exit with how to build it); makes `dirs`."""
+    ckpt = os.path.abspath(path)
+    if not os.access(ckpt, os.X_OK):
+        sys.exit(f"ckpt binary not found: {ckpt} (build it with scripts/build.sh)")
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    return ckpt
+
+
 def sh(cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
@@ -494,12 +516,8 @@ def main():
                     help="override repeats of the fast operations (default 5)")
     args = ap.parse_args()
 
-    ckpt = os.path.abspath(args.ckpt)
-    if not os.access(ckpt, os.X_OK):
-        sys.exit(f"ckpt binary not found: {ckpt} (build it with `swift build -c release`)")
+    ckpt = ready_ckpt(args.ckpt, OUTDIR, LOGDIR)
     py = args.python
-    os.makedirs(OUTDIR, exist_ok=True)
-    os.makedirs(LOGDIR, exist_ok=True)
 
     blocks = 2 if args.quick else 24
     mode = "quick" if args.quick else "full"

@@ -366,23 +366,13 @@ def main():
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5, +1 warm-up round)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded rounds before the timed ones (default 1)")
-    ap.add_argument("--max-foreign", type=float, default=0.25,
-                    help="a timed round during which other processes used more CPU than this many cores is "
-                         "discarded and redone (default 0.25)")
-    ap.add_argument("--max-redo", type=int, default=10, help="at most this many redone rounds (default 10; 0: keep all)")
-    ap.add_argument("--idle-wait", type=float, default=300,
-                    help="before the first round and before a redo, wait up to this many seconds for other "
-                         "processes to use < 0.1 core (default 300; 0: don't wait)")
+    bench.add_quiet_machine_options(ap, " (default 10; 0: keep all)", "the first round")
     args = ap.parse_args()
     if args.repeats < 1 or args.warmup < 0:
         sys.exit("--repeats must be >= 1 and --warmup >= 0")
 
-    ckpt = os.path.abspath(args.ckpt)
-    if not os.access(ckpt, os.X_OK):
-        sys.exit(f"ckpt binary not found: {ckpt} (build it with scripts/build.sh)")
+    ckpt = bench.ready_ckpt(args.ckpt, OUTDIR, LOGDIR)
     py = args.python
-    for d in (OUTDIR, LOGDIR):
-        os.makedirs(d, exist_ok=True)
     ensure_inputs(py)
 
     info = bench.machine_info(ckpt, py)

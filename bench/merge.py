@@ -271,12 +271,8 @@ def main():
     ap.add_argument("--no-refs", action="store_true", help="skip the ckpt-only reference timings")
     args = ap.parse_args()
 
-    ckpt = os.path.abspath(args.ckpt)
-    if not os.access(ckpt, os.X_OK):
-        sys.exit(f"ckpt binary not found: {ckpt} (build it with scripts/build.sh)")
+    ckpt = bench.ready_ckpt(args.ckpt, OUTDIR, LOGDIR)
     py = args.python
-    for d in (OUTDIR, LOGDIR):
-        os.makedirs(d, exist_ok=True)
     if not (os.path.exists(BASE) and os.path.exists(os.path.join(ADAPTER, "adapter_model.safetensors"))):
         print(f"creating {os.path.relpath(BASE, REPO)} and {os.path.relpath(ADAPTER, REPO)}/ ...", flush=True)
         t = time.perf_counter()

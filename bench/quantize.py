@@ -444,24 +444,14 @@ def main():
                     help="discarded rounds before the timed ones (default 0: the input is read once, untimed)")
     ap.add_argument("--only", default="", help="comma-separated rows (gguf-q8_0,gguf-q4_0,mlx,methods,io)")
     ap.add_argument("--no-refs", action="store_true", help="skip the ckpt convert I/O reference row (io)")
-    ap.add_argument("--max-foreign", type=float, default=0.25,
-                    help="a timed round during which other processes used more CPU than this many cores is "
-                         "discarded and redone (default 0.25)")
-    ap.add_argument("--max-redo", type=int, default=10, help="at most this many redone rounds per row "
-                    "(default 10; 0: keep every round, disturbed ones are flagged)")
-    ap.add_argument("--idle-wait", type=float, default=300,
-                    help="before each row and before a redo, wait up to this many seconds for other processes to "
-                         "use < 0.1 core (default 300; 0: don't wait)")
+    bench.add_quiet_machine_options(ap, " per row (default 10; 0: keep every round, disturbed ones are flagged)",
+                                    "each row")
     args = ap.parse_args()
     if args.rounds < 1 or args.warmup < 0:
         sys.exit("--rounds must be >= 1 and --warmup >= 0")
 
-    ckpt = os.path.abspath(args.ckpt)
-    if not os.access(ckpt, os.X_OK):
-        sys.exit(f"ckpt binary not found: {ckpt} (build it with scripts/build.sh)")
+    ckpt = bench.ready_ckpt(args.ckpt, OUTDIR, LOGDIR)
     py = args.python
-    for d in (OUTDIR, LOGDIR):
-        os.makedirs(d, exist_ok=True)
 
     blocks = 2 if args.quick else 24
     mode = "quick" if args.quick else "full"

@@ -268,6 +268,28 @@ typealias Quad = SIMD4<Float>
 
 @inline(__always) func narrow(_ v: Bits) -> SIMD16<UInt8> { SIMD16<UInt8>(truncatingIfNeeded: v) }
 
+/// Stores the 32 codes of a Q4_0/Q4_1/Q5_0/Q5_1 block: element j (lane j of `q0`) in the low nibble of byte j of
+/// `qs`, element j+16 (lane j of `q1`) in its high nibble; for 5-bit codes (levels 32) bit 4 of each into the u32
+/// `qh`, which sits right after the block's halves, 4 bytes before `qs`.
+@inline(__always) func storeCodes(_ q0: Bits, _ q1: Bits, _ out: UnsafeMutableRawPointer, codesOffset: Int, levels: Int) {
+    out.storeBytes(of: narrow((q0 & 0xF) | ((q1 & 0xF) &<< 4)), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
+    if levels == 32 {
+        out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: codesOffset - 4, as: UInt32.self)
+    }
+}
+
+/// The block's codes as ``storeCodes(_:_:_:codesOffset:levels:)`` lays them out: elements 0–15 and 16–31.
+@inline(__always) func loadCodes(_ p: UnsafeRawPointer, codesOffset: Int, levels: Int) -> (low: Bits, high: Bits) {
+    let packed = widen(p + codesOffset)
+    var low = packed & 0xF, high = packed &>> 4
+    if levels == 32 {
+        let qh = Bits(repeating: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: codesOffset - 4, as: UInt32.self)))
+        low |= equalMask(qh & laneBitLow, laneBitLow) & 16
+        high |= equalMask(qh & laneBitHigh, laneBitHigh) & 16
+    }
+    return (low, high)
+}
+
 @inline(__always) func storeF16(_ value: Float, _ p: UnsafeMutableRawPointer, _ offset: Int) {
     p.storeBytes(of: FloatBits.f32ToF16(value).littleEndian, toByteOffset: offset, as: UInt16.self)
 }
@@ -357,11 +379,7 @@ extension GGMLQuants {
                 storeHalf(halves[k], out, 0)
                 let q0 = floorBits(minimum(load(p) * id + offset, Vector(repeating: ceiling)))
                 let q1 = floorBits(minimum(load(p + 16) * id + offset, Vector(repeating: ceiling)))
-                let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
-                out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
-                if levels == 32 {
-                    out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 2, as: UInt32.self)
-                }
+                storeCodes(q0, q1, out, codesOffset: codesOffset, levels: levels)
             }
         }
     }
@@ -373,13 +391,7 @@ extension GGMLQuants {
         for block in 0..<blocks {
             let p = x + blockBytes * block, out = UnsafeMutableRawPointer(y + 32 * block)
             let d = loadF16(p, 0)
-            let packed = widen(p + codesOffset)
-            var low = packed & 0xF, high = packed &>> 4
-            if levels == 32 {
-                let qh = Bits(repeating: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 2, as: UInt32.self)))
-                low |= equalMask(qh & laneBitLow, laneBitLow) & 16
-                high |= equalMask(qh & laneBitHigh, laneBitHigh) & 16
-            }
+            let (low, high) = loadCodes(p, codesOffset: codesOffset, levels: levels)
             out.storeBytes(of: toFloat(low &- zero) * d, toByteOffset: 0, as: Vector.self)
             out.storeBytes(of: toFloat(high &- zero) * d, toByteOffset: 64, as: Vector.self)
         }
@@ -420,11 +432,7 @@ extension GGMLQuants {
                 storeHalf(minima[k], out, 2)
                 let q0 = floorBits(minimum((load(p) - m) * id + 0.5, Vector(repeating: ceiling)))
                 let q1 = floorBits(minimum((load(p + 16) - m) * id + 0.5, Vector(repeating: ceiling)))
-                let packed = (q0 & 0xF) | ((q1 & 0xF) &<< 4)
-                out.storeBytes(of: narrow(packed), toByteOffset: codesOffset, as: SIMD16<UInt8>.self)
-                if levels == 32 {
-                    out.storeBytes(of: highBits(q0, q1).littleEndian, toByteOffset: 4, as: UInt32.self)
-                }
+                storeCodes(q0, q1, out, codesOffset: codesOffset, levels: levels)
             }
         }
     }
@@ -435,13 +443,7 @@ extension GGMLQuants {
         for block in 0..<blocks {
             let p = x + blockBytes * block, out = UnsafeMutableRawPointer(y + 32 * block)
             let d = loadF16(p, 0), m = loadF16(p, 2)
-            let packed = widen(p + codesOffset)
-            var low = packed & 0xF, high = packed &>> 4
-            if levels == 32 {
-                let qh = Bits(repeating: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
-                low |= equalMask(qh & laneBitLow, laneBitLow) & 16
-                high |= equalMask(qh & laneBitHigh, laneBitHigh) & 16
-            }
+            let (low, high) = loadCodes(p, codesOffset: codesOffset, levels: levels)
             // (d·q) + m, rounded twice, as ggml and gguf-py compute it (no fused multiply-add).
             out.storeBytes(of: toFloat(low) * d + m, toByteOffset: 0, as: Vector.self)
             out.storeBytes(of: toFloat(high) * d + m, toByteOffset: 64, as: Vector.self)

@@ -1,6 +1,5 @@
 import CkptCore
 import CkptFormats
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -36,15 +35,15 @@ public enum GGUFQuantizedWriter {
     public static func write(
         _ checkpoint: Checkpoint, plan: [PlannedTensor], type: GGMLType, config: JSONValue?, to path: String, inputs: [FileIdentity]
     ) throws(CkptError) -> QuantizationReport {
-        let stats = Mutex<[String: (sqnr: Double, maxError: Float)]>([:])
+        let measured = TensorMeasurements()
         var infos: [GGUF.OutputTensorInfo] = []
         var reports: [TensorReport] = []
         for item in plan {
             let entry = item.entry
             if item.isQuantized {
                 let type = blockType(type, cols: item.cols)
-                let info = try GGUF.OutputTensorInfo.encoding(entry, as: type) { (measured: GGMLQuants.Measurement) in
-                    stats.withLock { $0[entry.name] = (measured.sqnr, measured.maxError) }
+                let info = try GGUF.OutputTensorInfo.encoding(entry, as: type) { (measurement: GGMLQuants.Measurement) in
+                    measured.record(entry.name, sqnr: measurement.sqnr, maxError: measurement.maxError)
                 }
                 infos.append(info)
                 reports.append(TensorReport(
@@ -66,14 +65,7 @@ public enum GGUFQuantizedWriter {
         var metadata = GGUF.defaultMetadata(architecture: checkpoint.metadata[GGUF.architectureKey] ?? GGUF.defaultArchitecture, tensors: infos)
         metadata += hyperParameters(config)
         try GGUF.write(tensors: infos, metadata: metadata, to: path, inputs: inputs)
-        let measured = stats.withLock { $0 }
-        for i in reports.indices {
-            if let s = measured[reports[i].name] {
-                reports[i].sqnr = s.sqnr
-                reports[i].maxError = s.maxError
-            }
-        }
-        return QuantizationReport(tensors: reports, inputBytes: checkpoint.storedBytes)
+        return QuantizationReport(tensors: reports, measured: measured, inputBytes: checkpoint.storedBytes)
     }
 
     /// ViT hyper-parameters from config.json as `vit.*` keys, so the file describes the model it holds.

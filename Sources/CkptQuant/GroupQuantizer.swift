@@ -118,47 +118,42 @@ struct GroupQuantizer {
             lo = min(lo, w[j])
             hi = max(hi, w[j])
         }
-        let p: GroupParameters
+        // Codes come from `coding`; errors are those of the values as written (`stored`, then the weight dtype).
+        // RTN codes with the float32 parameters and only then stores them, as MLX does; the searches return
+        // parameters already in stored precision.
+        let coding: GroupParameters
         switch settings.method {
         case .rtn:
-            // MLX computes codes with the float32 parameters and only then stores them in the weight dtype.
-            let exact = rangeParameters(lo: lo, hi: hi)
-            let result = storedParameters(exact)
-            if n % 8 == 0 {
-                let (squared, largest) = encode8(w, n, coding: exact, stored: result, codes: codes)
-                return (result, squared, largest)
-            }
-            var squared: Double = 0
-            var largest: Float = 0
-            for j in 0..<n {
-                let q = code(w[j], exact)
-                codes[j] = UInt8(q)
-                let d = abs(w[j] - stored(value(q, result)))  // as written: rounded to the weight dtype
-                squared += Double(d * d)
-                largest = max(largest, d)
-            }
-            return (result, squared, largest)
+            coding = rangeParameters(lo: lo, hi: hi)
         case .mse:
-            p = clippingSearch(w, n, lo: lo, hi: hi)
+            coding = clippingSearch(w, n, lo: lo, hi: hi)
         case .hqq:
-            p = settings.grid == .symmetric
+            coding = settings.grid == .symmetric
                 ? halfQuadraticScale(w, n, lo: lo, hi: hi, scratch: scratch)
                 : halfQuadraticZero(w, n, lo: lo, hi: hi, scratch: scratch)
         }
-        if n % 8 == 0 {
-            let (squared, largest) = encode8(w, n, coding: p, stored: p, codes: codes)
-            return (p, squared, largest)
-        }
+        let result = storedParameters(coding)
+        let (squared, largest) = encode(w, n, coding: coding, stored: result, codes: codes)
+        return (result, squared, largest)
+    }
+
+    /// Codes under `coding` and the error statistics of the values as written: eight lanes at a time when the
+    /// group allows, else one weight at a time (the same operations).
+    @inline(__always)
+    func encode(
+        _ w: UnsafePointer<Float>, _ n: Int, coding: GroupParameters, stored result: GroupParameters, codes: UnsafeMutablePointer<UInt8>
+    ) -> (squared: Double, largest: Float) {
+        if n % 8 == 0 { return encode8(w, n, coding: coding, stored: result, codes: codes) }
         var squared: Double = 0
         var largest: Float = 0
         for j in 0..<n {
-            let q = code(w[j], p)
+            let q = code(w[j], coding)
             codes[j] = UInt8(q)
-            let d = abs(w[j] - stored(value(q, p)))
+            let d = abs(w[j] - stored(value(q, result)))  // as written: rounded to the weight dtype
             squared += Double(d * d)
             largest = max(largest, d)
         }
-        return (p, squared, largest)
+        return (squared, largest)
     }
 
     // MARK: codes and errors, eight lanes at a time

@@ -1,5 +1,6 @@
 import CkptCore
 import CkptFormats
+import Synchronization
 
 /// One line of `ckpt quantize`'s report.
 public struct TensorReport: Sendable {
@@ -28,6 +29,19 @@ public struct QuantizationReport: Sendable {
         self.inputBytes = inputBytes
     }
 
+    /// The report with the SQNR and largest error each quantized tensor's producer recorded while it was written.
+    init(tensors: [TensorReport], measured: TensorMeasurements, inputBytes: Int) {
+        let values = measured.values.withLock { $0 }
+        self.init(tensors: tensors.map { report in
+            var report = report
+            if let m = values[report.name] {
+                report.sqnr = m.sqnr
+                report.maxError = m.maxError
+            }
+            return report
+        }, inputBytes: inputBytes)
+    }
+
     public var outputBytes: Int { tensors.reduce(0) { $0 + $1.outputBytes } }
     public var quantized: [TensorReport] { tensors.filter { $0.scheme != nil } }
     public var quantizedWeights: Int { quantized.reduce(0) { $0 + $1.elements } }
@@ -39,5 +53,15 @@ public struct QuantizationReport: Sendable {
     public var overallBitsPerWeight: Double {
         let all = tensors.reduce(0) { $0 + $1.elements }
         return all == 0 ? 0 : Double(outputBytes) * 8 / Double(all)
+    }
+}
+
+/// SQNR and largest error per tensor, recorded by the writers' producers (which run on the writing threads) while
+/// the file is written.
+final class TensorMeasurements: Sendable {
+    fileprivate let values = Mutex<[String: (sqnr: Double, maxError: Float)]>([:])
+
+    func record(_ name: String, sqnr: Double, maxError: Float) {
+        values.withLock { $0[name] = (sqnr, maxError) }
     }
 }

@@ -1,6 +1,5 @@
 import CkptCore
 import CkptFormats
-import Synchronization
 
 /// Quantizes the planned tensors and writes them in one of the safetensors-based layouts (MLX, compressed-tensors,
 /// dequantized). Folder outputs (model.safetensors + config.json) are staged and published together, so a failed
@@ -40,7 +39,7 @@ public enum QuantizedCheckpointWriter {
         to destination: Destination
     ) throws(CkptError) -> QuantizationReport {
         let quantizer = StreamingQuantizer()
-        let stats = Mutex<[String: StreamingQuantizer.Statistics]>([:])
+        let measured = TensorMeasurements()
         var groups: [OutputTensorGroup] = []
         var reports: [TensorReport] = []
         for item in plan {
@@ -55,7 +54,8 @@ public enum QuantizedCheckpointWriter {
             var tensorSettings = settings
             tensorSettings.scaleType = scaleType(for: entry.dtype)
             let group = try self.group(for: item, format: format, settings: tensorSettings, quantizer: quantizer) {
-                (measured: StreamingQuantizer.Statistics) in stats.withLock { $0[entry.name] = measured }
+                (statistics: StreamingQuantizer.Statistics) in
+                measured.record(entry.name, sqnr: statistics.sqnr, maxError: statistics.maxError)
             }
             groups.append(group)
             reports.append(TensorReport(
@@ -70,14 +70,7 @@ public enum QuantizedCheckpointWriter {
         } else {
             try SafeTensors.write(groups: groups, metadata: metadata, to: destination.path, inputs: destination.inputs)
         }
-        let measured = stats.withLock { $0 }
-        for i in reports.indices {
-            if let s = measured[reports[i].name] {
-                reports[i].sqnr = s.sqnr
-                reports[i].maxError = s.maxError
-            }
-        }
-        return QuantizationReport(tensors: reports, inputBytes: checkpoint.storedBytes)
+        return QuantizationReport(tensors: reports, measured: measured, inputBytes: checkpoint.storedBytes)
     }
 
     static func label(format: QuantizedFormat, settings: QuantizationSettings) -> String {
