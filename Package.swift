@@ -32,8 +32,9 @@ let package = Package(
         .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
         // The ViT forward pass on OpenBLAS (run, eval): timm/HF ViT and DINOv2, image preprocessing, metrics.
         .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
-        // Weight-only quantization (RTN, MSE clipping, HQQ) and the quantized writers (MLX, GGUF, compressed-tensors).
-        .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
+        // Weight-only quantization (RTN, MSE clipping, HQQ, GPTQ error compensation) and the quantized writers (MLX, GGUF, compressed-tensors).
+        // GPTQ error compensation solves with LAPACK's Cholesky from OpenBLAS.
+        .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [

@@ -7,10 +7,13 @@ For each setting (bits x group size) and method (rtn, mse, hqq) this runs
 and prints accuracy, top-1 agreement with F32 and the mean softmax KL(F32 || quantized) over the eval set.
 The dequantized (affine) weights are exactly what the MLX layout stores, so the numbers hold for --format mlx.
 
+With --gptq every run adds GPTQ error compensation from ckpt's data-free calibration (synthetic images through the
+model itself); --settings restricts the settings (e.g. 4:64,3:64).
+
 With --sensitivity it instead measures how sensitive the probe is: the same metrics for F16 and BF16 round trips of
 all weights (ckpt convert) and for W4 g64 RTN applied to one kind of Linear layer at a time (--only).
 
-Usage: bench/quality.py [--limit N] [--out results.json] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
+Usage: bench/quality.py [--limit N] [--out results.json] [--gptq] [--settings B:G,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
 first; $CKPT overrides the binary)
 """
 import argparse, json, os, subprocess, sys, tempfile
@@ -77,38 +80,42 @@ def main():
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--out", type=Path)
     p.add_argument("--sensitivity", action="store_true")
+    p.add_argument("--gptq", action="store_true", help="add GPTQ error compensation (data-free calibration)")
+    p.add_argument("--settings", help="comma list of BITS:GROUP (default: all)")
     a = p.parse_args()
     if a.sensitivity:
         return sensitivity(a.limit)
+    settings = [tuple(map(int, x.split(":"))) for x in a.settings.split(",")] if a.settings else SETTINGS
+    extra = ["--gptq"] if a.gptq else []
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         tmp = Path(tmp)
         base = evaluate(MODEL, tmp / "f32.npy", a.limit)
         ref = np.load(tmp / "f32.npy")
         print(f"F32: accuracy {base['accuracy']:.4f} on {base['n']} images", flush=True)
-        for bits, group in SETTINGS:
+        for bits, group in settings:
             for method in METHODS:
                 out = tmp / f"w{bits}g{group}-{method}"
                 q = subprocess.run([str(CKPT), "quantize", str(MODEL), str(out), "--format", "dequantized", "--bits", str(bits),
-                                    "--group-size", str(group), "--method", method, "--json"],
+                                    "--group-size", str(group), "--method", method, "--json"] + extra,
                                    check=True, capture_output=True, text=True).stdout
                 report = json.loads(q)
                 sqnr = np.mean([t["sqnr_db"] for t in report["tensors"] if t["quantized"]])
                 r = evaluate(out, tmp / "q.npy", a.limit)
                 logits = np.load(tmp / "q.npy")
                 agree, kl = compare(ref, logits)
-                row = dict(bits=bits, group=group, method=method, accuracy=r["accuracy"], agreement=agree, kl=kl,
+                row = dict(bits=bits, group=group, method=method, gptq=a.gptq, accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)
-                print(f"W{bits} g{group} {method:3s}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
+                print(f"W{bits} g{group} {method:3s}{' gptq' if a.gptq else ''}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
                       f"{100 * (r['accuracy'] - base['accuracy']):+.1f} pt), agreement {agree:.4f}, KL {kl:.4f}, "
                       f"mean SQNR {sqnr:.2f} dB", flush=True)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     if a.out:
         a.out.write_text(json.dumps(dict(f32_accuracy=base["accuracy"], n=base["n"], rows=rows), indent=2) + "\n")
-    print("\n| setting | " + " | ".join(f"{m.upper()} acc / agree / KL" for m in METHODS) + " |")
+    print("\n| setting | " + " | ".join(f"{m.upper()}{' + GPTQ' if a.gptq else ''} acc / agree / KL" for m in METHODS) + " |")
     print("|---|" + "---|" * len(METHODS))
-    for bits, group in SETTINGS:
+    for bits, group in settings:
         cells = []
         for m in METHODS:
             r = next(x for x in rows if x["bits"] == bits and x["group"] == group and x["method"] == m)

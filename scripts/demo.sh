@@ -94,17 +94,23 @@ $CKPT eval .cache/dinov2/dinov2-small-224.f16.safetensors --reference "$FOLDER" 
     --head fixtures/eval/fmnist_head.safetensors --data fixtures/eval/fmnist_eval.npz | grep -E "^(top-1|reference|forward)"
 
 echo
-echo "== ckpt quantize: 4-bit MLX file of the bundled model (affine, groups of 64, RTN = mlx.core.quantize bit for bit),"
-echo "   read back by ckpt eval (dequantized on load) and scored on the same 1,000 images as F32 above"
-rm -rf .cache/dinov2/dinov2-small-224.mlx-4bit
-$CKPT quantize "$FOLDER" .cache/dinov2/dinov2-small-224.mlx-4bit --format mlx --bits 4 --group-size 64 --method rtn | tail -3
-$CKPT eval .cache/dinov2/dinov2-small-224.mlx-4bit --head fixtures/eval/fmnist_head.safetensors --data fixtures/eval/fmnist_eval.npz \
-    --save-logits .cache/dinov2/eval-logits-4bit.npy > .cache/dinov2/eval-4bit.txt
+echo "== ckpt quantize: 4-bit MLX files of the bundled model (affine, groups of 64): RTN (= mlx.core.quantize bit for"
+echo "   bit) and GPTQ from data-free calibration (synthetic images through the model), read back by ckpt eval"
+echo "   (dequantized on load) and scored on the same 1,000 images as F32 above"
+for variant in rtn gptq; do
+    out=.cache/dinov2/dinov2-small-224.mlx-4bit-$variant
+    rm -rf "$out"
+    $CKPT quantize "$FOLDER" "$out" --format mlx --bits 4 --group-size 64 --method rtn $([ $variant = gptq ] && echo --gptq) | tail -3
+    $CKPT eval "$out" --head fixtures/eval/fmnist_head.safetensors --data fixtures/eval/fmnist_eval.npz \
+        --save-logits .cache/dinov2/eval-logits-4bit-$variant.npy > .cache/dinov2/eval-4bit-$variant.txt
+done
 .venv/bin/python - <<'PY'
 import numpy as np
 f32 = np.load(".cache/dinov2/eval-logits.npy")
-q4 = np.load(".cache/dinov2/eval-logits-4bit.npy")
 labels = np.load("fixtures/eval/fmnist_eval.npz")["labels"]
-print(f"accuracy: F32 {np.mean(f32.argmax(1) == labels):.4f}, MLX 4-bit g64 {np.mean(q4.argmax(1) == labels):.4f}; "
-      f"top-1 agreement {np.mean(q4.argmax(1) == f32.argmax(1)):.4f}")
+print(f"accuracy: F32 {np.mean(f32.argmax(1) == labels):.4f}")
+for variant in ("rtn", "gptq"):
+    q4 = np.load(f".cache/dinov2/eval-logits-4bit-{variant}.npy")
+    print(f"          MLX 4-bit g64 {variant.upper():4s} {np.mean(q4.argmax(1) == labels):.4f}; "
+          f"top-1 agreement with F32 {np.mean(q4.argmax(1) == f32.argmax(1)):.4f}")
 PY

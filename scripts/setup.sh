@@ -33,4 +33,11 @@ if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "peft==0.21.2" || ! .venv/bin/p
     echo "setup: installing torch (CPU), transformers and peft into .venv"
     .venv/bin/pip install -q -r scripts/requirements-torch.txt
 fi
+# llm-compressor's GPTQ is the reference for ckpt's (fixtures/quant). Its package pins other transformers and
+# compressed-tensors versions and imports `datasets` at the top, so it is installed without dependencies and the
+# fixture script loads its two GPTQ modules alone (torch and compressed-tensors are all they need).
+if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "llmcompressor==0.14.0.1"; then
+    echo "setup: installing llmcompressor (no dependencies) into .venv"
+    .venv/bin/pip install -q --no-deps llmcompressor==0.14.0.1
+fi
 echo "setup: ok (swift $(swift --version 2>/dev/null | head -1 | sed 's/.*version \([0-9.]*\).*/\1/'), $(pkg-config --modversion openblas 2>/dev/null || echo openblas), $(.venv/bin/python --version))"

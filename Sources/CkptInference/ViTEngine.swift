@@ -67,6 +67,16 @@ public final class ViTEngine: Sendable {
     /// Final-norm CLS features [count × D] of `count` images. `fill(i, destination)` writes image i as normalised
     /// F32 [C, size, size] (channel-major); it is called from the workers, so preprocessing runs in parallel too.
     public func features(count: Int, fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void) throws(CkptError) -> [Float] {
+        try features(count: count, fill: fill, observe: nil)
+    }
+
+    /// Receives the input of every Linear layer of every micro-batch: (block, which input, rows × width values,
+    /// rows, width). Called from the workers, concurrently.
+    typealias LinearInputObserver = @Sendable (Int, LinearInput, UnsafePointer<Float>, Int, Int) -> Void
+
+    func features(
+        count: Int, fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void, observe: LinearInputObserver?
+    ) throws(CkptError) -> [Float] {
         let d = model.config.dim
         guard count > 0 else { return [] }
         let batches = (count + microBatch - 1) / microBatch
@@ -93,7 +103,7 @@ public final class ViTEngine: Sendable {
                     failure.withLock { if $0 == nil { $0 = error } }
                     return
                 }
-                forward(images: images.pointer, count: n, workspace: workspace, output: output.pointer + first * d)
+                forward(images: images.pointer, count: n, workspace: workspace, output: output.pointer + first * d, observe: observe)
                 batch += workers
             }
         }
@@ -102,7 +112,10 @@ public final class ViTEngine: Sendable {
     }
 
     /// One micro-batch: images [n × C × size × size] → final-norm CLS rows [n × D].
-    func forward(images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, output: UnsafeMutablePointer<Float>) {
+    func forward(
+        images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, output: UnsafeMutablePointer<Float>,
+        observe: LinearInputObserver? = nil
+    ) {
         let c = model.config
         let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
         let rows = n * t
@@ -118,9 +131,10 @@ public final class ViTEngine: Sendable {
         }
         let heads = c.heads, hd = c.headDim
         let scale = 1 / Float(hd).squareRoot()
-        for block in model.blocks {
+        for (index, block) in model.blocks.enumerated() {
             ViTKernels.layerNorm(ws.x.pointer, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer,
                 beta: block.norm1Bias.pointer, eps: c.eps)
+            observe?(index, .attention, ws.h.pointer, rows, d)
             ViTKernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
             ViTKernels.gemmTransposedB(ws.h.pointer, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d,
                 m: rows, n: 3 * d, k: d, beta: 1)
@@ -134,14 +148,17 @@ public final class ViTEngine: Sendable {
                     ViTKernels.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
                 }
             }
+            observe?(index, .projection, ws.attention.pointer, rows, d)
             ViTKernels.addRows(ws.x.pointer, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
             ViTKernels.gemmTransposedB(ws.attention.pointer, lda: d, block.projectionWeight.pointer, ldb: d, ws.x.pointer, ldc: d,
                 m: rows, n: d, k: d, beta: 1)
             ViTKernels.layerNorm(ws.x.pointer, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer,
                 beta: block.norm2Bias.pointer, eps: c.eps)
+            observe?(index, .mlp, ws.h.pointer, rows, d)
             ViTKernels.gemmTransposedB(ws.h.pointer, lda: d, block.fc1Weight.pointer, ldb: d, ws.hidden.pointer, ldc: c.mlpDim,
                 m: rows, n: c.mlpDim, k: d, beta: 0)
             ViTKernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
+            observe?(index, .mlpHidden, ws.hidden.pointer, rows, c.mlpDim)
             ViTKernels.addRows(ws.x.pointer, rows: rows, width: d, stride: d, bias: block.fc2Bias.pointer)
             ViTKernels.gemmTransposedB(ws.hidden.pointer, lda: c.mlpDim, block.fc2Weight.pointer, ldb: c.mlpDim, ws.x.pointer, ldc: d,
                 m: rows, n: d, k: c.mlpDim, beta: 1)

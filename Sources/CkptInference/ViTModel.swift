@@ -138,6 +138,8 @@ public final class ViTModel: Sendable {
     let positions: FloatBuffer  // stored table [(grid + class?) × D]
     let blocks: [ViTBlock]
     let finalNormWeight, finalNormBias: FloatBuffer
+    /// Every block Linear's weight tensor with the input it reads (q, k and v, or the fused qkv, share one).
+    public let linearLayers: [LinearLayer]
 
     public static func load(_ path: String, overrides: ViTConfig.Overrides = .init()) throws(CkptError) -> ViTModel {
         let isFolder = FileIdentity.of(path)?.isDirectory == true
@@ -163,6 +165,15 @@ public final class ViTModel: Sendable {
             blocks.append(try roles.block(layer, config: config))
         }
         self.blocks = blocks
+        var linearLayers: [LinearLayer] = []
+        for i in 0..<config.depth {
+            let attention = roles.optional(.qkv(i), .weight).map { [$0] } ?? [.query(i), .key(i), .value(i)].compactMap { roles.optional($0, .weight) }
+            for entry in attention { linearLayers.append(LinearLayer(tensor: entry.name, block: i, input: .attention)) }
+            for (role, input) in [(ViTName.Role.attentionOutput(i), LinearInput.projection), (.fc1(i), .mlp), (.fc2(i), .mlpHidden)] {
+                if let entry = roles.optional(role, .weight) { linearLayers.append(LinearLayer(tensor: entry.name, block: i, input: input)) }
+            }
+        }
+        self.linearLayers = linearLayers
         if let w = roles.optional(.head, .weight) {
             let head = try LinearHead(weight: w, bias: roles.optional(.head, .bias), labels: nil, source: w.name)
             guard head.width == d else {

@@ -113,6 +113,15 @@ struct GroupQuantizer {
     func quantize(
         _ w: UnsafePointer<Float>, _ n: Int, codes: UnsafeMutablePointer<UInt8>, scratch: UnsafeMutablePointer<Float>
     ) -> (GroupParameters, squaredError: Double, maxError: Float) {
+        let (coding, result) = parameters(w, n, scratch: scratch)
+        let (squared, largest) = encode(w, n, coding: coding, stored: result, codes: codes)
+        return (result, squared, largest)
+    }
+
+    /// The configured method's parameters for `n` weights: `coding` gives the codes, `stored` (as written) the
+    /// values.
+    @inline(__always)
+    func parameters(_ w: UnsafePointer<Float>, _ n: Int, scratch: UnsafeMutablePointer<Float>) -> (coding: GroupParameters, stored: GroupParameters) {
         var lo = w[0], hi = w[0]
         for j in 1..<n {
             lo = min(lo, w[j])
@@ -132,9 +141,7 @@ struct GroupQuantizer {
                 ? halfQuadraticScale(w, n, lo: lo, hi: hi, scratch: scratch)
                 : halfQuadraticZero(w, n, lo: lo, hi: hi, scratch: scratch)
         }
-        let result = storedParameters(coding)
-        let (squared, largest) = encode(w, n, coding: coding, stored: result, codes: codes)
-        return (result, squared, largest)
+        return (coding, storedParameters(coding))
     }
 
     /// Codes under `coding` and the error statistics of the values as written: eight lanes at a time when the

@@ -33,10 +33,11 @@ public enum QuantizedCheckpointWriter {
 
     /// Quantizes the planned tensors while writing them: each matrix is quantized once, a chunk of rows at a time,
     /// and its codes, scales and offsets go straight to their places in the file, so memory stays bounded whatever
-    /// the model's size. `settings.scaleType` is replaced per tensor by the tensor's own dtype.
+    /// the model's size. `settings.scaleType` is replaced per tensor by the tensor's own dtype. A tensor named in
+    /// `compensation` is quantized with GPTQ error compensation instead (whole, one tensor at a time).
     public static func write(
         _ checkpoint: Checkpoint, plan: [PlannedTensor], format: QuantizedFormat, settings: QuantizationSettings,
-        to destination: Destination
+        compensation: [String: GPTQ] = [:], to destination: Destination
     ) throws(CkptError) -> QuantizationReport {
         let quantizer = StreamingQuantizer()
         let measured = TensorMeasurements()
@@ -53,13 +54,15 @@ public enum QuantizedCheckpointWriter {
             }
             var tensorSettings = settings
             tensorSettings.scaleType = scaleType(for: entry.dtype)
-            let group = try self.group(for: item, format: format, settings: tensorSettings, quantizer: quantizer) {
+            let gptq = compensation[entry.name]
+            let group = try self.group(for: item, format: format, settings: tensorSettings, gptq: gptq, quantizer: quantizer) {
                 (statistics: StreamingQuantizer.Statistics) in
                 measured.record(entry.name, sqnr: statistics.sqnr, maxError: statistics.maxError)
             }
             groups.append(group)
             reports.append(TensorReport(
-                name: entry.name, shape: entry.shape, scheme: label(format: format, settings: settings), bits: tensorSettings.bits,
+                name: entry.name, shape: entry.shape, scheme: label(format: format, settings: settings) + (gptq == nil ? "" : " gptq"),
+                bits: tensorSettings.bits,
                 groupSize: settings.groupSize, outputBytes: group.parts.reduce(0) { $0 + $1.byteCount }, elements: entry.shape.elements))
         }
         var metadata = checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors ? checkpoint.metadata : [:]
@@ -88,7 +91,7 @@ public enum QuantizedCheckpointWriter {
 
     /// The tensors one quantized matrix becomes in `format`, produced together chunk by chunk of rows.
     static func group(
-        for item: PlannedTensor, format: QuantizedFormat, settings: QuantizationSettings, quantizer: StreamingQuantizer,
+        for item: PlannedTensor, format: QuantizedFormat, settings: QuantizationSettings, gptq: GPTQ? = nil, quantizer: StreamingQuantizer,
         measured: @escaping @Sendable (StreamingQuantizer.Statistics) -> Void
     ) throws(CkptError) -> OutputTensorGroup {
         let entry = item.entry
@@ -103,7 +106,7 @@ public enum QuantizedCheckpointWriter {
         switch format {
         case .dequantized:
             return OutputTensorGroup(parts: [try Part(name: entry.name, dtype: entry.dtype, shape: entry.shape)]) { (sink: Sink) throws(CkptError) in
-                measured(try quantizer.quantize(item, settings: settings, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, gptq: gptq, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try quantizer.converted(chunk.values!, count: chunk.rows.count * cols, to: entry.dtype) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
                         try sink(0, bytes)
                     }
@@ -117,7 +120,7 @@ public enum QuantizedCheckpointWriter {
                 try Part(name: module + ".biases", dtype: scaleType, shape: parameterShape),
             ]
             return OutputTensorGroup(parts: parts) { (sink: Sink) throws(CkptError) in
-                measured(try quantizer.quantize(item, settings: settings, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, gptq: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
                     try parameters(chunk, groups: groups, as: scaleType, quantizer: quantizer, sink)
                 })
@@ -136,7 +139,7 @@ public enum QuantizedCheckpointWriter {
                 try [Int64(rows), Int64(cols)].withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(2, raw) }
                 // Every row's zero codes are needed before the first packed word: kept (one byte per group) until the end.
                 let zeroCodes = quantizer.buffer(.zeroCodes, zeroPoints ? rows * groups : 0, as: UInt8.self)
-                measured(try quantizer.quantize(item, settings: settings, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, gptq: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
                     try quantizer.converted(chunk.scales, count: chunk.rows.count * groups, to: scaleType) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
                         try sink(1, bytes)

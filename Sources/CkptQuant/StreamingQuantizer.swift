@@ -39,7 +39,7 @@ final class StreamingQuantizer: @unchecked Sendable {
     static let chunkElements = 1 << 20
 
     enum Buffer: Int, CaseIterable {
-        case staging, words, values, scales, offsets, signal, error, largest, bad, converted, zeroCodes, zeroColumn, zeroWords
+        case staging, words, values, scales, offsets, signal, error, largest, bad, converted, zeroCodes, zeroColumn, zeroWords, codes
     }
 
     private var buffers: [(pointer: UnsafeMutableRawPointer, bytes: Int)?] = Array(repeating: nil, count: Buffer.allCases.count)
@@ -123,6 +123,54 @@ final class StreamingQuantizer: @unchecked Sendable {
                 scales: scales, offsets: offsets))
             firstRow += n
         }
+        return total
+    }
+
+    /// Plain rounding chunk by chunk, or GPTQ when `gptq` is given.
+    func quantize(
+        _ item: PlannedTensor, settings: QuantizationSettings, gptq: GPTQ?, output: Output, _ emit: (Chunk) throws(CkptError) -> Void
+    ) throws(CkptError) -> Statistics {
+        if let gptq { return try quantizeCompensated(item, settings: settings, gptq: gptq, output: output, emit) }
+        return try quantize(item, settings: settings, output: output, emit)
+    }
+
+    /// Quantizes `item` with GPTQ error compensation (``GPTQ``), calling `emit` once with every row: the updates
+    /// run across the whole row, so the matrix is decoded whole (one tensor at a time). The statistics compare
+    /// the stored values with the original weights, as for plain rounding.
+    func quantizeCompensated(
+        _ item: PlannedTensor, settings: QuantizationSettings, gptq: GPTQ, output: Output, _ emit: (Chunk) throws(CkptError) -> Void
+    ) throws(CkptError) -> Statistics {
+        let (rows, cols) = (item.rows, item.cols)
+        precondition(gptq.size == cols)
+        let groupSize = settings.groupSize ?? cols
+        let groups = cols / groupSize
+        let wordsPerRow = BitPacking.wordCount(codes: cols, bits: settings.bits)
+        let weights = buffer(.staging, rows * cols, as: Float.self)
+        try QuantizationPlan.loadFinite(item, into: weights)
+        let codes = buffer(.codes, rows * cols, as: UInt8.self)
+        let scales = buffer(.scales, rows * groups, as: Float.self)
+        let offsets = buffer(.offsets, rows * groups, as: Float.self)
+        gptq.quantize(weights, rows: rows, settings: settings, codes: codes, scales: scales, offsets: offsets)
+        let words = output == .packed ? buffer(.words, rows * wordsPerRow, as: UInt32.self) : nil
+        let values = buffer(.values, rows * cols, as: Float.self)
+        let quantizer = GroupQuantizer(settings)
+        var total = Statistics()
+        for r in 0..<rows {
+            for j in 0..<cols {
+                let k = r * groups + j / groupSize
+                let v = quantizer.stored(quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k])))
+                values[r * cols + j] = quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k]))
+                let w = weights[r * cols + j]
+                total.signalEnergy += Double(w * w)
+                let d = abs(w - v)
+                total.errorEnergy += Double(d * d)
+                total.maxError = max(total.maxError, d)
+            }
+            if let words { BitPacking.pack(codes + r * cols, count: cols, bits: settings.bits, into: words + r * wordsPerRow) }
+        }
+        try emit(Chunk(
+            rows: 0..<rows, words: words.map { UnsafePointer($0) }, values: output == .dequantized ? UnsafePointer(values) : nil,
+            scales: scales, offsets: offsets))
         return total
     }
 

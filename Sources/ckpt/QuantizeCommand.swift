@@ -1,6 +1,7 @@
 import ArgumentParser
 import CkptCore
 import CkptFormats
+import CkptInference
 import CkptQuant
 
 struct QuantizeCommand: ParsableCommand {
@@ -17,7 +18,10 @@ struct QuantizeCommand: ParsableCommand {
             (half-quadratic, p = 0.7). mlx and compressed-tensors write a model folder (model.safetensors + \
             config.json with the quantization block); gguf and dequantized write one file (a folder when the \
             input is a Hugging Face folder and the format is dequantized). Every quantized tensor is reported with \
-            its SQNR and largest error; totals give the sizes and bits per weight.
+            its SQNR and largest error; totals give the sizes and bits per weight. \
+            --gptq (ViT models, not gguf) runs the model on --calibration-images synthetic images (smooth noise, \
+            no data), takes each block Linear's input Gram matrix, and rounds with GPTQ error compensation on \
+            the grid --method chooses: the layer outputs, not the weights, are kept close.
             """)
 
     @Argument(help: "Input checkpoint (file, shard folder, or Hugging Face model folder).")
@@ -51,6 +55,15 @@ struct QuantizeCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("Keep tensors whose name matches this regular expression.", valueName: "REGEX"))
     var skip: String?
+
+    @Flag(help: "GPTQ error compensation from data-free calibration (ViT models; mlx, compressed-tensors, dequantized).")
+    var gptq = false
+
+    @Option(name: .customLong("calibration-images"), help: "Synthetic calibration images for --gptq (1–1024).")
+    var calibrationImages: Int = 32
+
+    /// Fixed, so a run is reproducible.
+    static let calibrationSeed: UInt64 = 20_261_123
 
     @OptionGroup var json: JSONOutputOption
 
@@ -99,6 +112,26 @@ struct QuantizeCommand: ParsableCommand {
         _ = try settings()
         if try parsedFormat == .gguf { _ = try ggmlType() }
         if input == output { throw ValidationError("input and output are the same path") }
+        if try gptq && parsedFormat == .gguf {
+            throw ValidationError("--gptq: GGUF blocks are ggml's reference quantizers; GPTQ applies to mlx, compressed-tensors and dequantized")
+        }
+        guard (1...1024).contains(calibrationImages) else { throw ValidationError("--calibration-images \(calibrationImages): choose 1 to 1024") }
+    }
+
+    /// GPTQ factors for the planned block Linears, from the model's own forward pass on synthetic images.
+    func compensation(plan: [PlannedTensor]) throws(CkptError) -> [String: GPTQ] {
+        let model = try ViTModel.load(input)
+        let engine = try ViTEngine(model: model)
+        let (channels, size, seed) = (model.config.channels, engine.imageSize, Self.calibrationSeed)
+        let grams = try engine.linearInputGrams(count: calibrationImages) { index, destination in
+            CalibrationImages.smoothNoise(index: index, seed: seed, channels: channels, size: size, into: destination)
+        }
+        var factors: [String: GPTQ] = [:]
+        for item in plan where item.isQuantized {
+            guard let gram = grams[item.entry.name], gram.width == item.cols else { continue }
+            factors[item.entry.name] = try GPTQ(gram: gram.values, size: gram.width, tensor: item.entry.name, path: item.entry.path)
+        }
+        return factors
     }
 
     func run() throws {
@@ -122,7 +155,9 @@ struct QuantizeCommand: ParsableCommand {
                     path: output, folder: folder,
                     inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
                     companions: companions, inputs: inputs)
-                report = try QuantizedCheckpointWriter.write(checkpoint, plan: plan, format: format, settings: settings, to: destination)
+                let factors = gptq ? try compensation(plan: plan) : [:]
+                report = try QuantizedCheckpointWriter.write(
+                    checkpoint, plan: plan, format: format, settings: settings, compensation: factors, to: destination)
             }
             report.seconds = MonotonicClock.seconds() - started
             print(json.enabled ? reportJSON(report, format: format) : reportTable(report))
@@ -180,7 +215,8 @@ struct QuantizeCommand: ParsableCommand {
             items.append("{" + fields.joined(separator: ",") + "}")
         }
         return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format.rawValue)),"
-            + "\"method\":\(JSONWriter.quoted(method)),\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
+            + "\"method\":\(JSONWriter.quoted(method)),\"gptq\":\(gptq),"
+            + (gptq ? "\"calibration_images\":\(calibrationImages)," : "") + "\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
             + "\"input_bytes\":\(report.inputBytes),\"output_bytes\":\(report.outputBytes),"
             + "\"quantized_weights\":\(report.quantizedWeights),\"bits_per_weight\":\(number(report.bitsPerWeight)),"
             + "\"seconds\":\(number(report.seconds)),\"tensors\":[" + items.joined(separator: ",") + "]}"

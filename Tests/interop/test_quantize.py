@@ -1165,3 +1165,134 @@ def test_dinov2_mlx_matches_mx_quantize(tmp_path):
     assert config["quantization"] == config["quantization_config"] == {"bits": 4, "group_size": 64, "mode": "affine"}
     pre = out / "preprocessor_config.json"
     assert pre.is_file() and pre.read_bytes() == (DINO_FOLDER / "preprocessor_config.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. GPTQ with data-free calibration (DINOv2-S)
+
+CALIBRATION_SEED = 20261123  # QuantizeCommand.calibrationSeed
+GPTQ_LAYERS = ("encoder.layer.0.attention.attention.value.weight", "encoder.layer.0.mlp.fc2.weight",
+               "encoder.layer.11.mlp.fc1.weight")
+
+
+def smooth_noise_images(count: int, seed: int, size: int = 224, channels: int = 3, cell: int = 16) -> np.ndarray:
+    """CalibrationImages.smoothNoise in numpy: SplitMix64 uniforms, Box-Muller normals in float64, one per channel
+    and 16 x 16-pixel cell, rounded to float32 and repeated over the cell."""
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+    cells = (size + cell - 1) // cell
+    images = np.empty((count, channels, size, size), np.float32)
+    for index in range(count):
+        state = seed ^ ((index * golden) & mask)
+
+        def uniform():
+            nonlocal state
+            state = (state + golden) & mask
+            z = state
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            return ((z ^ (z >> 31)) >> 11) / 2.0**53 + 0.5 / 2.0**53
+
+        noise = np.empty(channels * cells * cells, np.float32)
+        for k in range(noise.size):
+            u1 = uniform()
+            noise[k] = np.float32(np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * uniform()))
+        grid = noise.reshape(channels, cells, cells)
+        images[index] = np.repeat(np.repeat(grid, cell, 1), cell, 2)[:, :size, :size]
+    return images
+
+
+def torch_input_grams(images: np.ndarray) -> dict[str, np.ndarray]:
+    """X^T X (float64) of every block Linear's input in transformers' Dinov2Model, through forward hooks."""
+    import torch
+    from transformers import Dinov2Model
+
+    model = Dinov2Model.from_pretrained(str(DINO_FOLDER)).eval()
+    grams: dict[str, np.ndarray] = {}
+
+    def hook(names):
+        def record(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().numpy()
+            g = x.T @ x
+            for n in names:
+                grams[n] = grams.get(n, 0) + g
+        return record
+
+    for i, layer in enumerate(model.encoder.layer):
+        p = f"encoder.layer.{i}."
+        layer.attention.q_proj.register_forward_hook(hook([p + f"attention.attention.{k}.weight" for k in ("query", "key", "value")]))
+        layer.attention.o_proj.register_forward_hook(hook([p + "attention.output.dense.weight"]))
+        layer.mlp.fc1.register_forward_hook(hook([p + "mlp.fc1.weight"]))
+        layer.mlp.fc2.register_forward_hook(hook([p + "mlp.fc2.weight"]))
+    with torch.no_grad():
+        for start in range(0, len(images), 8):
+            model(pixel_values=torch.from_numpy(images[start:start + 8]))
+    return grams
+
+
+def gptq_reference(w: np.ndarray, gram: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """GPTQ as the paper states it, in float64: 1 % damping, H^-1 = U^T U, each group's MLX RTN parameters taken
+    from its updated weights when its first column is reached, one column at a time."""
+    cols = w.shape[1]
+    h = gram.astype(np.float64).copy()
+    h[np.diag(h) == 0, np.diag(h) == 0] = 1
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(cols)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    work, out = w.astype(np.float64).copy(), np.empty_like(w, dtype=np.float64)
+    n = 2**bits - 1
+    for j in range(cols):
+        if j % group == 0:
+            _, scale, bias = affine_rtn(work[:, j:j + group].astype(np.float32), group, bits)
+            scale, bias = scale[:, 0].astype(np.float64), bias[:, 0].astype(np.float64)
+        q = np.clip(np.rint((work[:, j] - bias) / scale), 0, n)
+        out[:, j] = q * scale + bias
+        err = (work[:, j] - out[:, j]) / u[j, j]
+        work[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+    return out
+
+
+def output_error(w, w_hat, gram) -> float:
+    d = (w.astype(np.float64) - w_hat.astype(np.float64))
+    return float(np.einsum("rc,cd,rd->", d, gram, d))
+
+
+@pytest.mark.skipif(not (DINO_FOLDER / "model.safetensors").is_file(), reason=f"{DINO_FOLDER} missing")
+def test_dinov2_gptq_calibration(tmp_path):
+    """--gptq: the calibration images, the model's Linear inputs and the GPTQ rounding, each against an
+    independent computation (numpy images, transformers hooks, the paper's algorithm in float64)."""
+    src = load_file(str(DINO_FOLDER / "model.safetensors"))
+    out = tmp_path / "gptq"
+    only = "|".join(re.escape(n) for n in GPTQ_LAYERS)
+    report = quantize(DINO_FOLDER, out, "--format", "dequantized", "--bits", 4, "--group-size", 64, "--gptq",
+                      "--calibration-images", 16, "--only", only)
+    assert report["gptq"] is True and report["calibration_images"] == 16
+    by_name = report_by_name(report)
+    assert {n for n, t in by_name.items() if t["quantized"]} == set(GPTQ_LAYERS)
+    assert all(by_name[n]["layout"].endswith(" gptq") for n in GPTQ_LAYERS)
+    got = load_file(str(out / "model.safetensors"))
+    grams = torch_input_grams(smooth_noise_images(16, CALIBRATION_SEED))
+    for name in GPTQ_LAYERS:
+        w, gram = src[name], grams[name]
+        ref = gptq_reference(w, gram, 4, 64)
+        q, scale, bias = affine_rtn(w, 64, 4)
+        rtn = (q.reshape(w.shape[0], -1, 64) * scale[..., None] + bias[..., None]).reshape(w.shape)
+        e_ckpt, e_ref, e_rtn = (output_error(w, x, gram) for x in (got[name], ref, rtn))
+        # Float32 Gram sums and forward passes differ from these float64 ones in the last bits, so a few weights
+        # near a rounding boundary take the neighbouring code; the output error must agree closely all the same.
+        equal = np.mean(np.isclose(got[name], ref, rtol=0, atol=1e-6))
+        assert equal >= 0.98, f"{name}: {equal:.4f} of values equal the float64 reference"
+        assert abs(e_ckpt - e_ref) <= 0.01 * e_ref, f"{name}: output error {e_ckpt:.4g} vs reference {e_ref:.4g}"
+        assert e_ckpt < 0.5 * e_rtn, f"{name}: output error {e_ckpt:.4g} vs plain rounding {e_rtn:.4g}"
+    for name, w in src.items():
+        if name not in GPTQ_LAYERS:
+            assert_same_array(got[name], w, name=f"kept {name}")
+
+
+def test_gptq_refuses_gguf_and_non_vit_inputs(sources, tmp_path):
+    src, _ = sources["F32"]
+    proc = quantize(src, tmp_path / "x.gguf", "--format", "gguf", "--gptq", check=None)
+    assert proc.returncode == 64 and "--gptq" in proc.stderr
+    proc = quantize(src, tmp_path / "y", "--format", "mlx", "--gptq", "--calibration-images", 0, check=None)
+    assert proc.returncode == 64 and "--calibration-images" in proc.stderr
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y").exists()
+    proc = quantize(src, tmp_path / "z", "--format", "mlx", "--gptq", check=None)  # a ViT-like file ckpt cannot run
+    assert proc.returncode not in (0, 64) and "error" in proc.stderr.lower() and not (tmp_path / "z").exists()

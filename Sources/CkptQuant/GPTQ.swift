@@ -1,0 +1,159 @@
+import CCkptOpenBLAS
+import CkptCore
+
+/// GPTQ error compensation (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+/// Transformers", 2023): the columns of a `[rows, cols]` weight matrix are rounded one at a time, and each column's
+/// rounding error is spread over the columns not yet rounded through the inverse Gram matrix of the layer's inputs,
+/// so that the layer's *outputs* on those inputs stay close rather than its weights. The grid is any of
+/// ``GroupQuantizer``'s (RTN, MSE clipping or HQQ parameters, per group or per channel), so the codes, scales and
+/// offsets are stored exactly as plain rounding stores them and every writer and runtime reads them unchanged.
+///
+/// `H = XᵀX` (X: the layer's inputs, one row per token) is damped by 1 % of its mean diagonal, inverted, and
+/// factored as `H⁻¹ = UᵀU` (U upper triangular): row j of U holds the update of the columns after j. Updates inside
+/// a block of 128 columns run weight by weight; the rest of the matrix receives each block's errors in one GEMM.
+public struct GPTQ: Sendable {
+    /// Row-major `size × size`, upper triangle: `(H + λI)⁻¹ = UᵀU`.
+    let factor: [Float]
+    public let size: Int
+
+    /// λ as a fraction of H's mean diagonal (the reference implementation's `percdamp`).
+    public static let dampingFraction = 0.01
+    /// Columns per lazy update (a multiple of every supported group size).
+    public static let blockColumns = 128
+
+    /// Where a group's scale and offset come from.
+    public enum ParameterSource: Sendable {
+        /// The group's weights as updated by the errors of the columns before it, when its first column is
+        /// reached (the GPTQ paper's algorithm, and the default).
+        case updatedWeights
+        /// The original weights, before any update (llm-compressor's GPTQ, which takes its observer's parameters).
+        case originalWeights
+    }
+
+    /// Factors the damped inverse of the Gram matrix `gram` (row-major `size × size`, symmetric). A column whose
+    /// input was always zero (zero diagonal) gets a unit diagonal: no information, so plain rounding for it.
+    public init(gram: [Float], size: Int, tensor: String, path: String) throws(CkptError) {
+        precondition(gram.count == size * size && size > 0)
+        var h = gram.map(Double.init)
+        var trace = 0.0
+        for j in 0..<size {
+            if h[j * size + j] == 0 { h[j * size + j] = 1 }
+            trace += h[j * size + j]
+        }
+        let damping = Self.dampingFraction * trace / Double(size)
+        for j in 0..<size { h[j * size + j] += damping }
+        // A row-major symmetric matrix is its own column-major layout. LAPACK's lower triangle (column-major) is
+        // the row-major upper one, so the final factor L (H⁻¹ = LLᵀ) read row-major is U = Lᵀ, upper triangular.
+        var n = Int32(size), info: Int32 = 0
+        let lower: CChar = 76  // "L"
+        func fail(_ step: String) -> CkptError {
+            CkptError(.invalidArgument, "GPTQ: the damped Gram matrix of the layer's inputs is not positive definite (\(step), LAPACK info \(info))",
+                path: path, tensor: tensor)
+        }
+        withUnsafePointer(to: lower) { uplo in
+            h.withUnsafeMutableBufferPointer { a in
+                dpotrf_(uplo, &n, a.baseAddress!, &n, &info, 1)
+                if info == 0 { dpotri_(uplo, &n, a.baseAddress!, &n, &info, 1) }
+            }
+        }
+        if info != 0 { throw fail("inverting it") }
+        withUnsafePointer(to: lower) { uplo in
+            h.withUnsafeMutableBufferPointer { a in dpotrf_(uplo, &n, a.baseAddress!, &n, &info, 1) }
+        }
+        if info != 0 { throw fail("factoring its inverse") }
+        var factor = [Float](repeating: 0, count: size * size)
+        for i in 0..<size {
+            for j in i..<size { factor[i * size + j] = Float(h[i * size + j]) }
+        }
+        self.factor = factor
+        self.size = size
+    }
+
+    /// The identity factor: every error stays in its own column, so the result is plain rounding.
+    init(identity size: Int) {
+        var factor = [Float](repeating: 0, count: size * size)
+        for j in 0..<size { factor[j * size + j] = 1 }
+        self.factor = factor
+        self.size = size
+    }
+
+    /// Quantizes `rows × size` weights (row-major) under `settings`: one code per weight into `codes`, and the
+    /// stored scale and offset of each (row, group) into `scales`/`offsets` (`rows × groups`). `weights` is not
+    /// modified. Rows are independent, so they are split across cores, each with single-threaded OpenBLAS.
+    public func quantize(
+        _ weights: UnsafePointer<Float>, rows: Int, settings: QuantizationSettings, source: ParameterSource = .updatedWeights,
+        codes: UnsafeMutablePointer<UInt8>, scales: UnsafeMutablePointer<Float>, offsets: UnsafeMutablePointer<Float>
+    ) {
+        let cols = size
+        let groupSize = settings.groupSize ?? cols
+        precondition(cols % groupSize == 0 && (groupSize == cols || Self.blockColumns % groupSize == 0))
+        let quantizer = GroupQuantizer(settings)
+        let previousThreads = openblas_get_num_threads()
+        openblas_set_num_threads(1)
+        defer { openblas_set_num_threads(previousThreads) }
+        nonisolated(unsafe) let out = (weights, codes, scales, offsets)
+        factor.withUnsafeBufferPointer { factorBuffer in
+            nonisolated(unsafe) let u = factorBuffer.baseAddress!
+            // Enough rows per worker that the trailing GEMMs stay efficient.
+            Parallel.forEachChunk(count: rows, minimumChunk: 32) { range in
+                Self.quantizeRows(range, original: out.0, cols: cols, groupSize: groupSize, factor: u, quantizer: quantizer,
+                    source: source, codes: out.1, scales: out.2, offsets: out.3)
+            }
+        }
+    }
+
+    static func quantizeRows(
+        _ range: Range<Int>, original: UnsafePointer<Float>, cols: Int, groupSize: Int, factor u: UnsafePointer<Float>,
+        quantizer: GroupQuantizer, source: ParameterSource,
+        codes: UnsafeMutablePointer<UInt8>, scales: UnsafeMutablePointer<Float>, offsets: UnsafeMutablePointer<Float>
+    ) {
+        let n = range.count, block = blockColumns, groups = cols / groupSize
+        let work = UnsafeMutablePointer<Float>.allocate(capacity: n * cols)
+        let errors = UnsafeMutablePointer<Float>.allocate(capacity: n * block)
+        let coding = UnsafeMutablePointer<GroupParameters>.allocate(capacity: n * groups)
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: groupSize)
+        defer { work.deallocate(); errors.deallocate(); coding.deallocate(); scratch.deallocate() }
+        work.update(from: original + range.lowerBound * cols, count: n * cols)
+        func setParameters(row i: Int, group g: Int, from w: UnsafePointer<Float>) {
+            let (c, s) = quantizer.parameters(w, groupSize, scratch: scratch)
+            coding[i * groups + g] = c
+            let k = (range.lowerBound + i) * groups + g
+            scales[k] = s.scale
+            offsets[k] = s.offset
+        }
+        if source == .originalWeights {
+            for i in 0..<n {
+                for g in 0..<groups { setParameters(row: i, group: g, from: work + i * cols + g * groupSize) }
+            }
+        }
+        var start = 0
+        while start < cols {
+            let end = min(start + block, cols)
+            for i in 0..<n {
+                let w = work + i * cols
+                let r = range.lowerBound + i
+                var p = GroupParameters(scale: 1, offset: 0), stored = p
+                for j in start..<end {
+                    let g = j / groupSize
+                    if j % groupSize == 0 || j == start {
+                        if source == .updatedWeights && j % groupSize == 0 { setParameters(row: i, group: g, from: w + j) }
+                        p = coding[i * groups + g]
+                        stored = GroupParameters(scale: scales[r * groups + g], offset: offsets[r * groups + g])
+                    }
+                    let q = quantizer.code(w[j], p)
+                    codes[r * cols + j] = UInt8(q)
+                    let error = (w[j] - quantizer.stored(quantizer.value(q, stored))) / u[j * cols + j]
+                    errors[i * block + (j - start)] = error
+                    let row = u + j * cols
+                    for k in (j + 1)..<end { w[k] -= error * row[k] }
+                }
+            }
+            if end < cols {
+                // W[:, end...] -= E · U[start..<end, end...]
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(cols - end), Int32(end - start),
+                    -1, errors, Int32(block), u + start * cols + end, Int32(cols), 1, work + end, Int32(cols))
+            }
+            start = end
+        }
+    }
+}
