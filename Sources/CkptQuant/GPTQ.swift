@@ -69,14 +69,6 @@ public struct GPTQ: Sendable {
         self.size = size
     }
 
-    /// The identity factor: every error stays in its own column, so the result is plain rounding.
-    init(identity size: Int) {
-        var factor = [Float](repeating: 0, count: size * size)
-        for j in 0..<size { factor[j * size + j] = 1 }
-        self.factor = factor
-        self.size = size
-    }
-
     /// Quantizes `rows × size` weights (row-major) under `settings`: one code per weight into `codes`, and the
     /// stored scale and offset of each (row, group) into `scales`/`offsets` (`rows × groups`). `weights` is not
     /// modified. Rows are independent, so they are split across cores, each with single-threaded OpenBLAS.
