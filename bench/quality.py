@@ -8,12 +8,14 @@ and prints accuracy, top-1 agreement with F32 and the mean softmax KL(F32 || qua
 The dequantized (affine) weights are exactly what the MLX layout stores, so the numbers hold for --format mlx.
 
 With --gptq every run adds GPTQ error compensation from ckpt's data-free calibration (synthetic images through the
-model itself); --settings restricts the settings (e.g. 4:64,3:64).
+model itself); --gptq --calibration-data calibrates on unlabelled in-domain images instead (by default the 128
+Fashion-MNIST training images of fixtures/eval/fmnist_calibration.npz, disjoint from the eval set); --settings
+restricts the settings (e.g. 4:64,3:64).
 
 With --sensitivity it instead measures how sensitive the probe is: the same metrics for F16 and BF16 round trips of
 all weights (ckpt convert) and for W4 g64 RTN applied to one kind of Linear layer at a time (--only).
 
-Usage: bench/quality.py [--limit N] [--out results.json] [--gptq] [--settings B:G,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
+Usage: bench/quality.py [--limit N] [--out results.json] [--gptq [--calibration-data [NPZ]]] [--settings B:G,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
 first; $CKPT overrides the binary)
 """
 import argparse, json, os, subprocess, sys, tempfile
@@ -26,6 +28,7 @@ CKPT = Path(os.environ.get("CKPT", ROOT / ".build/release/ckpt"))
 MODEL = ROOT / ".cache/dinov2/dinov2-small-224"
 HEAD = ROOT / "fixtures/eval/fmnist_head.safetensors"
 DATA = ROOT / "fixtures/eval/fmnist_eval.npz"
+CALIBRATION = ROOT / "fixtures/eval/fmnist_calibration.npz"  # unlabelled Fashion-MNIST train images
 SETTINGS = [(8, 64), (6, 64), (4, 128), (4, 64), (4, 32), (3, 64), (2, 64)]
 METHODS = ["rtn", "mse", "hqq"]
 
@@ -81,12 +84,18 @@ def main():
     p.add_argument("--out", type=Path)
     p.add_argument("--sensitivity", action="store_true")
     p.add_argument("--gptq", action="store_true", help="add GPTQ error compensation (data-free calibration)")
+    p.add_argument("--calibration-data", type=Path, nargs="?", const=CALIBRATION,
+                   help=f"with --gptq: calibrate on these unlabelled images (default {CALIBRATION.relative_to(ROOT)})")
     p.add_argument("--settings", help="comma list of BITS:GROUP (default: all)")
     a = p.parse_args()
     if a.sensitivity:
         return sensitivity(a.limit)
     settings = [tuple(map(int, x.split(":"))) for x in a.settings.split(",")] if a.settings else SETTINGS
+    if a.calibration_data and not a.gptq:
+        p.error("--calibration-data applies to --gptq")
     extra = ["--gptq"] if a.gptq else []
+    extra += ["--calibration-data", str(a.calibration_data)] if a.calibration_data else []
+    label = (" + GPTQ" + (" (data)" if a.calibration_data else "")) if a.gptq else ""
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         tmp = Path(tmp)
@@ -104,16 +113,17 @@ def main():
                 r = evaluate(out, tmp / "q.npy", a.limit)
                 logits = np.load(tmp / "q.npy")
                 agree, kl = compare(ref, logits)
-                row = dict(bits=bits, group=group, method=method, gptq=a.gptq, accuracy=r["accuracy"], agreement=agree, kl=kl,
+                row = dict(bits=bits, group=group, method=method, gptq=a.gptq,
+                           calibration=str(a.calibration_data) if a.calibration_data else ("synthetic" if a.gptq else None), accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)
-                print(f"W{bits} g{group} {method:3s}{' gptq' if a.gptq else ''}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
+                print(f"W{bits} g{group} {method:3s}{label}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
                       f"{100 * (r['accuracy'] - base['accuracy']):+.1f} pt), agreement {agree:.4f}, KL {kl:.4f}, "
                       f"mean SQNR {sqnr:.2f} dB", flush=True)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     if a.out:
         a.out.write_text(json.dumps(dict(f32_accuracy=base["accuracy"], n=base["n"], rows=rows), indent=2) + "\n")
-    print("\n| setting | " + " | ".join(f"{m.upper()}{' + GPTQ' if a.gptq else ''} acc / agree / KL" for m in METHODS) + " |")
+    print("\n| setting | " + " | ".join(f"{m.upper()}{label} acc / agree / KL" for m in METHODS) + " |")
     print("|---|" + "---|" * len(METHODS))
     for bits, group in settings:
         cells = []

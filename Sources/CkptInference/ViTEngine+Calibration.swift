@@ -128,3 +128,14 @@ public enum CalibrationImages {
         }
     }
 }
+
+extension ViTEngine {
+    /// `linearInputGrams(count:fill:)` on the first `count` images of a set, preprocessed as `run` and `eval` do.
+    public func linearInputGrams(images: ImageSet, count: Int) throws(CkptError) -> [String: LinearInputGram] {
+        precondition(count <= images.count)
+        let size = imageSize, config = model.config
+        return try linearInputGrams(count: count) { (i: Int, out: UnsafeMutablePointer<Float>) throws(CkptError) in
+            try images.fill(i, size: size, config: config, into: out)
+        }
+    }
+}

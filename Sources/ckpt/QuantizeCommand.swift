@@ -20,8 +20,9 @@ struct QuantizeCommand: ParsableCommand {
             input is a Hugging Face folder and the format is dequantized). Every quantized tensor is reported with \
             its SQNR and largest error; totals give the sizes and bits per weight. \
             --gptq (ViT models, not gguf) runs the model on --calibration-images synthetic images (smooth noise, \
-            no data), takes each block Linear's input Gram matrix, and rounds with GPTQ error compensation on \
-            the grid --method chooses: the layer outputs, not the weights, are kept close.
+            no data) or on the unlabelled images of --calibration-data, takes each block Linear's input Gram \
+            matrix, and rounds with GPTQ error compensation on the grid --method chooses: the layer outputs, not \
+            the weights, are kept close.
             """)
 
     @Argument(help: "Input checkpoint (file, shard folder, or Hugging Face model folder).")
@@ -59,11 +60,22 @@ struct QuantizeCommand: ParsableCommand {
     @Flag(help: "GPTQ error compensation from data-free calibration (ViT models; mlx, compressed-tensors, dequantized).")
     var gptq = false
 
-    @Option(name: .customLong("calibration-images"), help: "Synthetic calibration images for --gptq (1–1024).")
-    var calibrationImages: Int = 32
+    @Option(name: .customLong("calibration-images"), help: "Calibration images for --gptq (1–1024; default 32 synthetic, or all of --calibration-data).")
+    var calibrationImagesOption: Int?
 
-    /// Fixed, so a run is reproducible.
-    static let calibrationSeed: UInt64 = 20_261_123
+    @Option(name: .customLong("calibration-data"), parsing: .singleValue, help: ArgumentHelp(
+        "Calibration images for --gptq instead of synthetic ones (repeatable): PNG files or npz/npy uint8 [N,H,W(,C)], preprocessed as eval does; labels are ignored.",
+        valueName: "PATH"))
+    var calibrationData: [String] = []
+
+    /// How many calibration images a --gptq run uses; with --calibration-data, the set's size is checked in `run`.
+    var calibrationImages: Int { calibrationImagesOption ?? (calibrationData.isEmpty ? 32 : Self.maximumCalibrationImages) }
+    static let maximumCalibrationImages = 1024
+
+    /// Fixed by default, so a run is reproducible; another seed draws other calibration images.
+    @Option(name: .customLong("calibration-seed"), help: "Seed of the synthetic calibration images for --gptq (default 20261123).")
+    var calibrationSeedOption: UInt64?
+    var calibrationSeed: UInt64 { calibrationSeedOption ?? 20_261_123 }
 
     @OptionGroup var json: JSONOutputOption
 
@@ -115,23 +127,45 @@ struct QuantizeCommand: ParsableCommand {
         if try gptq && parsedFormat == .gguf {
             throw ValidationError("--gptq: GGUF blocks are ggml's reference quantizers; GPTQ applies to mlx, compressed-tensors and dequantized")
         }
-        guard (1...1024).contains(calibrationImages) else { throw ValidationError("--calibration-images \(calibrationImages): choose 1 to 1024") }
+        guard (1...Self.maximumCalibrationImages).contains(calibrationImages) else {
+            throw ValidationError("--calibration-images \(calibrationImages): choose 1 to \(Self.maximumCalibrationImages)")
+        }
+        if !gptq && (calibrationImagesOption != nil || !calibrationData.isEmpty || calibrationSeedOption != nil) {
+            throw ValidationError("--calibration-images, --calibration-data and --calibration-seed apply to --gptq")
+        }
+        if !calibrationData.isEmpty && calibrationSeedOption != nil {
+            throw ValidationError("--calibration-seed draws synthetic images; --calibration-data images need none")
+        }
     }
 
-    /// GPTQ factors for the planned block Linears, from the model's own forward pass on synthetic images.
-    func compensation(plan: [PlannedTensor]) throws(CkptError) -> [String: GPTQ] {
+    /// GPTQ factors for the planned block Linears, from the model's own forward pass on the calibration images, and
+    /// how many images that took.
+    func compensation(plan: [PlannedTensor]) throws(CkptError) -> (factors: [String: GPTQ], images: Int) {
         let model = try ViTModel.load(input)
         let engine = try ViTEngine(model: model)
-        let (channels, size, seed) = (model.config.channels, engine.imageSize, Self.calibrationSeed)
-        let grams = try engine.linearInputGrams(count: calibrationImages) { index, destination in
-            CalibrationImages.smoothNoise(index: index, seed: seed, channels: channels, size: size, into: destination)
+        let grams: [String: LinearInputGram]
+        var used = calibrationImages
+        if calibrationData.isEmpty {
+            let (channels, size, seed) = (model.config.channels, engine.imageSize, calibrationSeed)
+            grams = try engine.linearInputGrams(count: calibrationImages) { index, destination in
+                CalibrationImages.smoothNoise(index: index, seed: seed, channels: channels, size: size, into: destination)
+            }
+        } else {
+            let images = try ImageSet.load(calibrationData)
+            let count = calibrationImagesOption ?? min(images.count, Self.maximumCalibrationImages)
+            guard count <= images.count else {
+                throw CkptError(.invalidArgument, "--calibration-images \(count): the calibration data holds \(images.count) images",
+                    path: calibrationData.joined(separator: ", "))
+            }
+            grams = try engine.linearInputGrams(images: images, count: count)
+            used = count
         }
         var factors: [String: GPTQ] = [:]
         for item in plan where item.isQuantized {
             guard let gram = grams[item.entry.name], gram.width == item.cols else { continue }
             factors[item.entry.name] = try GPTQ(gram: gram.values, size: gram.width, tensor: item.entry.name, path: item.entry.path)
         }
-        return factors
+        return (factors, used)
     }
 
     func run() throws {
@@ -144,6 +178,7 @@ struct QuantizeCommand: ParsableCommand {
             let selection = try TensorSelection(only: only, skip: skip)
             let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
             var report: QuantizationReport
+            var calibrationUsed: Int? = nil
             if format == .gguf {
                 report = try quantizeToGGUF(checkpoint, selection: selection, inputs: inputs, inputIsFolder: inputIsFolder)
             } else {
@@ -155,16 +190,17 @@ struct QuantizeCommand: ParsableCommand {
                     path: output, folder: folder,
                     inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
                     companions: companions, inputs: inputs)
-                let factors = gptq ? try compensation(plan: plan) : [:]
+                var factors: [String: GPTQ] = [:]
+                if gptq { (factors, calibrationUsed) = try compensation(plan: plan) }
                 report = try QuantizedCheckpointWriter.write(
                     checkpoint, plan: plan, format: format, settings: settings, compensation: factors, to: destination)
             }
             report.seconds = MonotonicClock.seconds() - started
-            print(json.enabled ? reportJSON(report, format: format) : reportTable(report))
+            print(json.enabled ? reportJSON(report, format: format, calibrationImages: calibrationUsed) : reportTable(report, calibrationImages: calibrationUsed))
         }
     }
 
-    func reportTable(_ report: QuantizationReport) -> String {
+    func reportTable(_ report: QuantizationReport, calibrationImages used: Int?) -> String {
         var rows: [[String]] = []
         for t in report.tensors where t.scheme != nil || t.isWeightMatrix {
             rows.append([
@@ -184,6 +220,10 @@ struct QuantizeCommand: ParsableCommand {
             + Formatting.printf("%.2f", Double(report.inputBytes) / Double(max(report.outputBytes, 1))) + "× smaller, "
             + Formatting.printf("%.3f", report.overallBitsPerWeight) + " bits/parameter overall) in "
             + Formatting.printf("%.2f", report.seconds) + " s"
+        if let used {
+            out += "\nGPTQ calibration: \(used) " + (calibrationData.isEmpty ? "synthetic smooth-noise images (seed \(calibrationSeed))"
+                : "images from " + calibrationData.joined(separator: ", "))
+        }
         out += "\nwrote \(output)"
         return out
     }
@@ -195,7 +235,7 @@ struct QuantizeCommand: ParsableCommand {
         return groupSize == 0 ? "null" : String(groupSize)
     }
 
-    func reportJSON(_ report: QuantizationReport, format: QuantizedFormat) -> String {
+    func reportJSON(_ report: QuantizationReport, format: QuantizedFormat, calibrationImages used: Int?) -> String {
         func number(_ x: Double?) -> String { x.map(Formatting.jsonNumber) ?? "null" }
         var items: [String] = []
         for t in report.tensors {
@@ -214,9 +254,15 @@ struct QuantizeCommand: ParsableCommand {
             }
             items.append("{" + fields.joined(separator: ",") + "}")
         }
+        var calibration = ""
+        if let used {
+            let source = calibrationData.isEmpty
+                ? "{\"synthetic\":\"smooth-noise\",\"seed\":\(calibrationSeed)}"
+                : "{\"data\":[" + calibrationData.map { JSONWriter.quoted($0) }.joined(separator: ",") + "]}"
+            calibration = "\"calibration_images\":\(used),\"calibration\":" + source + ","
+        }
         return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format.rawValue)),"
-            + "\"method\":\(JSONWriter.quoted(method)),\"gptq\":\(gptq),"
-            + (gptq ? "\"calibration_images\":\(calibrationImages)," : "") + "\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
+            + "\"method\":\(JSONWriter.quoted(method)),\"gptq\":\(gptq)," + calibration + "\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
             + "\"input_bytes\":\(report.inputBytes),\"output_bytes\":\(report.outputBytes),"
             + "\"quantized_weights\":\(report.quantizedWeights),\"bits_per_weight\":\(number(report.bitsPerWeight)),"
             + "\"seconds\":\(number(report.seconds)),\"tensors\":[" + items.joined(separator: ",") + "]}"

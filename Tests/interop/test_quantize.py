@@ -1255,21 +1255,43 @@ def output_error(w, w_hat, gram) -> float:
     return float(np.einsum("rc,cd,rd->", d, gram, d))
 
 
+CALIBRATION_DATA = REPO / "fixtures/eval/fmnist_calibration.npz"
+
+
+def eval_preprocess(images: np.ndarray, size: int = 224) -> np.ndarray:
+    """ckpt's rule for uint8 grey images: nearest-neighbour x(size/side), u/255, grey to RGB, ImageNet-normalised."""
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[None, :, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[None, :, None, None]
+    k = size // images.shape[1]
+    up = images.repeat(k, 1).repeat(k, 2).astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray((up[:, None] - mean) / std, np.float32)
+
+
 @pytest.mark.skipif(not (DINO_FOLDER / "model.safetensors").is_file(), reason=f"{DINO_FOLDER} missing")
-def test_dinov2_gptq_calibration(tmp_path):
+@pytest.mark.parametrize("calibration", ["synthetic", "synthetic-seed", "data"])
+def test_dinov2_gptq_calibration(tmp_path, calibration):
     """--gptq: the calibration images, the model's Linear inputs and the GPTQ rounding, each against an
     independent computation (numpy images, transformers hooks, the paper's algorithm in float64)."""
     src = load_file(str(DINO_FOLDER / "model.safetensors"))
     out = tmp_path / "gptq"
     only = "|".join(re.escape(n) for n in GPTQ_LAYERS)
+    extra = {"synthetic": [], "synthetic-seed": ["--calibration-seed", 7],
+             "data": ["--calibration-data", CALIBRATION_DATA]}[calibration]
     report = quantize(DINO_FOLDER, out, "--format", "dequantized", "--bits", 4, "--group-size", 64, "--gptq",
-                      "--calibration-images", 16, "--only", only)
+                      "--calibration-images", 16, "--only", only, *extra)
     assert report["gptq"] is True and report["calibration_images"] == 16
+    if calibration == "data":
+        assert report["calibration"] == {"data": [str(CALIBRATION_DATA)]}
+        images = eval_preprocess(np.load(CALIBRATION_DATA)["images"][:16])
+    else:
+        seed = 7 if calibration == "synthetic-seed" else CALIBRATION_SEED
+        assert report["calibration"] == {"synthetic": "smooth-noise", "seed": seed}
+        images = smooth_noise_images(16, seed)
     by_name = report_by_name(report)
     assert {n for n, t in by_name.items() if t["quantized"]} == set(GPTQ_LAYERS)
     assert all(by_name[n]["layout"].endswith(" gptq") for n in GPTQ_LAYERS)
     got = load_file(str(out / "model.safetensors"))
-    grams = torch_input_grams(smooth_noise_images(16, CALIBRATION_SEED))
+    grams = torch_input_grams(images)
     for name in GPTQ_LAYERS:
         w, gram = src[name], grams[name]
         ref = gptq_reference(w, gram, 4, 64)
@@ -1296,3 +1318,19 @@ def test_gptq_refuses_gguf_and_non_vit_inputs(sources, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y").exists()
     proc = quantize(src, tmp_path / "z", "--format", "mlx", "--gptq", check=None)  # a ViT-like file ckpt cannot run
     assert proc.returncode not in (0, 64) and "error" in proc.stderr.lower() and not (tmp_path / "z").exists()
+
+
+@pytest.mark.skipif(not (DINO_FOLDER / "model.safetensors").is_file(), reason=f"{DINO_FOLDER} missing")
+def test_calibration_options_are_checked(tmp_path):
+    out = tmp_path / "q"
+    proc = quantize(DINO_FOLDER, out, "--format", "mlx", "--calibration-data", CALIBRATION_DATA, check=None)
+    assert proc.returncode == 64 and "apply to --gptq" in proc.stderr
+    proc = quantize(DINO_FOLDER, out, "--format", "mlx", "--gptq", "--calibration-data", CALIBRATION_DATA,
+                    "--calibration-seed", 3, check=None)
+    assert proc.returncode == 64 and "--calibration-seed" in proc.stderr
+    # 200 images asked of a 128-image set: the file and the count are named, nothing is written.
+    proc = quantize(DINO_FOLDER, out, "--format", "mlx", "--gptq", "--calibration-data", CALIBRATION_DATA,
+                    "--calibration-images", 200, check=None)
+    assert proc.returncode not in (0, 64), proc.stderr
+    assert "holds 128 images" in proc.stderr and "fmnist_calibration.npz" in proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
