@@ -41,11 +41,14 @@ public struct ImageSet: Sendable {
     /// Largest image side accepted from a file (the preprocessing buffers scale with it).
     public static let maximumSide = 8192
 
-    public static func load(_ paths: [String]) throws(CkptError) -> ImageSet {
+    /// The images of `paths` in order. Labels (for `eval`) must come from a single file; with `ignoringLabels`
+    /// (calibration) any file's labels are dropped.
+    public static func load(_ paths: [String], ignoringLabels: Bool = false) throws(CkptError) -> ImageSet {
         var groups: [Group] = []
         var labels: [Int]? = nil
         for path in paths {
-            let (group, groupLabels) = try loadOne(path)
+            let (group, loadedLabels) = try loadOne(path)
+            let groupLabels = ignoringLabels ? nil : loadedLabels
             if paths.count > 1, groupLabels != nil {
                 throw CkptError(.invalidArgument, "labelled data must be the only input", path: path)
             }

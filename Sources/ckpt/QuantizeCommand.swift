@@ -57,7 +57,7 @@ struct QuantizeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Keep tensors whose name matches this regular expression.", valueName: "REGEX"))
     var skip: String?
 
-    @Flag(help: "GPTQ error compensation from data-free calibration (ViT models; mlx, compressed-tensors, dequantized).")
+    @Flag(help: "GPTQ error compensation from calibration images: synthetic by default, or --calibration-data (ViT models; mlx, compressed-tensors, dequantized).")
     var gptq = false
 
     @Option(name: .customLong("calibration-images"), help: "Calibration images for --gptq (1–1024; default 32 synthetic, or all of --calibration-data).")
@@ -151,7 +151,7 @@ struct QuantizeCommand: ParsableCommand {
                 CalibrationImages.smoothNoise(index: index, seed: seed, channels: channels, size: size, into: destination)
             }
         } else {
-            let images = try ImageSet.load(calibrationData)
+            let images = try ImageSet.load(calibrationData, ignoringLabels: true)
             let count = calibrationImagesOption ?? min(images.count, Self.maximumCalibrationImages)
             guard count <= images.count else {
                 throw CkptError(.invalidArgument, "--calibration-images \(count): the calibration data holds \(images.count) images",

@@ -1334,3 +1334,9 @@ def test_calibration_options_are_checked(tmp_path):
     assert proc.returncode not in (0, 64), proc.stderr
     assert "holds 128 images" in proc.stderr and "fmnist_calibration.npz" in proc.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+    # Several files, one of them labelled: calibration takes the images in order and ignores the labels.
+    labelled = REPO / "fixtures/eval/fmnist_eval.npz"
+    report = quantize(DINO_FOLDER, out, "--format", "mlx", "--gptq", "--calibration-data", labelled,
+                      "--calibration-data", CALIBRATION_DATA, "--calibration-images", 3, "--only", r"layer\.0\.mlp\.fc1")
+    assert report["calibration_images"] == 3 and report["calibration"] == {"data": [str(labelled), str(CALIBRATION_DATA)]}
+    assert [t["layout"] for t in report["tensors"] if t["quantized"]] == ["mlx-affine 4-bit g64 gptq"]
