@@ -46,11 +46,9 @@ extension ViTEngine {
         let sites = LinearInput.allCases
         // One accumulator per (block, input): upper triangles, in F64 so many micro-batches add up exactly enough.
         let sums = Mutex((0..<(model.blocks.count * sites.count)).map { k in Accumulator(width: widths[sites[k % sites.count]]!) })
-        let scratchWidth = max(c.dim, c.mlpDim)
         _ = try features(count: count, fill: fill) { block, input, x, rows, width in
             let scratch = UnsafeMutablePointer<Float>.allocate(capacity: width * width)
             defer { scratch.deallocate() }
-            precondition(width <= scratchWidth)
             cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(width), Int32(rows), 1, x, Int32(width), 0, scratch, Int32(width))
             sums.withLock { $0[block * sites.count + sites.firstIndex(of: input)!].add(scratch, rows: rows) }
         }

@@ -152,14 +152,15 @@ final class StreamingQuantizer: @unchecked Sendable {
         let offsets = buffer(.offsets, rows * groups, as: Float.self)
         gptq.quantize(weights, rows: rows, settings: settings, codes: codes, scales: scales, offsets: offsets)
         let words = output == .packed ? buffer(.words, rows * wordsPerRow, as: UInt32.self) : nil
-        let values = buffer(.values, rows * cols, as: Float.self)
+        let values = output == .dequantized ? buffer(.values, rows * cols, as: Float.self) : nil
         let quantizer = GroupQuantizer(settings)
         var total = Statistics()
         for r in 0..<rows {
             for j in 0..<cols {
                 let k = r * groups + j / groupSize
-                let v = quantizer.stored(quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k])))
-                values[r * cols + j] = quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k]))
+                let value = quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k]))
+                values?[r * cols + j] = value
+                let v = quantizer.stored(value)
                 let w = weights[r * cols + j]
                 total.signalEnergy += Double(w * w)
                 let d = abs(w - v)
@@ -169,7 +170,7 @@ final class StreamingQuantizer: @unchecked Sendable {
             if let words { BitPacking.pack(codes + r * cols, count: cols, bits: settings.bits, into: words + r * wordsPerRow) }
         }
         try emit(Chunk(
-            rows: 0..<rows, words: words.map { UnsafePointer($0) }, values: output == .dequantized ? UnsafePointer(values) : nil,
+            rows: 0..<rows, words: words.map { UnsafePointer($0) }, values: values.map { UnsafePointer($0) },
             scales: scales, offsets: offsets))
         return total
     }
