@@ -46,6 +46,22 @@ def evaluate(model, logits_path, limit):
     return json.loads(out)
 
 
+def reference(logits_path, limit):
+    """The F32 model's evaluation, cached in .cache/quality/ (keyed by --limit) while the model and the binary
+    are older than the cache: every table starts from the same 1,000-image forward pass."""
+    cache = ROOT / ".cache/quality"
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = cache / f"f32-{limit or 'all'}"
+    newest = max(p.stat().st_mtime for p in [CKPT, MODEL / "model.safetensors", HEAD, DATA])
+    if stem.with_suffix(".json").exists() and stem.with_suffix(".json").stat().st_mtime > newest:
+        subprocess.run(["cp", str(stem.with_suffix(".npy")), str(logits_path)], check=True)
+        return json.loads(stem.with_suffix(".json").read_text())
+    result = evaluate(MODEL, logits_path, limit)
+    subprocess.run(["cp", str(logits_path), str(stem.with_suffix(".npy"))], check=True)
+    stem.with_suffix(".json").write_text(json.dumps(result))
+    return result
+
+
 def compare(ref, logits):
     """(top-1 agreement, mean KL(ref || logits)) of two logit matrices."""
     lp, lq = log_softmax(ref), log_softmax(logits)
@@ -62,7 +78,7 @@ def sensitivity(limit):
     """F16/BF16 round trips of every weight, and W4 g64 RTN on one kind of layer at a time."""
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         tmp = Path(tmp)
-        base = evaluate(MODEL, tmp / "f32.npy", limit)
+        base = reference(tmp / "f32.npy", limit)
         ref = np.load(tmp / "f32.npy")
         print(f"F32: accuracy {base['accuracy']:.4f} on {base['n']} images\n")
         print("| weights changed | accuracy | agreement | KL |\n|---|---|---|---|")
@@ -87,23 +103,31 @@ def main():
     p.add_argument("--calibration-data", type=Path, nargs="?", const=CALIBRATION,
                    help=f"with --gptq: calibrate on these unlabelled images (default {CALIBRATION.relative_to(ROOT)})")
     p.add_argument("--settings", help="comma list of BITS:GROUP (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of methods (default: rtn,mse,hqq)")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false", help="with --gptq: plain column order")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="with --gptq: every layer's inputs from the unquantized model")
     a = p.parse_args()
+    methods = a.methods.split(",")
     if a.sensitivity:
         return sensitivity(a.limit)
     settings = [tuple(map(int, x.split(":"))) for x in a.settings.split(",")] if a.settings else SETTINGS
-    if a.calibration_data and not a.gptq:
-        p.error("--calibration-data applies to --gptq")
+    if (a.calibration_data or not a.act_order or not a.sequential) and not a.gptq:
+        p.error("--calibration-data, --no-act-order and --no-sequential apply to --gptq")
     extra = ["--gptq"] if a.gptq else []
     extra += ["--calibration-data", str(a.calibration_data)] if a.calibration_data else []
-    label = (" + GPTQ" + (" (data)" if a.calibration_data else "")) if a.gptq else ""
+    extra += ["--no-act-order"] if a.gptq and not a.act_order else []
+    extra += ["--no-sequential"] if a.gptq and not a.sequential else []
+    label = (" + GPTQ" + ("" if a.act_order else " no-act-order") + ("" if a.sequential else " no-sequential")
+             + (" (data)" if a.calibration_data else "")) if a.gptq else ""
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         tmp = Path(tmp)
-        base = evaluate(MODEL, tmp / "f32.npy", a.limit)
+        base = reference(tmp / "f32.npy", a.limit)
         ref = np.load(tmp / "f32.npy")
         print(f"F32: accuracy {base['accuracy']:.4f} on {base['n']} images", flush=True)
         for bits, group in settings:
-            for method in METHODS:
+            for method in methods:
                 out = tmp / f"w{bits}g{group}-{method}"
                 q = subprocess.run([str(CKPT), "quantize", str(MODEL), str(out), "--format", "dequantized", "--bits", str(bits),
                                     "--group-size", str(group), "--method", method, "--json"] + extra,
@@ -113,7 +137,7 @@ def main():
                 r = evaluate(out, tmp / "q.npy", a.limit)
                 logits = np.load(tmp / "q.npy")
                 agree, kl = compare(ref, logits)
-                row = dict(bits=bits, group=group, method=method, gptq=a.gptq,
+                row = dict(bits=bits, group=group, method=method, gptq=a.gptq, act_order=a.gptq and a.act_order, sequential=a.gptq and a.sequential,
                            calibration=str(a.calibration_data) if a.calibration_data else ("synthetic" if a.gptq else None), accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)
@@ -123,11 +147,11 @@ def main():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     if a.out:
         a.out.write_text(json.dumps(dict(f32_accuracy=base["accuracy"], n=base["n"], rows=rows), indent=2) + "\n")
-    print("\n| setting | " + " | ".join(f"{m.upper()}{label} acc / agree / KL" for m in METHODS) + " |")
-    print("|---|" + "---|" * len(METHODS))
+    print("\n| setting | " + " | ".join(f"{m.upper()}{label} acc / agree / KL" for m in methods) + " |")
+    print("|---|" + "---|" * len(methods))
     for bits, group in settings:
         cells = []
-        for m in METHODS:
+        for m in methods:
             r = next(x for x in rows if x["bits"] == bits and x["group"] == group and x["method"] == m)
             cells.append(f"{100 * r['accuracy']:.1f} / {100 * r['agreement']:.1f} / {r['kl']:.3f}")
         print(f"| W{bits} g{group} | " + " | ".join(cells) + " |")

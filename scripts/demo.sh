@@ -95,7 +95,7 @@ $CKPT eval .cache/dinov2/dinov2-small-224.f16.safetensors --reference "$FOLDER" 
 
 echo
 echo "== ckpt quantize: 4-bit MLX files of the bundled model (affine, groups of 64): RTN (= mlx.core.quantize bit for"
-echo "   bit); GPTQ from data-free calibration (synthetic images through the model); GPTQ calibrated on 128 unlabelled"
+echo "   bit); GPTQ (act-order, sequential) from data-free calibration (synthetic images through the model); GPTQ calibrated on 128 unlabelled"
 echo "   Fashion-MNIST training images (fixtures/eval/fmnist_calibration.npz, not in the eval set). Each is read back by"
 echo "   ckpt eval (dequantized on load) and scored on the same 1,000 images as F32 above"
 for variant in rtn gptq gptq-data; do

@@ -139,7 +139,7 @@ public struct ImageSet: Sendable {
     }
 
     /// Writes image `index` as normalised F32 [C, size, size] for a model with `config`.
-    func fill(_ index: Int, size: Int, config: ViTConfig, into out: UnsafeMutablePointer<Float>) throws(CkptError) {
+    public func fill(_ index: Int, size: Int, config: ViTConfig, into out: UnsafeMutablePointer<Float>) throws(CkptError) {
         var i = index
         var groupIndex = 0
         while i >= groups[groupIndex].count { i -= groups[groupIndex].count; groupIndex += 1 }

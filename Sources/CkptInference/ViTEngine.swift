@@ -48,7 +48,7 @@ public final class ViTEngine: Sendable {
     /// Per-worker activations, allocated once and reused for every layer and micro-batch.
     final class Workspace {
         let capacity: Int  // images
-        let x, h, qkv, attention, hidden, scores, patches: FloatBuffer
+        let x, h, qkv, attention, hidden, scores, patches, images: FloatBuffer
 
         init(engine: ViTEngine, images: Int) {
             let c = engine.model.config
@@ -61,6 +61,7 @@ public final class ViTEngine: Sendable {
             hidden = FloatBuffer(count: rows * c.mlpDim)
             scores = FloatBuffer(count: engine.tokens * engine.tokens)
             patches = FloatBuffer(count: images * engine.grid * engine.grid * c.channels * c.patchSize * c.patchSize)
+            self.images = FloatBuffer(count: images * c.channels * engine.imageSize * engine.imageSize)
         }
     }
 
@@ -79,36 +80,44 @@ public final class ViTEngine: Sendable {
     ) throws(CkptError) -> [Float] {
         let d = model.config.dim
         guard count > 0 else { return [] }
+        let output = FloatBuffer(count: count * d)
+        let imageFloats = model.config.channels * imageSize * imageSize
+        try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
+            for i in 0..<n { try fill(first + i, ws.images.pointer + i * imageFloats) }
+            forward(images: ws.images.pointer, count: n, workspace: ws, output: output.pointer + first * d, observe: observe)
+        }
+        return output.values
+    }
+
+    /// Calls `body(first image, images, workspace)` for every micro-batch of `count` images. Micro-batches are
+    /// dealt round-robin to the workers, each with its own workspace and single-threaded OpenBLAS (a lone worker
+    /// lets OpenBLAS use every core). The first error stops the other workers and is rethrown.
+    func forEachMicroBatch(count: Int, _ body: @Sendable (Int, Int, Workspace) throws(CkptError) -> Void) throws(CkptError) {
+        guard count > 0 else { return }
         let batches = (count + microBatch - 1) / microBatch
         let workers = min(Parallel.coreCount, batches)
         // Even split when there are few images, so two cores get equal work.
         let perBatch = min(microBatch, (count + workers - 1) / workers)
         let batchCount = (count + perBatch - 1) / perBatch
-        let output = FloatBuffer(count: count * d)
         let failure = Mutex<CkptError?>(nil)  // the first error any worker throws
         let previousThreads = openblas_get_num_threads()
         openblas_set_num_threads(workers == 1 ? Int32(Parallel.coreCount) : 1)
         defer { openblas_set_num_threads(previousThreads) }
-        let imageFloats = model.config.channels * imageSize * imageSize
         DispatchQueue.concurrentPerform(iterations: workers) { worker in
             let workspace = Workspace(engine: self, images: perBatch)
-            let images = FloatBuffer(count: perBatch * imageFloats)
             var batch = worker
             while batch < batchCount, failure.withLock({ $0 == nil }) {
                 let first = batch * perBatch
-                let n = min(perBatch, count - first)
                 do throws(CkptError) {
-                    for i in 0..<n { try fill(first + i, images.pointer + i * imageFloats) }
+                    try body(first, min(perBatch, count - first), workspace)
                 } catch {
                     failure.withLock { if $0 == nil { $0 = error } }
                     return
                 }
-                forward(images: images.pointer, count: n, workspace: workspace, output: output.pointer + first * d, observe: observe)
                 batch += workers
             }
         }
         if let error = failure.withLock({ $0 }) { throw error }
-        return output.values
     }
 
     /// One micro-batch: images [n × C × size × size] → final-norm CLS rows [n × D].
@@ -117,56 +126,84 @@ public final class ViTEngine: Sendable {
         observe: LinearInputObserver? = nil
     ) {
         let c = model.config
-        let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
+        let d = c.dim, t = tokens
         let rows = n * t
-        // Patch embedding: im2col is a pure reshape (stride = kernel), then one GEMM for all images.
-        patchify(images, count: n, into: ws.patches.pointer)
-        ViTKernels.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
-            m: n * g2, n: d, k: k, beta: 0)
-        for i in 0..<n {
-            let base = ws.x.pointer + i * t * d
-            base.update(from: classRow.pointer, count: d)
-            let embedded = ws.h.pointer + i * g2 * d
-            for j in 0..<(g2 * d) { base[d + j] = embedded[j] + patchPositions.pointer[j] }
-        }
-        let heads = c.heads, hd = c.headDim
-        let scale = 1 / Float(hd).squareRoot()
+        embed(images: images, count: n, workspace: ws, into: ws.x.pointer)
         for (index, block) in model.blocks.enumerated() {
-            ViTKernels.layerNorm(ws.x.pointer, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer,
-                beta: block.norm1Bias.pointer, eps: c.eps)
+            let x = ws.x.pointer
+            ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
             observe?(index, .attention, ws.h.pointer, rows, d)
-            ViTKernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
-            ViTKernels.gemmTransposedB(ws.h.pointer, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d,
-                m: rows, n: 3 * d, k: d, beta: 1)
-            for i in 0..<n {
-                let qkv = ws.qkv.pointer + i * t * 3 * d
-                let out = ws.attention.pointer + i * t * d
-                for head in 0..<heads {
-                    let q = qkv + head * hd, key = qkv + d + head * hd, v = qkv + 2 * d + head * hd
-                    ViTKernels.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, ws.scores.pointer, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
-                    ViTKernels.softmaxRows(ws.scores.pointer, rows: t, width: t, stride: t)
-                    ViTKernels.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
-                }
-            }
+            selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
             observe?(index, .projection, ws.attention.pointer, rows, d)
-            ViTKernels.addRows(ws.x.pointer, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
-            ViTKernels.gemmTransposedB(ws.attention.pointer, lda: d, block.projectionWeight.pointer, ldb: d, ws.x.pointer, ldc: d,
-                m: rows, n: d, k: d, beta: 1)
-            ViTKernels.layerNorm(ws.x.pointer, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer,
-                beta: block.norm2Bias.pointer, eps: c.eps)
+            addProjection(block, input: ws.attention.pointer, to: x, rows: rows)
+            ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
             observe?(index, .mlp, ws.h.pointer, rows, d)
-            ViTKernels.gemmTransposedB(ws.h.pointer, lda: d, block.fc1Weight.pointer, ldb: d, ws.hidden.pointer, ldc: c.mlpDim,
-                m: rows, n: c.mlpDim, k: d, beta: 0)
-            ViTKernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
+            mlpHidden(block, input: ws.h.pointer, rows: rows, workspace: ws)
             observe?(index, .mlpHidden, ws.hidden.pointer, rows, c.mlpDim)
-            ViTKernels.addRows(ws.x.pointer, rows: rows, width: d, stride: d, bias: block.fc2Bias.pointer)
-            ViTKernels.gemmTransposedB(ws.hidden.pointer, lda: c.mlpDim, block.fc2Weight.pointer, ldb: c.mlpDim, ws.x.pointer, ldc: d,
-                m: rows, n: d, k: c.mlpDim, beta: 1)
+            addMLPOutput(block, input: ws.hidden.pointer, to: x, rows: rows)
         }
         for i in 0..<n {
             ViTKernels.layerNorm(ws.x.pointer + i * t * d, output + i * d, rows: 1, width: d, gamma: model.finalNormWeight.pointer,
                 beta: model.finalNormBias.pointer, eps: c.eps)
         }
+    }
+
+    /// Images [n × C × size × size] → the first block's input tokens [n × tokens × D] at `x`.
+    func embed(images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, into x: UnsafeMutablePointer<Float>) {
+        let c = model.config
+        let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
+        // Patch embedding: im2col is a pure reshape (stride = kernel), then one GEMM for all images.
+        patchify(images, count: n, into: ws.patches.pointer)
+        ViTKernels.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
+            m: n * g2, n: d, k: k, beta: 0)
+        for i in 0..<n {
+            let base = x + i * t * d
+            base.update(from: classRow.pointer, count: d)
+            let embedded = ws.h.pointer + i * g2 * d
+            for j in 0..<(g2 * d) { base[d + j] = embedded[j] + patchPositions.pointer[j] }
+        }
+    }
+
+    /// norm1's output `input` [n·tokens × D] → the attention heads' output, in `ws.attention`.
+    func selfAttention(_ block: ViTBlock, input: UnsafePointer<Float>, count n: Int, workspace ws: Workspace) {
+        let c = model.config
+        let d = c.dim, t = tokens, rows = n * t, heads = c.heads, hd = c.headDim
+        let scale = 1 / Float(hd).squareRoot()
+        ViTKernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
+        ViTKernels.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
+        for i in 0..<n {
+            let qkv = ws.qkv.pointer + i * t * 3 * d
+            let out = ws.attention.pointer + i * t * d
+            for head in 0..<heads {
+                let q = qkv + head * hd, key = qkv + d + head * hd, v = qkv + 2 * d + head * hd
+                ViTKernels.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, ws.scores.pointer, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
+                ViTKernels.softmaxRows(ws.scores.pointer, rows: t, width: t, stride: t)
+                ViTKernels.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
+            }
+        }
+    }
+
+    /// x += attention output projection of `input` (LayerScale folded in).
+    func addProjection(_ block: ViTBlock, input: UnsafePointer<Float>, to x: UnsafeMutablePointer<Float>, rows: Int) {
+        let d = model.config.dim
+        ViTKernels.addRows(x, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
+        ViTKernels.gemmTransposedB(input, lda: d, block.projectionWeight.pointer, ldb: d, x, ldc: d, m: rows, n: d, k: d, beta: 1)
+    }
+
+    /// GELU(fc1(`input`)) into `ws.hidden`.
+    func mlpHidden(_ block: ViTBlock, input: UnsafePointer<Float>, rows: Int, workspace ws: Workspace) {
+        let c = model.config
+        ViTKernels.gemmTransposedB(input, lda: c.dim, block.fc1Weight.pointer, ldb: c.dim, ws.hidden.pointer, ldc: c.mlpDim,
+            m: rows, n: c.mlpDim, k: c.dim, beta: 0)
+        ViTKernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
+    }
+
+    /// x += fc2(`input`) (LayerScale folded in).
+    func addMLPOutput(_ block: ViTBlock, input: UnsafePointer<Float>, to x: UnsafeMutablePointer<Float>, rows: Int) {
+        let c = model.config
+        ViTKernels.addRows(x, rows: rows, width: c.dim, stride: c.dim, bias: block.fc2Bias.pointer)
+        ViTKernels.gemmTransposedB(input, lda: c.mlpDim, block.fc2Weight.pointer, ldb: c.mlpDim, x, ldc: c.dim,
+            m: rows, n: c.dim, k: c.mlpDim, beta: 1)
     }
 
     /// [n, C, H, W] → [n·grid², C·p·p] with row gy·grid + gx and column c·p² + ky·p + kx (the conv weight's order).

@@ -48,6 +48,9 @@ struct ViTBlock: Sendable {
     let norm2Weight, norm2Bias: FloatBuffer
     let fc1Weight, fc1Bias: FloatBuffer
     let fc2Weight, fc2Bias: FloatBuffer
+    /// LayerScale γ of the attention and MLP branches (nil without LayerScale): kept so that a replacement
+    /// projection or fc2 weight can be folded like the original.
+    let layerScale1, layerScale2: FloatBuffer?
 }
 
 /// A linear classifier on the final-norm CLS token: logits = W·cls + b, W [classes × D].
@@ -168,9 +171,11 @@ public final class ViTModel: Sendable {
         var linearLayers: [LinearLayer] = []
         for i in 0..<config.depth {
             let attention = roles.optional(.qkv(i), .weight).map { [$0] } ?? [.query(i), .key(i), .value(i)].compactMap { roles.optional($0, .weight) }
-            for entry in attention { linearLayers.append(LinearLayer(tensor: entry.name, block: i, input: .attention)) }
+            for (part, entry) in attention.enumerated() {
+                linearLayers.append(LinearLayer(tensor: entry.name, block: i, input: .attention, firstRow: part * d, rows: entry.shape.dims[0]))
+            }
             for (role, input) in [(ViTName.Role.attentionOutput(i), LinearInput.projection), (.fc1(i), .mlp), (.fc2(i), .mlpHidden)] {
-                if let entry = roles.optional(role, .weight) { linearLayers.append(LinearLayer(tensor: entry.name, block: i, input: input)) }
+                if let entry = roles.optional(role, .weight) { linearLayers.append(LinearLayer(tensor: entry.name, block: i, input: input, firstRow: 0, rows: entry.shape.dims[0])) }
             }
         }
         self.linearLayers = linearLayers
@@ -185,6 +190,32 @@ public final class ViTModel: Sendable {
         }
         for (name, buffer) in [("norm", finalNormWeight), ("cls", classToken)] where buffer.count != d {
             throw CkptError(.shapeMismatch, "\(name) has \(buffer.count) values, expected \(d)", path: path)
+        }
+    }
+}
+
+extension ViTModel {
+    /// Overwrites the forward pass's copy of `layer`'s weight with `values` (the checkpoint's `[out, in]` layout,
+    /// as many values as the tensor holds), folding LayerScale as at load time. The checkpoint is not touched;
+    /// sequential calibration uses this to run later layers on the quantized earlier ones.
+    func replaceWeight(of layer: LinearLayer, with values: UnsafePointer<Float>) {
+        let block = blocks[layer.block], d = config.dim, m = config.mlpDim
+        switch layer.input {
+        case .attention:
+            (block.qkvWeight.pointer + layer.firstRow * d).update(from: values, count: layer.rows * d)
+        case .projection:
+            // γ = 1 without LayerScale: x · 1 is exact.
+            for row in 0..<d {
+                let g = block.layerScale1?.pointer[row] ?? 1
+                for c in 0..<d { block.projectionWeight.pointer[row * d + c] = values[row * d + c] * g }
+            }
+        case .mlp:
+            block.fc1Weight.pointer.update(from: values, count: m * d)
+        case .mlpHidden:
+            for row in 0..<d {
+                let g = block.layerScale2?.pointer[row] ?? 1
+                for c in 0..<m { block.fc2Weight.pointer[row * m + c] = values[row * m + c] * g }
+            }
         }
     }
 }
@@ -320,9 +351,11 @@ struct RoleTable {
         let fc1Bias = try vector(.fc1(i), .bias, m, defaultZero: true)
         let fc2Weight = try FloatBuffer(entry: require(.fc2(i), .weight, shape: [d, m]))
         let fc2Bias = try vector(.fc2(i), .bias, d, defaultZero: true)
+        var layerScales: (FloatBuffer, FloatBuffer)? = nil
         if config.layerScale {
             let ls1 = try vector(.layerScale1(i), .value, d)
             let ls2 = try vector(.layerScale2(i), .value, d)
+            layerScales = (ls1, ls2)
             for row in 0..<d {
                 let g1 = ls1.pointer[row], g2 = ls2.pointer[row]
                 for c in 0..<d { projectionWeight.pointer[row * d + c] *= g1 }
@@ -337,6 +370,7 @@ struct RoleTable {
             norm1Weight: try vector(.norm1(i), .weight, d), norm1Bias: try vector(.norm1(i), .bias, d),
             qkvWeight: qkvWeight, qkvBias: qkvBias, projectionWeight: projectionWeight, projectionBias: projectionBias,
             norm2Weight: try vector(.norm2(i), .weight, d), norm2Bias: try vector(.norm2(i), .bias, d),
-            fc1Weight: fc1Weight, fc1Bias: fc1Bias, fc2Weight: fc2Weight, fc2Bias: fc2Bias)
+            fc1Weight: fc1Weight, fc1Bias: fc1Bias, fc2Weight: fc2Weight, fc2Bias: fc2Bias,
+            layerScale1: layerScales?.0, layerScale2: layerScales?.1)
     }
 }

@@ -11,10 +11,18 @@ import CkptCore
 /// `H = XᵀX` (X: the layer's inputs, one row per token) is damped by 1 % of its mean diagonal, inverted, and
 /// factored as `H⁻¹ = UᵀU` (U upper triangular): row j of U holds the update of the columns after j. Updates inside
 /// a block of 128 columns run weight by weight; the rest of the matrix receives each block's errors in one GEMM.
+///
+/// With `actOrder` the columns are visited in descending order of `H`'s diagonal (the reference's `act_order` /
+/// `desc_act`): the inputs with the most energy are rounded first, while every other column can still absorb their
+/// error. Groups stay the contiguous runs of the stored layout, so every writer and runtime reads the result
+/// unchanged; a group's parameters are taken when the first of its columns is reached.
 public struct GPTQ: Sendable {
-    /// Row-major `size × size`, upper triangle: `(H + λI)⁻¹ = UᵀU`.
+    /// Row-major `size × size`, upper triangle: `(P(H + λI)Pᵀ)⁻¹ = UᵀU`, P the visiting order's permutation.
     let factor: [Float]
     public let size: Int
+    /// `order[k]`: the column visited k-th (identity unless act-order).
+    let order: [Int]
+    public var actOrder: Bool { order != Array(0..<size) }
 
     /// λ as a fraction of H's mean diagonal (the reference implementation's `percdamp`).
     public static let dampingFraction = 0.01
@@ -32,14 +40,17 @@ public struct GPTQ: Sendable {
 
     /// Factors the damped inverse of the Gram matrix `gram` (row-major `size × size`, symmetric). A column whose
     /// input was always zero (zero diagonal) gets a unit diagonal: no information, so plain rounding for it.
-    public init(gram: [Float], size: Int, tensor: String, path: String) throws(CkptError) {
+    public init(gram: [Float], size: Int, actOrder: Bool = false, tensor: String, path: String) throws(CkptError) {
         precondition(gram.count == size * size && size > 0)
-        var h = gram.map(Double.init)
-        var trace = 0.0
-        for j in 0..<size {
-            if h[j * size + j] == 0 { h[j * size + j] = 1 }
-            trace += h[j * size + j]
+        var diagonal = (0..<size).map { Double(gram[$0 * size + $0]) }
+        for j in 0..<size where diagonal[j] == 0 { diagonal[j] = 1 }
+        // Descending diagonal, ties in column order, so the order is deterministic.
+        let order = actOrder ? (0..<size).sorted { diagonal[$0] != diagonal[$1] ? diagonal[$0] > diagonal[$1] : $0 < $1 } : Array(0..<size)
+        var h = [Double](repeating: 0, count: size * size)
+        for a in 0..<size {
+            for b in 0..<size { h[a * size + b] = a == b ? diagonal[order[a]] : Double(gram[order[a] * size + order[b]]) }
         }
+        let trace = diagonal.reduce(0, +)
         let damping = Self.dampingFraction * trace / Double(size)
         for j in 0..<size { h[j * size + j] += damping }
         // A row-major symmetric matrix is its own column-major layout. LAPACK's lower triangle (column-major) is
@@ -67,6 +78,7 @@ public struct GPTQ: Sendable {
         }
         self.factor = factor
         self.size = size
+        self.order = order
     }
 
     /// Quantizes `rows × size` weights (row-major) under `settings`: one code per weight into `codes`, and the
@@ -84,38 +96,63 @@ public struct GPTQ: Sendable {
         openblas_set_num_threads(1)
         defer { openblas_set_num_threads(previousThreads) }
         nonisolated(unsafe) let out = (weights, codes, scales, offsets)
+        let order = self.order
         factor.withUnsafeBufferPointer { factorBuffer in
             nonisolated(unsafe) let u = factorBuffer.baseAddress!
             // Enough rows per worker that the trailing GEMMs stay efficient.
             Parallel.forEachChunk(count: rows, minimumChunk: 32) { range in
-                Self.quantizeRows(range, original: out.0, cols: cols, groupSize: groupSize, factor: u, quantizer: quantizer,
+                Self.quantizeRows(range, original: out.0, cols: cols, groupSize: groupSize, factor: u, order: order, quantizer: quantizer,
                     source: source, codes: out.1, scales: out.2, offsets: out.3)
             }
         }
     }
 
+    /// Rows `range`, in the work layout of the visiting order: work column k holds original column `order[k]`.
     static func quantizeRows(
         _ range: Range<Int>, original: UnsafePointer<Float>, cols: Int, groupSize: Int, factor u: UnsafePointer<Float>,
-        quantizer: GroupQuantizer, source: ParameterSource,
+        order: [Int], quantizer: GroupQuantizer, source: ParameterSource,
         codes: UnsafeMutablePointer<UInt8>, scales: UnsafeMutablePointer<Float>, offsets: UnsafeMutablePointer<Float>
     ) {
         let n = range.count, block = blockColumns, groups = cols / groupSize
         let work = UnsafeMutablePointer<Float>.allocate(capacity: n * cols)
         let errors = UnsafeMutablePointer<Float>.allocate(capacity: n * block)
         let coding = UnsafeMutablePointer<GroupParameters>.allocate(capacity: n * groups)
+        let ready = UnsafeMutablePointer<Bool>.allocate(capacity: n * groups)
+        let members = UnsafeMutablePointer<Float>.allocate(capacity: groupSize)
+        let memberImportance = UnsafeMutablePointer<Float>.allocate(capacity: groupSize)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: groupSize)
-        defer { work.deallocate(); errors.deallocate(); coding.deallocate(); scratch.deallocate() }
-        work.update(from: original + range.lowerBound * cols, count: n * cols)
-        func setParameters(row i: Int, group g: Int, from w: UnsafePointer<Float>) {
-            let (c, s) = quantizer.parameters(w, groupSize, scratch: scratch)
+        defer {
+            work.deallocate(); errors.deallocate(); coding.deallocate(); ready.deallocate()
+            members.deallocate(); memberImportance.deallocate(); scratch.deallocate()
+        }
+        var position = [Int](repeating: 0, count: cols)  // where original column c sits in the work layout
+        for (k, c) in order.enumerated() { position[c] = k }
+        // GPTQ charges a rounding error e in work column k as e²/U_kk²: MSE and HQQ fit their group parameters
+        // to that weighted error.
+        let importance = (0..<cols).map { k in 1 / (u[k * cols + k] * u[k * cols + k]) }
+        let weighted = importance.contains { $0 != importance[0] }  // equal weights: the plain objective, exactly
+        for i in 0..<n {
+            let source = original + (range.lowerBound + i) * cols
+            for k in 0..<cols { work[i * cols + k] = source[order[k]] }
+        }
+        ready.initialize(repeating: false, count: n * groups)
+        /// Group g's parameters from its weights as they stand in row i's work layout.
+        func setParameters(row i: Int, group g: Int) {
+            for m in 0..<groupSize {
+                let k = position[g * groupSize + m]
+                members[m] = work[i * cols + k]
+                memberImportance[m] = importance[k]
+            }
+            let (c, s) = quantizer.parameters(members, groupSize, importance: weighted ? memberImportance : nil, scratch: scratch)
             coding[i * groups + g] = c
             let k = (range.lowerBound + i) * groups + g
             scales[k] = s.scale
             offsets[k] = s.offset
+            ready[i * groups + g] = true
         }
         if source == .originalWeights {
             for i in 0..<n {
-                for g in 0..<groups { setParameters(row: i, group: g, from: work + i * cols + g * groupSize) }
+                for g in 0..<groups { setParameters(row: i, group: g) }
             }
         }
         var start = 0
@@ -124,16 +161,13 @@ public struct GPTQ: Sendable {
             for i in 0..<n {
                 let w = work + i * cols
                 let r = range.lowerBound + i
-                var p = GroupParameters(scale: 1, offset: 0), stored = p
                 for j in start..<end {
-                    let g = j / groupSize
-                    if j % groupSize == 0 || j == start {
-                        if source == .updatedWeights && j % groupSize == 0 { setParameters(row: i, group: g, from: w + j) }
-                        p = coding[i * groups + g]
-                        stored = GroupParameters(scale: scales[r * groups + g], offset: offsets[r * groups + g])
-                    }
+                    let column = order[j], g = column / groupSize
+                    if !ready[i * groups + g] { setParameters(row: i, group: g) }
+                    let p = coding[i * groups + g]
+                    let stored = GroupParameters(scale: scales[r * groups + g], offset: offsets[r * groups + g])
                     let q = quantizer.code(w[j], p)
-                    codes[r * cols + j] = UInt8(q)
+                    codes[r * cols + column] = UInt8(q)
                     let error = (w[j] - quantizer.stored(quantizer.value(q, stored))) / u[j * cols + j]
                     errors[i * block + (j - start)] = error
                     let row = u + j * cols
@@ -147,5 +181,38 @@ public struct GPTQ: Sendable {
             }
             start = end
         }
+    }
+}
+
+extension GPTQ {
+    /// The values GPTQ stores for `item` under `settings`, dequantized (as written, rounded to the scale dtype),
+    /// in the checkpoint's `[rows, cols]` layout: what sequential calibration feeds the layers after it.
+    public func quantizedValues(_ item: PlannedTensor, settings: QuantizationSettings) throws(CkptError) -> [Float] {
+        let (rows, cols) = (item.rows, item.cols)
+        precondition(cols == size)
+        let groupSize = settings.groupSize ?? cols, groups = cols / groupSize
+        var weights = [Float](repeating: 0, count: rows * cols)
+        try weights.withUnsafeMutableBufferPointer { (w: inout UnsafeMutableBufferPointer<Float>) throws(CkptError) in
+            try QuantizationPlan.loadFinite(item, into: w.baseAddress!)
+        }
+        var codes = [UInt8](repeating: 0, count: rows * cols)
+        var scales = [Float](repeating: 0, count: rows * groups), offsets = scales
+        weights.withUnsafeBufferPointer { w in
+            codes.withUnsafeMutableBufferPointer { q in
+                scales.withUnsafeMutableBufferPointer { s in
+                    offsets.withUnsafeMutableBufferPointer { o in
+                        quantize(w.baseAddress!, rows: rows, settings: settings, codes: q.baseAddress!, scales: s.baseAddress!, offsets: o.baseAddress!)
+                    }
+                }
+            }
+        }
+        let quantizer = GroupQuantizer(settings)
+        for r in 0..<rows {
+            for j in 0..<cols {
+                let k = r * groups + j / groupSize
+                weights[r * cols + j] = quantizer.stored(quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k])))
+            }
+        }
+        return weights
     }
 }

@@ -60,6 +60,14 @@ struct QuantizeCommand: ParsableCommand {
     @Flag(help: "GPTQ error compensation from calibration images: synthetic by default, or --calibration-data (ViT models; mlx, compressed-tensors, dequantized).")
     var gptq = false
 
+    @Flag(name: .customLong("act-order"), inversion: .prefixedNo, help: "With --gptq: round the columns in descending order of their input energy, GPTQ's act-order (default on); groups keep the stored layout.")
+    var actOrderOption: Bool?
+    var actOrder: Bool { actOrderOption ?? true }
+
+    @Flag(name: .customLong("sequential"), inversion: .prefixedNo, help: "With --gptq: calibrate layer by layer, each layer's inputs taken with the layers before it already quantized, as GPTQ's reference does (default on).")
+    var sequentialOption: Bool?
+    var sequential: Bool { sequentialOption ?? true }
+
     @Option(name: .customLong("calibration-images"), help: "Calibration images for --gptq (1–1024; default 32 synthetic, or all of --calibration-data).")
     var calibrationImagesOption: Int?
 
@@ -130,6 +138,9 @@ struct QuantizeCommand: ParsableCommand {
         guard (1...Self.maximumCalibrationImages).contains(calibrationImages) else {
             throw ValidationError("--calibration-images \(calibrationImages): choose 1 to \(Self.maximumCalibrationImages)")
         }
+        if !gptq && (actOrderOption != nil || sequentialOption != nil) {
+            throw ValidationError("--[no-]act-order and --[no-]sequential apply to --gptq")
+        }
         if !gptq && (calibrationImagesOption != nil || !calibrationData.isEmpty || calibrationSeedOption != nil) {
             throw ValidationError("--calibration-images, --calibration-data and --calibration-seed apply to --gptq")
         }
@@ -140,32 +151,45 @@ struct QuantizeCommand: ParsableCommand {
 
     /// GPTQ factors for the planned block Linears, from the model's own forward pass on the calibration images, and
     /// how many images that took.
-    func compensation(plan: [PlannedTensor]) throws(CkptError) -> (factors: [String: GPTQ], images: Int) {
+    func compensation(plan: [PlannedTensor], settings: QuantizationSettings) throws(CkptError) -> (factors: [String: GPTQ], images: Int) {
         let model = try ViTModel.load(input)
         let engine = try ViTEngine(model: model)
-        let grams: [String: LinearInputGram]
-        var used = calibrationImages
+        let count: Int
+        let fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void
         if calibrationData.isEmpty {
             let (channels, size, seed) = (model.config.channels, engine.imageSize, calibrationSeed)
-            grams = try engine.linearInputGrams(count: calibrationImages) { index, destination in
-                CalibrationImages.smoothNoise(index: index, seed: seed, channels: channels, size: size, into: destination)
-            }
+            count = calibrationImages
+            fill = { index, destination in CalibrationImages.smoothNoise(index: index, seed: seed, channels: channels, size: size, into: destination) }
         } else {
             let images = try ImageSet.load(calibrationData, ignoringLabels: true)
-            let count = calibrationImagesOption ?? min(images.count, Self.maximumCalibrationImages)
+            count = calibrationImagesOption ?? min(images.count, Self.maximumCalibrationImages)
             guard count <= images.count else {
                 throw CkptError(.invalidArgument, "--calibration-images \(count): the calibration data holds \(images.count) images",
                     path: calibrationData.joined(separator: ", "))
             }
-            grams = try engine.linearInputGrams(images: images, count: count)
-            used = count
+            let (size, config) = (engine.imageSize, model.config)
+            fill = { (index: Int, destination: UnsafeMutablePointer<Float>) throws(CkptError) in
+                try images.fill(index, size: size, config: config, into: destination)
+            }
         }
+        var planned: [String: PlannedTensor] = [:]
+        for item in plan where item.isQuantized { planned[item.entry.name] = item }
         var factors: [String: GPTQ] = [:]
-        for item in plan where item.isQuantized {
-            guard let gram = grams[item.entry.name], gram.width == item.cols else { continue }
-            factors[item.entry.name] = try GPTQ(gram: gram.values, size: gram.width, tensor: item.entry.name, path: item.entry.path)
+        func factor(_ tensor: String, _ gram: LinearInputGram) throws(CkptError) -> GPTQ? {
+            guard let item = planned[tensor], gram.width == item.cols else { return nil }
+            let gptq = try GPTQ(gram: gram.values, size: gram.width, actOrder: actOrder, tensor: tensor, path: item.entry.path)
+            factors[tensor] = gptq
+            return gptq
         }
-        return (factors, used)
+        if sequential {
+            try engine.sequentialCalibration(count: count, fill: fill) { (layer: LinearLayer, gram: LinearInputGram) throws(CkptError) -> [Float]? in
+                guard let gptq = try factor(layer.tensor, gram) else { return nil }
+                return try gptq.quantizedValues(planned[layer.tensor]!, settings: settings)
+            }
+        } else {
+            for (tensor, gram) in try engine.linearInputGrams(count: count, fill: fill) { _ = try factor(tensor, gram) }
+        }
+        return (factors, count)
     }
 
     func run() throws {
@@ -191,7 +215,7 @@ struct QuantizeCommand: ParsableCommand {
                     inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
                     companions: companions, inputs: inputs)
                 var factors: [String: GPTQ] = [:]
-                if gptq { (factors, calibrationUsed) = try compensation(plan: plan) }
+                if gptq { (factors, calibrationUsed) = try compensation(plan: plan, settings: settings) }
                 report = try QuantizedCheckpointWriter.write(
                     checkpoint, plan: plan, format: format, settings: settings, compensation: factors, to: destination)
             }
@@ -223,6 +247,8 @@ struct QuantizeCommand: ParsableCommand {
         if let used {
             out += "\nGPTQ calibration: \(used) " + (calibrationData.isEmpty ? "synthetic smooth-noise images (seed \(calibrationSeed))"
                 : "images from " + calibrationData.joined(separator: ", "))
+            let passes = [actOrder ? "act-order" : nil, sequential ? "sequential" : nil].compactMap { $0 }
+            if !passes.isEmpty { out += "; " + passes.joined(separator: ", ") }
         }
         out += "\nwrote \(output)"
         return out
@@ -259,7 +285,7 @@ struct QuantizeCommand: ParsableCommand {
             let source = calibrationData.isEmpty
                 ? "{\"synthetic\":\"smooth-noise\",\"seed\":\(calibrationSeed)}"
                 : "{\"data\":[" + calibrationData.map { JSONWriter.quoted($0) }.joined(separator: ",") + "]}"
-            calibration = "\"calibration_images\":\(used),\"calibration\":" + source + ","
+            calibration = "\"calibration_images\":\(used),\"calibration\":" + source + ",\"act_order\":\(actOrder),\"sequential\":\(sequential),"
         }
         return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format.rawValue)),"
             + "\"method\":\(JSONWriter.quoted(method)),\"gptq\":\(gptq)," + calibration + "\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"

@@ -86,6 +86,25 @@ struct GPTQTests {
         #expect(a < 0.9 * Self.outputError(plain))
     }
 
+    static let actOrderCases: [(bits: Int, group: Int?)] = [(4, 32), (3, nil)]
+
+    @Test("act-order with the observer's parameters gives llm-compressor's actorder=\"weight\" values", arguments: actOrderCases)
+    func matchesLLMCompressorActOrder(_ c: (bits: Int, group: Int?)) throws {
+        let settings = QuantizationSettings(bits: c.bits, groupSize: c.group, method: .rtn, grid: .integerZeroPoint)
+        let reference = try QuantizerTests.floats("gptq_b\(c.bits)_asym_\(c.group == nil ? "channel" : "g32")_actorder")
+        let gptq = try GPTQ(gram: Self.gram, size: Self.cols, actOrder: true, tensor: "w", path: "test")
+        #expect(gptq.actOrder)
+        let ours = Self.run(gptq, settings, source: .originalWeights)
+        // The column visited first (the largest input) is rounded before any update: equal code for code.
+        let first = (0..<Self.cols).max { Self.gram[$0 * Self.cols + $0] < Self.gram[$1 * Self.cols + $1] }!
+        #expect((0..<Self.rows).allSatisfy { ours.values[$0 * Self.cols + first] == reference[$0 * Self.cols + first] })
+        let (a, b) = (Self.outputError(ours.values), Self.outputError(reference))
+        #expect(abs(a - b) <= 0.01 * b, "output error \(a) vs llm-compressor \(b)")
+        // And it is another rounding than the plain column order's (about 5 % apart in output error here).
+        let plain = Self.outputError(Self.run(try GPTQ(gram: Self.gram, size: Self.cols, tensor: "w", path: "test"), settings, source: .originalWeights).values)
+        #expect(abs(a - plain) > 0.02 * plain, "act-order \(a) vs plain order \(plain)")
+    }
+
     @Test("parameters from the updated weights (the default) beat plain rounding on every method", arguments: [QuantMethod.rtn, .mse, .hqq])
     func reducesOutputError(method: QuantMethod) throws {
         let settings = QuantizationSettings(bits: 4, groupSize: 32, method: method, grid: .mlxAffine)

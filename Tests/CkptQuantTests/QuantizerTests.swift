@@ -238,6 +238,38 @@ struct QuantizerTests {
         #expect(emitted == [0..<512])
     }
 
+    @Test("importance weights: equal ones give the plain parameters; a heavy one never fits that value worse (MSE: better)",
+          arguments: [QuantMethod.mse, .hqq])
+    func importanceWeightedParameters(method: QuantMethod) {
+        let quantizer = GroupQuantizer(QuantizationSettings(bits: 3, groupSize: 64, method: method, grid: .mlxAffine))
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 64)
+        defer { scratch.deallocate() }
+        var worse = 0, better = 0
+        for row in 0..<Self.rows {
+            for start in stride(from: 0, to: Self.cols, by: 64) {
+                Self.weights.withUnsafeBufferPointer { all in
+                    let w = all.baseAddress! + row * Self.cols + start
+                    let plain = quantizer.parameters(w, 64, scratch: scratch).stored
+                    let equal = [Float](repeating: 3, count: 64)
+                    let same = equal.withUnsafeBufferPointer { quantizer.parameters(w, 64, importance: $0.baseAddress!, scratch: scratch).stored }
+                    #expect(same == plain)
+                    // The value farthest from the plain grid gets 10⁴ times the weight of the others.
+                    func error(_ j: Int, _ p: GroupParameters) -> Float { abs(w[j] - quantizer.value(quantizer.code(w[j], p), p)) }
+                    let target = (0..<64).max { error($0, plain) < error($1, plain) }!
+                    var heavy = [Float](repeating: 1, count: 64)
+                    heavy[target] = 10_000
+                    let fitted = heavy.withUnsafeBufferPointer { quantizer.parameters(w, 64, importance: $0.baseAddress!, scratch: scratch).stored }
+                    if error(target, fitted) > error(target, plain) { worse += 1 }
+                    if error(target, fitted) < error(target, plain) { better += 1 }
+                }
+            }
+        }
+        #expect(worse == 0)
+        // HQQ keeps the min-max scale and an integer zero code, which moves every value by whole steps: it can
+        // change which values clamp, not a value's rounding error. MSE's clipping can.
+        if method == .mse { #expect(better >= Self.rows, "the heavy value's error fell in \(better) of \(2 * Self.rows) groups") }
+    }
+
     @Test("x^-0.3 approximation used by HQQ is within 2e-5 relative of libm", arguments: [1e-30, 1e-7, 3e-3, 0.5, 1, 7.25, 1e4] as [Float])
     func fastPow(x: Float) {
         let exact = Float(pow(Double(x), -0.3))
