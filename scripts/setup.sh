@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 missing=()
-for pkg in libopenblas-dev zlib1g-dev pkg-config; do
+# dataset-fashion-mnist: the eval fixtures' --check rebuilds the committed eval and calibration sets from it.
+for pkg in libopenblas-dev zlib1g-dev pkg-config dataset-fashion-mnist; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -20,23 +21,26 @@ pkg-config --exists openblas zlib || { echo "setup: pkg-config cannot find openb
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# `pip freeze` is read whole: with `grep -q` the pipe can close early, and pip's broken pipe then fails the
+# pipeline under pipefail and reinstalls everything for nothing.
+frozen() { .venv/bin/pip freeze 2>/dev/null || true; }
 if ! .venv/bin/python -c "import numpy, safetensors, ml_dtypes, huggingface_hub, onnx, pytest, gguf, mlx.core" 2>/dev/null \
-    || ! .venv/bin/pip freeze | grep -qx "numpy==2.4.6" || ! .venv/bin/pip freeze | grep -qx "mlx==0.32.4"; then
+    || ! frozen | grep -x "numpy==2.4.6" >/dev/null || ! frozen | grep -x "mlx==0.32.4" >/dev/null; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q -r scripts/requirements.txt
 fi
 # PEFT/transformers on CPU torch: the reference for adapter merging (fixtures and interop tests); compressed-tensors
 # (needs torch) reads back ckpt's pack-quantized files. The CPU wheel
 # comes from the machine image's pip find-links; PyPI only has multi-GB CUDA builds.
-if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "peft==0.21.2" || ! .venv/bin/pip freeze | grep -qx "torch==2.13.0+cpu" \
-    || ! .venv/bin/pip freeze | grep -qx "compressed-tensors==0.20.0"; then
+if ! frozen | grep -x "peft==0.21.2" >/dev/null || ! frozen | grep -x "torch==2.13.0+cpu" >/dev/null \
+    || ! frozen | grep -x "compressed-tensors==0.20.0" >/dev/null; then
     echo "setup: installing torch (CPU), transformers and peft into .venv"
     .venv/bin/pip install -q -r scripts/requirements-torch.txt
 fi
 # llm-compressor's GPTQ is the reference for ckpt's (fixtures/quant). Its package pins other transformers and
 # compressed-tensors versions and imports `datasets` at the top, so it is installed without dependencies and the
 # fixture script loads its two GPTQ modules alone (torch and compressed-tensors are all they need).
-if ! .venv/bin/pip freeze 2>/dev/null | grep -qx "llmcompressor==0.14.0.1"; then
+if ! frozen | grep -x "llmcompressor==0.14.0.1" >/dev/null; then
     echo "setup: installing llmcompressor (no dependencies) into .venv"
     .venv/bin/pip install -q --no-deps llmcompressor==0.14.0.1
 fi
