@@ -301,27 +301,11 @@ struct GroupQuantizer {
         }
     }
 
-    /// One HQQ iteration over the group: Σ|W − W_r| and Σ(W_q − (W − W_e)σ) for the zero update.
+    /// One HQQ iteration over the group: Σ ω|W − W_r| and Σ ω(W_q − (W − W_e)σ) for the zero update, with ω the
+    /// importance weights (1 without them).
     @inline(__always)
-    static func hqqStep(_ w: UnsafePointer<Float>, _ n: Int, sigma: Float, zero: Float, beta: Float, maxCode: Float) -> (Float, Float) {
-        var absError: Float = 0
-        var zeroSum: Float = 0
-        let inverseSigma = 1 / sigma, inverseBeta = 1 / beta
-        for j in 0..<n {
-            let q = clamp(rint(w[j] * sigma + zero), 0, maxCode)
-            let e = w[j] - (q - zero) * inverseSigma
-            let a = abs(e)
-            absError += a
-            let shrunk = max(0, a - FastMath.powNegative03(a) * inverseBeta)
-            let we = e < 0 ? -shrunk : shrunk
-            zeroSum += q - (w[j] - we) * sigma
-        }
-        return (absError, zeroSum)
-    }
-
-    /// The iteration with importance weights: Σ ω|W − W_r| and Σ ω(W_q − (W − W_e)σ).
     static func hqqStep(
-        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>, sigma: Float, zero: Float, beta: Float, maxCode: Float
+        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>? = nil, sigma: Float, zero: Float, beta: Float, maxCode: Float
     ) -> (Float, Float) {
         var absError: Float = 0
         var zeroSum: Float = 0
@@ -330,10 +314,11 @@ struct GroupQuantizer {
             let q = clamp(rint(w[j] * sigma + zero), 0, maxCode)
             let e = w[j] - (q - zero) * inverseSigma
             let a = abs(e)
-            absError += importance[j] * a
+            let weight = importance?[j] ?? 1
+            absError += weight * a
             let shrunk = max(0, a - FastMath.powNegative03(a) * inverseBeta)
             let we = e < 0 ? -shrunk : shrunk
-            zeroSum += importance[j] * (q - (w[j] - we) * sigma)
+            zeroSum += weight * (q - (w[j] - we) * sigma)
         }
         return (absError, zeroSum)
     }
