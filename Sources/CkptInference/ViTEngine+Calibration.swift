@@ -51,10 +51,7 @@ extension ViTEngine {
         // One accumulator per (block, input): upper triangles, in F64 so many micro-batches add up exactly enough.
         let sums = Mutex((0..<(model.blocks.count * sites.count)).map { k in Accumulator(width: widths[sites[k % sites.count]]!) })
         _ = try features(count: count, fill: fill) { block, input, x, rows, width in
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: width * width)
-            defer { scratch.deallocate() }
-            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(width), Int32(rows), 1, x, Int32(width), 0, scratch, Int32(width))
-            sums.withLock { $0[block * sites.count + sites.firstIndex(of: input)!].add(scratch, rows: rows) }
+            Accumulator.gram(of: x, rows: rows, width: width) { g in sums.withLock { $0[block * sites.count + sites.firstIndex(of: input)!].add(g, rows: rows) } }
         }
         var grams: [String: LinearInputGram] = [:]
         var byInput: [Int: LinearInputGram] = [:]
@@ -76,6 +73,16 @@ extension ViTEngine {
             upper = [Double](repeating: 0, count: width * width)
         }
 
+        /// `XᵀX` of `rows × width` inputs (upper triangle, one SYRK into a scratch matrix), handed to `add`; each
+        /// worker forms its micro-batch's matrix on its own and only the addition is serialised.
+        static func gram(of x: UnsafePointer<Float>, rows: Int, width: Int, _ add: (UnsafePointer<Float>) -> Void) {
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: width * width)
+            defer { scratch.deallocate() }
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(width), Int32(rows), 1, x, Int32(width), 0, scratch, Int32(width))
+            add(scratch)
+        }
+
+        /// Adds a micro-batch's `XᵀX` (upper triangle) over `rows` input rows.
         mutating func add(_ x: UnsafePointer<Float>, rows: Int) {
             self.rows += rows
             upper.withUnsafeMutableBufferPointer { sum in
@@ -180,10 +187,7 @@ extension ViTEngine {
                 let sum = Mutex(Accumulator(width: width))
                 try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
                     let observed = reach(input, states.pointer + first * t * d, n, ws)
-                    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: width * width)
-                    defer { scratch.deallocate() }
-                    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(width), Int32(n * t), 1, observed, Int32(width), 0, scratch, Int32(width))
-                    sum.withLock { $0.add(scratch, rows: n * t) }
+                    Accumulator.gram(of: observed, rows: n * t, width: width) { g in sum.withLock { $0.add(g, rows: n * t) } }
                 }
                 let gram = sum.withLock { $0.gram() }
                 for layer in model.linearLayers where layer.block == index && layer.input == input {

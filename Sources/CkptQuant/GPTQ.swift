@@ -184,35 +184,71 @@ public struct GPTQ: Sendable {
     }
 }
 
-extension GPTQ {
-    /// The values GPTQ stores for `item` under `settings`, dequantized (as written, rounded to the scale dtype),
-    /// in the checkpoint's `[rows, cols]` layout: what sequential calibration feeds the layers after it.
-    public func quantizedValues(_ item: PlannedTensor, settings: QuantizationSettings) throws(CkptError) -> [Float] {
-        let (rows, cols) = (item.rows, item.cols)
-        precondition(cols == size)
-        let groupSize = settings.groupSize ?? cols, groups = cols / groupSize
-        var weights = [Float](repeating: 0, count: rows * cols)
-        try weights.withUnsafeMutableBufferPointer { (w: inout UnsafeMutableBufferPointer<Float>) throws(CkptError) in
-            try QuantizationPlan.loadFinite(item, into: w.baseAddress!)
-        }
-        var codes = [UInt8](repeating: 0, count: rows * cols)
-        var scales = [Float](repeating: 0, count: rows * groups), offsets = scales
-        weights.withUnsafeBufferPointer { w in
-            codes.withUnsafeMutableBufferPointer { q in
-                scales.withUnsafeMutableBufferPointer { s in
-                    offsets.withUnsafeMutableBufferPointer { o in
-                        quantize(w.baseAddress!, rows: rows, settings: settings, codes: q.baseAddress!, scales: s.baseAddress!, offsets: o.baseAddress!)
-                    }
-                }
-            }
-        }
+/// The codes and stored group parameters GPTQ chose for one `[rows, cols]` matrix under `settings`.
+public struct CompensatedMatrix: Sendable {
+    public let rows: Int
+    public let cols: Int
+    public let settings: QuantizationSettings
+    /// Row-major `rows × cols` codes, and `rows × groups` stored scales and offsets.
+    let codes: [UInt8]
+    let scales: [Float]
+    let offsets: [Float]
+
+    /// The values a runtime dequantizes, row-major, into `values`; `rounded` also applies the scale dtype's
+    /// rounding (what a file stored in that dtype holds).
+    func dequantize(into values: UnsafeMutablePointer<Float>, rounded: Bool) {
         let quantizer = GroupQuantizer(settings)
+        let groupSize = settings.groupSize ?? cols, groups = cols / groupSize
         for r in 0..<rows {
             for j in 0..<cols {
                 let k = r * groups + j / groupSize
-                weights[r * cols + j] = quantizer.stored(quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k])))
+                let value = quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k]))
+                values[r * cols + j] = rounded ? quantizer.stored(value) : value
             }
         }
-        return weights
+    }
+
+    /// The stored values (scale-dtype rounding included) in the checkpoint's `[rows, cols]` layout: what
+    /// sequential calibration feeds the layers after this one.
+    public func storedValues() -> [Float] {
+        [Float](unsafeUninitializedCapacity: rows * cols) { buffer, count in
+            dequantize(into: buffer.baseAddress!, rounded: true)
+            count = rows * cols
+        }
+    }
+}
+
+/// How the writer applies GPTQ to one tensor.
+public enum GPTQCompensation: Sendable {
+    /// The factor of the layer's input Gram: the tensor is rounded when it is written.
+    case factor(GPTQ)
+    /// Already rounded (sequential calibration rounds each layer before it computes the next layer's inputs).
+    case quantized(CompensatedMatrix)
+}
+
+extension GPTQ {
+    /// Loads `item`'s weights into `weights` (`rows × cols`, left unchanged afterwards) and quantizes them.
+    func quantize(_ item: PlannedTensor, settings: QuantizationSettings, loadingInto weights: UnsafeMutablePointer<Float>) throws(CkptError) -> CompensatedMatrix {
+        let (rows, cols) = (item.rows, item.cols)
+        precondition(cols == size)
+        let groups = cols / (settings.groupSize ?? cols)
+        try QuantizationPlan.loadFinite(item, into: weights)
+        var codes = [UInt8](repeating: 0, count: rows * cols)
+        var scales = [Float](repeating: 0, count: rows * groups), offsets = scales
+        codes.withUnsafeMutableBufferPointer { q in
+            scales.withUnsafeMutableBufferPointer { s in
+                offsets.withUnsafeMutableBufferPointer { o in
+                    quantize(weights, rows: rows, settings: settings, codes: q.baseAddress!, scales: s.baseAddress!, offsets: o.baseAddress!)
+                }
+            }
+        }
+        return CompensatedMatrix(rows: rows, cols: cols, settings: settings, codes: codes, scales: scales, offsets: offsets)
+    }
+
+    /// Quantizes `item` under `settings` (the tensor's own scale dtype, as the writer uses).
+    public func quantize(_ item: PlannedTensor, settings: QuantizationSettings) throws(CkptError) -> CompensatedMatrix {
+        let weights = UnsafeMutablePointer<Float>.allocate(capacity: item.rows * item.cols)
+        defer { weights.deallocate() }
+        return try quantize(item, settings: settings, loadingInto: weights)
     }
 }

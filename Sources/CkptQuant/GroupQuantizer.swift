@@ -143,9 +143,11 @@ struct GroupQuantizer {
         case .mse:
             coding = clippingSearch(w, n, lo: lo, hi: hi, importance: importance)
         case .hqq:
-            coding = settings.grid == .symmetric
-                ? halfQuadraticScale(w, n, lo: lo, hi: hi, scratch: scratch)
-                : halfQuadraticZero(w, n, lo: lo, hi: hi, importance: importance, scratch: scratch)
+            switch settings.grid {
+            case .mlxAffine: coding = halfQuadraticAffine(w, n, lo: lo, hi: hi, importance: importance)
+            case .integerZeroPoint: coding = halfQuadraticZero(w, n, lo: lo, hi: hi, importance: importance, scratch: scratch)
+            case .symmetric: coding = halfQuadraticScale(w, n, lo: lo, hi: hi, scratch: scratch)
+            }
         }
         return (coding, storedParameters(coding))
     }
@@ -299,6 +301,98 @@ struct GroupQuantizer {
         default:
             return storedParameters(GroupParameters(scale: scale, offset: bestZero))
         }
+    }
+
+    /// HQQ on the affine grid, where the stored bias can be any float: the same half-quadratic splitting with
+    /// both parameters free. Each iteration takes the codes of the current `(scale, bias)`, shrinks the error
+    /// `W_e = shrink_p(W − W_r, β)`, and refits `(scale, bias)` as the (importance-weighted) least squares of the
+    /// shrunk target `W − W_e` onto the codes. It starts from MLX's min–max parameters and keeps the iterate with
+    /// the least mean |error| (weighted), so it never ends worse than that start.
+    func halfQuadraticAffine(_ w: UnsafePointer<Float>, _ n: Int, lo: Float, hi: Float, importance: UnsafePointer<Float>? = nil) -> GroupParameters {
+        let start = rangeParameters(lo: lo, hi: hi)
+        guard hi > lo else { return storedParameters(start) }
+        var totalImportance = Float(n)
+        if let importance { totalImportance = (0..<n).reduce(0) { $0 + importance[$1] } }
+        guard totalImportance > 0 else { return storedParameters(start) }
+        var current = start, best = start
+        var bestError = Float.infinity
+        var beta = Self.hqqBeta
+        for _ in 0..<Self.hqqIterations {
+            let sums = n % 8 == 0
+                ? Self.hqqAffineStep8(w, n, importance: importance, current, beta: beta, maxCode: maxCode)
+                : Self.hqqAffineStep(w, n, importance: importance, current, beta: beta, maxCode: maxCode)
+            let absError = sums.absError / totalImportance
+            guard absError < bestError else { break }
+            bestError = absError
+            best = current
+            // Weighted least squares of target t on codes q: scale = (Σω·Σωqt − Σωq·Σωt) / (Σω·Σωq² − (Σωq)²).
+            let determinant = totalImportance * sums.qq - sums.q * sums.q
+            guard determinant > 1e-12 * totalImportance * sums.qq else { break }  // all codes equal: nothing to fit
+            let scale = (totalImportance * sums.qt - sums.q * sums.t) / determinant
+            guard scale.isFinite, scale != 0 else { break }
+            current = GroupParameters(scale: scale, offset: (sums.t - scale * sums.q) / totalImportance)
+            beta *= Self.hqqKappa
+        }
+        return storedParameters(best)
+    }
+
+    /// Sums of one affine HQQ iteration: Σω|e|, Σωq, Σωq², Σωt, Σωqt with q the codes, e the error and t the shrunk
+    /// target of each weight (ω = 1 without importance weights).
+    typealias AffineSums = (absError: Float, q: Float, qq: Float, t: Float, qt: Float)
+
+    @inline(__always)
+    static func hqqAffineStep(
+        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>?, _ p: GroupParameters, beta: Float, maxCode: Float
+    ) -> AffineSums {
+        var sums: AffineSums = (0, 0, 0, 0, 0)
+        let inverseBeta = 1 / beta
+        for j in 0..<n {
+            let q = clamp(rint((w[j] - p.offset) / p.scale), 0, maxCode)
+            let e = w[j] - (q * p.scale + p.offset)
+            let a = abs(e)
+            let shrunk = max(0, a - FastMath.powNegative03(a) * inverseBeta)
+            let t = w[j] - (e < 0 ? -shrunk : shrunk)
+            let weight = importance?[j] ?? 1
+            sums.absError += weight * a
+            sums.q += weight * q
+            sums.qq += weight * q * q
+            sums.t += weight * t
+            sums.qt += weight * q * t
+        }
+        return sums
+    }
+
+    /// The same iteration eight lanes at a time.
+    @inline(__always)
+    static func hqqAffineStep8(
+        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>?, _ p: GroupParameters, beta: Float, maxCode: Float
+    ) -> AffineSums {
+        typealias V = SIMD8<Float>
+        var absError = V(), sq = V(), sqq = V(), st = V(), sqt = V()
+        let scale = V(repeating: p.scale), offset = V(repeating: p.offset), top = V(repeating: maxCode)
+        let inverseBeta = V(repeating: 1 / beta), magic = V(repeating: 12582912)
+        let raw = UnsafeRawPointer(w)
+        var j = 0
+        while j < n {
+            let x = raw.loadUnaligned(fromByteOffset: j * 4, as: V.self)
+            var q = (((x - offset) / scale) + magic) - magic
+            q = q.replacing(with: 0, where: q .< 0)
+            q = q.replacing(with: top, where: q .> top)
+            let e = x - (q * scale + offset)
+            let a = e.replacing(with: -e, where: e .< 0)
+            var shrunk = a - FastMath.powNegative03(a) * inverseBeta
+            shrunk = shrunk.replacing(with: 0, where: shrunk .< 0)
+            let t = x - shrunk.replacing(with: -shrunk, where: e .< 0)
+            let weight = importance.map { UnsafeRawPointer($0).loadUnaligned(fromByteOffset: j * 4, as: V.self) } ?? V(repeating: 1)
+            absError += weight * a
+            let wq = weight * q
+            sq += wq
+            sqq += wq * q
+            st += weight * t
+            sqt += wq * t
+            j += 8
+        }
+        return (absError.sum(), sq.sum(), sqq.sum(), st.sum(), sqt.sum())
     }
 
     /// One HQQ iteration over the group: Σ ω|W − W_r| and Σ ω(W_q − (W − W_e)σ) for the zero update, with ω the

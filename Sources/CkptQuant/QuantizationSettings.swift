@@ -6,7 +6,8 @@ public enum QuantMethod: String, CaseIterable, Sendable {
     case rtn
     /// Clipping search: shrink the range by each candidate factor and keep the one with the least squared error.
     case mse
-    /// Half-quadratic quantization: optimise the zero point (the scale, when symmetric) for an Lp (p = 0.7) error.
+    /// Half-quadratic quantization for an Lp (p = 0.7) error: scale and bias on the affine grid, the integer zero
+    /// point on the zero-point grid, the scale on the symmetric grid.
     case hqq
 }
 

@@ -37,7 +37,7 @@ public enum QuantizedCheckpointWriter {
     /// `compensation` is quantized with GPTQ error compensation instead (whole, one tensor at a time).
     public static func write(
         _ checkpoint: Checkpoint, plan: [PlannedTensor], format: QuantizedFormat, settings: QuantizationSettings,
-        compensation: [String: GPTQ] = [:], to destination: Destination
+        compensation: [String: GPTQCompensation] = [:], to destination: Destination
     ) throws(CkptError) -> QuantizationReport {
         let quantizer = StreamingQuantizer()
         let measured = TensorMeasurements()
@@ -91,7 +91,7 @@ public enum QuantizedCheckpointWriter {
 
     /// The tensors one quantized matrix becomes in `format`, produced together chunk by chunk of rows.
     static func group(
-        for item: PlannedTensor, format: QuantizedFormat, settings: QuantizationSettings, gptq: GPTQ? = nil, quantizer: StreamingQuantizer,
+        for item: PlannedTensor, format: QuantizedFormat, settings: QuantizationSettings, gptq: GPTQCompensation? = nil, quantizer: StreamingQuantizer,
         measured: @escaping @Sendable (StreamingQuantizer.Statistics) -> Void
     ) throws(CkptError) -> OutputTensorGroup {
         let entry = item.entry
@@ -106,7 +106,7 @@ public enum QuantizedCheckpointWriter {
         switch format {
         case .dequantized:
             return OutputTensorGroup(parts: [try Part(name: entry.name, dtype: entry.dtype, shape: entry.shape)]) { (sink: Sink) throws(CkptError) in
-                measured(try quantizer.quantize(item, settings: settings, gptq: gptq, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, compensation: gptq, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try quantizer.converted(chunk.values!, count: chunk.rows.count * cols, to: entry.dtype) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
                         try sink(0, bytes)
                     }
@@ -120,7 +120,7 @@ public enum QuantizedCheckpointWriter {
                 try Part(name: module + ".biases", dtype: scaleType, shape: parameterShape),
             ]
             return OutputTensorGroup(parts: parts) { (sink: Sink) throws(CkptError) in
-                measured(try quantizer.quantize(item, settings: settings, gptq: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, compensation: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
                     try parameters(chunk, groups: groups, as: scaleType, quantizer: quantizer, sink)
                 })
@@ -139,7 +139,7 @@ public enum QuantizedCheckpointWriter {
                 try [Int64(rows), Int64(cols)].withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(2, raw) }
                 // Every row's zero codes are needed before the first packed word: kept (one byte per group) until the end.
                 let zeroCodes = quantizer.buffer(.zeroCodes, zeroPoints ? rows * groups : 0, as: UInt8.self)
-                measured(try quantizer.quantize(item, settings: settings, gptq: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
+                measured(try quantizer.quantize(item, settings: settings, compensation: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
                     try quantizer.converted(chunk.scales, count: chunk.rows.count * groups, to: scaleType) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
                         try sink(1, bytes)

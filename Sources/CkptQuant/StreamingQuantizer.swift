@@ -39,7 +39,7 @@ final class StreamingQuantizer: @unchecked Sendable {
     static let chunkElements = 1 << 20
 
     enum Buffer: Int, CaseIterable {
-        case staging, words, values, scales, offsets, signal, error, largest, bad, converted, zeroCodes, zeroColumn, zeroWords, codes
+        case staging, words, values, scales, offsets, signal, error, largest, bad, converted, zeroCodes, zeroColumn, zeroWords
     }
 
     private var buffers: [(pointer: UnsafeMutableRawPointer, bytes: Int)?] = Array(repeating: nil, count: Buffer.allCases.count)
@@ -126,53 +126,60 @@ final class StreamingQuantizer: @unchecked Sendable {
         return total
     }
 
-    /// Plain rounding chunk by chunk, or GPTQ when `gptq` is given.
+    /// Plain rounding chunk by chunk, or GPTQ when `compensation` is given.
     func quantize(
-        _ item: PlannedTensor, settings: QuantizationSettings, gptq: GPTQ?, output: Output, _ emit: (Chunk) throws(CkptError) -> Void
+        _ item: PlannedTensor, settings: QuantizationSettings, compensation: GPTQCompensation?, output: Output,
+        _ emit: (Chunk) throws(CkptError) -> Void
     ) throws(CkptError) -> Statistics {
-        if let gptq { return try quantizeCompensated(item, settings: settings, gptq: gptq, output: output, emit) }
+        if let compensation { return try quantizeCompensated(item, settings: settings, compensation: compensation, output: output, emit) }
         return try quantize(item, settings: settings, output: output, emit)
     }
 
-    /// Quantizes `item` with GPTQ error compensation (``GPTQ``), calling `emit` once with every row: the updates
-    /// run across the whole row, so the matrix is decoded whole (one tensor at a time). The statistics compare
-    /// the stored values with the original weights, as for plain rounding.
+    /// Quantizes `item` with GPTQ error compensation (``GPTQ``), or takes the result sequential calibration already
+    /// computed, and calls `emit` once with every row: the updates run across the whole row, so the matrix is
+    /// decoded whole (one tensor at a time). The statistics compare the stored values with the original weights,
+    /// as for plain rounding.
     func quantizeCompensated(
-        _ item: PlannedTensor, settings: QuantizationSettings, gptq: GPTQ, output: Output, _ emit: (Chunk) throws(CkptError) -> Void
+        _ item: PlannedTensor, settings: QuantizationSettings, compensation: GPTQCompensation, output: Output,
+        _ emit: (Chunk) throws(CkptError) -> Void
     ) throws(CkptError) -> Statistics {
         let (rows, cols) = (item.rows, item.cols)
-        precondition(gptq.size == cols)
-        let groupSize = settings.groupSize ?? cols
-        let groups = cols / groupSize
         let wordsPerRow = BitPacking.wordCount(codes: cols, bits: settings.bits)
         let weights = buffer(.staging, rows * cols, as: Float.self)
-        try QuantizationPlan.loadFinite(item, into: weights)
-        let codes = buffer(.codes, rows * cols, as: UInt8.self)
-        let scales = buffer(.scales, rows * groups, as: Float.self)
-        let offsets = buffer(.offsets, rows * groups, as: Float.self)
-        gptq.quantize(weights, rows: rows, settings: settings, codes: codes, scales: scales, offsets: offsets)
+        let matrix: CompensatedMatrix
+        switch compensation {
+        case .factor(let gptq):
+            matrix = try gptq.quantize(item, settings: settings, loadingInto: weights)
+        case .quantized(let quantized):
+            precondition(quantized.settings == settings && quantized.rows == rows && quantized.cols == cols)
+            try QuantizationPlan.loadFinite(item, into: weights)
+            matrix = quantized
+        }
+        let values = buffer(.values, rows * cols, as: Float.self)
+        matrix.dequantize(into: values, rounded: false)
         let words = output == .packed ? buffer(.words, rows * wordsPerRow, as: UInt32.self) : nil
-        let values = output == .dequantized ? buffer(.values, rows * cols, as: Float.self) : nil
         let quantizer = GroupQuantizer(settings)
         var total = Statistics()
-        for r in 0..<rows {
-            for j in 0..<cols {
-                let k = r * groups + j / groupSize
-                let value = quantizer.value(Float(codes[r * cols + j]), GroupParameters(scale: scales[k], offset: offsets[k]))
-                values?[r * cols + j] = value
-                let v = quantizer.stored(value)
-                let w = weights[r * cols + j]
-                total.signalEnergy += Double(w * w)
-                let d = abs(w - v)
-                total.errorEnergy += Double(d * d)
-                total.maxError = max(total.maxError, d)
-            }
-            if let words { BitPacking.pack(codes + r * cols, count: cols, bits: settings.bits, into: words + r * wordsPerRow) }
+        for k in 0..<rows * cols {
+            let w = weights[k]
+            total.signalEnergy += Double(w * w)
+            let d = abs(w - quantizer.stored(values[k]))
+            total.errorEnergy += Double(d * d)
+            total.maxError = max(total.maxError, d)
         }
-        try emit(Chunk(
-            rows: 0..<rows, words: words.map { UnsafePointer($0) }, values: values.map { UnsafePointer($0) },
-            scales: scales, offsets: offsets))
-        return total
+        return try matrix.codes.withUnsafeBufferPointer { codes throws(CkptError) in
+            if let words {
+                for r in 0..<rows { BitPacking.pack(codes.baseAddress! + r * cols, count: cols, bits: settings.bits, into: words + r * wordsPerRow) }
+            }
+            try matrix.scales.withUnsafeBufferPointer { scales throws(CkptError) in
+                try matrix.offsets.withUnsafeBufferPointer { offsets throws(CkptError) in
+                    try emit(Chunk(
+                        rows: 0..<rows, words: words.map { UnsafePointer($0) }, values: output == .dequantized ? UnsafePointer(values) : nil,
+                        scales: scales.baseAddress!, offsets: offsets.baseAddress!))
+                }
+            }
+            return total
+        }
     }
 
     /// `count` F32 values as `dtype`'s bytes, for `body`: in place for F32, otherwise converted into a reused buffer.

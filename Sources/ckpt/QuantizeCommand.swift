@@ -149,9 +149,9 @@ struct QuantizeCommand: ParsableCommand {
         }
     }
 
-    /// GPTQ factors for the planned block Linears, from the model's own forward pass on the calibration images, and
+    /// GPTQ for the planned block Linears (factors, or with sequential calibration the finished results), from the model's own forward pass on the calibration images, and
     /// how many images that took.
-    func compensation(plan: [PlannedTensor], settings: QuantizationSettings) throws(CkptError) -> (factors: [String: GPTQ], images: Int) {
+    func compensation(plan: [PlannedTensor], settings: QuantizationSettings) throws(CkptError) -> (factors: [String: GPTQCompensation], images: Int) {
         let model = try ViTModel.load(input)
         let engine = try ViTEngine(model: model)
         let count: Int
@@ -174,22 +174,27 @@ struct QuantizeCommand: ParsableCommand {
         }
         var planned: [String: PlannedTensor] = [:]
         for item in plan where item.isQuantized { planned[item.entry.name] = item }
-        var factors: [String: GPTQ] = [:]
+        var compensation: [String: GPTQCompensation] = [:]
         func factor(_ tensor: String, _ gram: LinearInputGram) throws(CkptError) -> GPTQ? {
             guard let item = planned[tensor], gram.width == item.cols else { return nil }
-            let gptq = try GPTQ(gram: gram.values, size: gram.width, actOrder: actOrder, tensor: tensor, path: item.entry.path)
-            factors[tensor] = gptq
-            return gptq
+            return try GPTQ(gram: gram.values, size: gram.width, actOrder: actOrder, tensor: tensor, path: item.entry.path)
         }
         if sequential {
             try engine.sequentialCalibration(count: count, fill: fill) { (layer: LinearLayer, gram: LinearInputGram) throws(CkptError) -> [Float]? in
-                guard let gptq = try factor(layer.tensor, gram) else { return nil }
-                return try gptq.quantizedValues(planned[layer.tensor]!, settings: settings)
+                guard let gptq = try factor(layer.tensor, gram), let item = planned[layer.tensor] else { return nil }
+                // Rounded once, here, with the settings the writer uses for this tensor; the writer stores the result.
+                var tensorSettings = settings
+                tensorSettings.scaleType = QuantizedCheckpointWriter.scaleType(for: item.entry.dtype)
+                let matrix = try gptq.quantize(item, settings: tensorSettings)
+                compensation[layer.tensor] = .quantized(matrix)
+                return matrix.storedValues()
             }
         } else {
-            for (tensor, gram) in try engine.linearInputGrams(count: count, fill: fill) { _ = try factor(tensor, gram) }
+            for (tensor, gram) in try engine.linearInputGrams(count: count, fill: fill) {
+                if let gptq = try factor(tensor, gram) { compensation[tensor] = .factor(gptq) }
+            }
         }
-        return (factors, count)
+        return (compensation, count)
     }
 
     func run() throws {
@@ -214,7 +219,7 @@ struct QuantizeCommand: ParsableCommand {
                     path: output, folder: folder,
                     inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
                     companions: companions, inputs: inputs)
-                var factors: [String: GPTQ] = [:]
+                var factors: [String: GPTQCompensation] = [:]
                 if gptq { (factors, calibrationUsed) = try compensation(plan: plan, settings: settings) }
                 report = try QuantizedCheckpointWriter.write(
                     checkpoint, plan: plan, format: format, settings: settings, compensation: factors, to: destination)

@@ -375,6 +375,72 @@ def test_mlx_mse_and_hqq(sources, tmp_path, bits, group, dtype):
         assert total["mse"] < total["rtn"], f"mse found no better clipping than rtn at {bits} bits: {total}"
 
 
+def hqq_affine_reference(w: np.ndarray, group: int, bits: int):
+    """formats/quantization.md's HQQ on the affine grid in float64, every group at once: start from MLX's min-max
+    parameters, then per iteration codes, the Lp (p = 0.7) shrinkage of the error with beta = 10 (x1.01 each
+    iteration) and the least-squares (scale, bias) of the shrunk target onto the codes; each group keeps the
+    iterate with the least mean |error| and stops when it no longer falls (at most 20 iterations)."""
+    n = 2**bits - 1
+    _, s32, b32 = affine_rtn(w.astype(np.float32), group, bits)
+    g = w.astype(np.float64).reshape(-1, group)
+    s, b = s32.reshape(-1).astype(np.float64), b32.reshape(-1).astype(np.float64)
+    best_s, best_b, best = s.copy(), b.copy(), np.full(len(g), np.inf)
+    active, beta = np.ones(len(g), bool), 10.0
+    for _ in range(20):
+        q = np.clip(np.rint((g - b[:, None]) / s[:, None]), 0, n)
+        e = g - (q * s[:, None] + b[:, None])
+        a = np.abs(e)
+        err = a.mean(1)
+        improved = active & (err < best)
+        best, best_s, best_b = np.where(improved, err, best), np.where(improved, s, best_s), np.where(improved, b, best_b)
+        active &= improved
+        with np.errstate(divide="ignore"):
+            t = g - np.sign(e) * np.maximum(0, a - np.power(a, -0.3) / beta)
+        sq, sqq, st, sqt = q.sum(1), (q * q).sum(1), t.sum(1), (q * t).sum(1)
+        det = group * sqq - sq * sq
+        active &= det > 1e-12 * group * sqq
+        new_s = (group * sqt - sq * st) / np.where(active, det, 1)
+        s = np.where(active, new_s, s)
+        b = np.where(active, (st - new_s * sq) / group, b)
+        beta *= 1.01
+    return best_s.reshape(w.shape[0], -1), best_b.reshape(w.shape[0], -1)
+
+
+@pytest.mark.parametrize("magnitude", [1, 50])
+@pytest.mark.parametrize("bits,group", [(3, 64), (4, 32)])
+def test_mlx_hqq_matches_float64_reference(sources, tmp_path, bits, group, magnitude):
+    """--method hqq on the affine grid against the algorithm written out in float64 numpy: the scales and biases
+    agree (the few groups where float32 and float64 stop at different iterations aside), and every group's mean
+    |error| is at most that of mx.quantize's own (RTN) parameters. At the synthetic weights' own magnitude (~0.02)
+    |e|^-0.3 / beta exceeds every error, so W_e = 0 and each step is plain least squares; scaled by 50 the
+    shrinkage acts."""
+    import mlx.core as mx
+
+    _, base = sources["F32"]
+    src = {n: v * np.float32(magnitude) for n, v in base.items() if groupable(n, base, group)}
+    src_path = tmp_path / "src.safetensors"
+    save_file(src, str(src_path))
+    out = tmp_path / "hqq"
+    quantize(src_path, out, "--format", "mlx", "--bits", bits, "--group-size", group, "--method", "hqq")
+    arrays = mx.load(str(out / "model.safetensors"))
+    for name, w in src.items():
+        module = name[: -len(".weight")]
+        scales, biases = np.array(arrays[module + ".scales"]), np.array(arrays[module + ".biases"])
+        ref_s, ref_b = hqq_affine_reference(w, group, bits)
+        close = np.isclose(scales, ref_s, rtol=1e-4, atol=0) & np.isclose(biases, ref_b, rtol=1e-4, atol=1e-4 * np.abs(ref_s))
+        _, rtn_s, _ = affine_rtn(w, group, bits)
+        moved = ~np.isclose(ref_s, rtn_s, rtol=1e-4, atol=0)  # groups where the splitting left MLX's start
+        assert moved.mean() > 0.5, f"{name}: the reference left min-max in only {moved.mean():.3f} of the groups"
+        assert close[moved].mean() >= 0.98, f"{name}: only {close[moved].mean():.3f} of the moved groups have the reference's parameters"
+        deq = np.array(mx.dequantize(arrays[name], arrays[module + ".scales"], arrays[module + ".biases"], group_size=group, bits=bits))
+        rtn = np.array(mx.dequantize(*mx.quantize(mx.array(w), group_size=group, bits=bits), group_size=group, bits=bits))
+        hqq_err = np.abs(w - deq).reshape(-1, group).mean(1)
+        rtn_err = np.abs(w - rtn).reshape(-1, group).mean(1)
+        assert np.all(hqq_err <= rtn_err * (1 + 1e-4) + 1e-9 * magnitude), f"{name}: a group's mean |error| exceeds mx.quantize's"
+        assert hqq_err.mean() < 0.97 * rtn_err.mean(), f"{name}: hqq barely improved on mx.quantize ({hqq_err.mean()} vs {rtn_err.mean()})"
+    assert len(src) >= 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. GGUF
 
