@@ -95,18 +95,18 @@ $CKPT eval .cache/dinov2/dinov2-small-224.f16.safetensors --reference "$FOLDER" 
 
 echo
 echo "== ckpt quantize: 4-bit MLX files of the bundled model (affine, groups of 64): RTN (= mlx.core.quantize bit for"
-echo "   bit); GPTQ (act-order, sequential) from data-free calibration (synthetic images through the model); GPTQ calibrated on 128 unlabelled"
-echo "   Fashion-MNIST training images (fixtures/eval/fmnist_calibration.npz, not in the eval set). Each is read back by"
-echo "   ckpt eval (dequantized on load) and scored on the same 1,000 images as F32 above"
+echo "   bit); RTN + GPTQ (act-order, sequential) from data-free calibration (synthetic images through the model); HQQ + GPTQ"
+echo "   calibrated on 128 unlabelled Fashion-MNIST training images (fixtures/eval/fmnist_calibration.npz, not in the eval"
+echo "   set). Each is read back by ckpt eval (dequantized on load) and scored on the same 1,000 images as F32 above"
 for variant in rtn gptq gptq-data; do
     out=.cache/dinov2/dinov2-small-224.mlx-4bit-$variant
     rm -rf "$out"
     case $variant in
-        rtn) extra=() ;;
-        gptq) extra=(--gptq) ;;
-        gptq-data) extra=(--gptq --calibration-data fixtures/eval/fmnist_calibration.npz) ;;
+        rtn) extra=(--method rtn) ;;
+        gptq) extra=(--method rtn --gptq) ;;
+        gptq-data) extra=(--method hqq --gptq --calibration-data fixtures/eval/fmnist_calibration.npz) ;;
     esac
-    $CKPT quantize "$FOLDER" "$out" --format mlx --bits 4 --group-size 64 --method rtn "${extra[@]}" | tail -3
+    $CKPT quantize "$FOLDER" "$out" --format mlx --bits 4 --group-size 64 "${extra[@]}" | tail -3
     $CKPT eval "$out" --head fixtures/eval/fmnist_head.safetensors --data fixtures/eval/fmnist_eval.npz \
         --save-logits .cache/dinov2/eval-logits-4bit-$variant.npy > .cache/dinov2/eval-4bit-$variant.txt
 done
@@ -115,8 +115,8 @@ import numpy as np
 f32 = np.load(".cache/dinov2/eval-logits.npy")
 labels = np.load("fixtures/eval/fmnist_eval.npz")["labels"]
 print(f"accuracy: F32 {np.mean(f32.argmax(1) == labels):.4f}")
-for variant, label in (("rtn", "RTN"), ("gptq", "GPTQ, data-free"), ("gptq-data", "GPTQ, 128 unlabelled images")):
+for variant, label in (("rtn", "RTN"), ("gptq", "RTN + GPTQ, data-free"), ("gptq-data", "HQQ + GPTQ, 128 unlabelled images")):
     q4 = np.load(f".cache/dinov2/eval-logits-4bit-{variant}.npy")
-    print(f"          MLX 4-bit g64 {label:27s} {np.mean(q4.argmax(1) == labels):.4f}; "
+    print(f"          MLX 4-bit g64 {label:33s} {np.mean(q4.argmax(1) == labels):.4f}; "
           f"top-1 agreement with F32 {np.mean(q4.argmax(1) == f32.argmax(1)):.4f}")
 PY

@@ -1,4 +1,7 @@
 import CkptCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Scale and offset of one group: `w = scale*q + offset` on the affine grid (offset is the bias), and
 /// `w = (q - offset)*scale` on the zero-point grids (offset is the integer zero code).
@@ -317,10 +320,10 @@ struct GroupQuantizer {
         var current = start, best = start
         var bestError = Float.infinity
         var beta = Self.hqqBeta
-        for _ in 0..<Self.hqqIterations {
+        for iteration in 0..<Self.hqqIterations {
             let sums = n % 8 == 0
-                ? Self.hqqAffineStep8(w, n, importance: importance, current, beta: beta, maxCode: maxCode)
-                : Self.hqqAffineStep(w, n, importance: importance, current, beta: beta, maxCode: maxCode)
+                ? Self.hqqAffineStep8(w, n, importance: importance, current, beta: beta, threshold: Self.hqqShrinkThreshold[iteration], maxCode: maxCode)
+                : Self.hqqAffineStep(w, n, importance: importance, current, beta: beta, threshold: Self.hqqShrinkThreshold[iteration], maxCode: maxCode)
             let absError = sums.absError / totalImportance
             guard absError < bestError else { break }
             bestError = absError
@@ -342,15 +345,16 @@ struct GroupQuantizer {
 
     @inline(__always)
     static func hqqAffineStep(
-        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>?, _ p: GroupParameters, beta: Float, maxCode: Float
+        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>?, _ p: GroupParameters, beta: Float, threshold: Float,
+        maxCode: Float
     ) -> AffineSums {
         var sums: AffineSums = (0, 0, 0, 0, 0)
-        let inverseBeta = 1 / beta
+        let inverseBeta = 1 / beta, inverseScale = 1 / p.scale
         for j in 0..<n {
-            let q = clamp(rint((w[j] - p.offset) / p.scale), 0, maxCode)
+            let q = clamp(rint((w[j] - p.offset) * inverseScale), 0, maxCode)
             let e = w[j] - (q * p.scale + p.offset)
             let a = abs(e)
-            let shrunk = max(0, a - FastMath.powNegative03(a) * inverseBeta)
+            let shrunk = a <= threshold ? 0 : max(0, a - FastMath.powNegative03(a) * inverseBeta)
             let t = w[j] - (e < 0 ? -shrunk : shrunk)
             let weight = importance?[j] ?? 1
             sums.absError += weight * a
@@ -362,34 +366,54 @@ struct GroupQuantizer {
         return sums
     }
 
+    /// `β^(−1/(2−p))` for iteration k's β = 10·1.01^k (≈ 0.17): the shrinkage `|e| − |e|^(p−1)/β` is ≤ 0 exactly
+    /// when `|e|` is at most this, so eight errors all below it need no power (at weights of order 0.02, every one).
+    static let hqqShrinkThreshold: [Float] = (0..<hqqIterations).map { k in
+        Float(pow(Double(hqqBeta) * pow(Double(hqqKappa), Double(k)), -1 / (2 - Double(hqqP))))
+    }
+
     /// The same iteration eight lanes at a time.
     @inline(__always)
     static func hqqAffineStep8(
-        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>?, _ p: GroupParameters, beta: Float, maxCode: Float
+        _ w: UnsafePointer<Float>, _ n: Int, importance: UnsafePointer<Float>?, _ p: GroupParameters, beta: Float, threshold: Float,
+        maxCode: Float
     ) -> AffineSums {
         typealias V = SIMD8<Float>
         var absError = V(), sq = V(), sqq = V(), st = V(), sqt = V()
-        let scale = V(repeating: p.scale), offset = V(repeating: p.offset), top = V(repeating: maxCode)
-        let inverseBeta = V(repeating: 1 / beta), magic = V(repeating: 12582912)
-        let raw = UnsafeRawPointer(w)
+        // Codes by a multiplication with the reciprocal: they only steer the fit (the stored codes come from
+        // ``code(_:_:)``), and a division per lane costs as much as the rest of the step.
+        let scale = V(repeating: p.scale), inverseScale = V(repeating: 1 / p.scale), offset = V(repeating: p.offset), top = V(repeating: maxCode)
+        let inverseBeta = V(repeating: 1 / beta), magic = V(repeating: 12582912), limit = V(repeating: threshold)
+        let raw = UnsafeRawPointer(w), weights = importance.map(UnsafeRawPointer.init)
         var j = 0
         while j < n {
             let x = raw.loadUnaligned(fromByteOffset: j * 4, as: V.self)
-            var q = (((x - offset) / scale) + magic) - magic
+            var q = (((x - offset) * inverseScale) + magic) - magic
             q = q.replacing(with: 0, where: q .< 0)
             q = q.replacing(with: top, where: q .> top)
             let e = x - (q * scale + offset)
             let a = e.replacing(with: -e, where: e .< 0)
-            var shrunk = a - FastMath.powNegative03(a) * inverseBeta
-            shrunk = shrunk.replacing(with: 0, where: shrunk .< 0)
-            let t = x - shrunk.replacing(with: -shrunk, where: e .< 0)
-            let weight = importance.map { UnsafeRawPointer($0).loadUnaligned(fromByteOffset: j * 4, as: V.self) } ?? V(repeating: 1)
-            absError += weight * a
-            let wq = weight * q
-            sq += wq
-            sqq += wq * q
-            st += weight * t
-            sqt += wq * t
+            var t = x
+            if any(a .> limit) {
+                var shrunk = a - FastMath.powNegative03(a) * inverseBeta
+                shrunk = shrunk.replacing(with: 0, where: shrunk .< 0 .| a .<= limit)
+                t = x - shrunk.replacing(with: -shrunk, where: e .< 0)
+            }
+            if let weights {
+                let weight = weights.loadUnaligned(fromByteOffset: j * 4, as: V.self)
+                absError += weight * a
+                let wq = weight * q
+                sq += wq
+                sqq += wq * q
+                st += weight * t
+                sqt += wq * t
+            } else {
+                absError += a
+                sq += q
+                sqq += q * q
+                st += t
+                sqt += q * t
+            }
             j += 8
         }
         return (absError.sum(), sq.sum(), sqq.sum(), st.sum(), sqt.sum())

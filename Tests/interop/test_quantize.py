@@ -410,7 +410,7 @@ def hqq_affine_reference(w: np.ndarray, group: int, bits: int):
 @pytest.mark.parametrize("bits,group", [(3, 64), (4, 32)])
 def test_mlx_hqq_matches_float64_reference(sources, tmp_path, bits, group, magnitude):
     """--method hqq on the affine grid against the algorithm written out in float64 numpy: the scales and biases
-    agree (the few groups where float32 and float64 stop at different iterations aside), and every group's mean
+    agree (but for the few groups where float32 and float64 round a near-tie apart and stop at different iterations), and every group's mean
     |error| is at most that of mx.quantize's own (RTN) parameters. At the synthetic weights' own magnitude (~0.02)
     |e|^-0.3 / beta exceeds every error, so W_e = 0 and each step is plain least squares; scaled by 50 the
     shrinkage acts."""
@@ -431,7 +431,7 @@ def test_mlx_hqq_matches_float64_reference(sources, tmp_path, bits, group, magni
         _, rtn_s, _ = affine_rtn(w, group, bits)
         moved = ~np.isclose(ref_s, rtn_s, rtol=1e-4, atol=0)  # groups where the splitting left MLX's start
         assert moved.mean() > 0.5, f"{name}: the reference left min-max in only {moved.mean():.3f} of the groups"
-        assert close[moved].mean() >= 0.98, f"{name}: only {close[moved].mean():.3f} of the moved groups have the reference's parameters"
+        assert close[moved].mean() >= 0.95, f"{name}: only {close[moved].mean():.3f} of the moved groups have the reference's parameters"
         deq = np.array(mx.dequantize(arrays[name], arrays[module + ".scales"], arrays[module + ".biases"], group_size=group, bits=bits))
         rtn = np.array(mx.dequantize(*mx.quantize(mx.array(w), group_size=group, bits=bits), group_size=group, bits=bits))
         hqq_err = np.abs(w - deq).reshape(-1, group).mean(1)
