@@ -431,7 +431,7 @@ def test_mlx_hqq_matches_float64_reference(sources, tmp_path, bits, group, magni
         _, rtn_s, _ = affine_rtn(w, group, bits)
         moved = ~np.isclose(ref_s, rtn_s, rtol=1e-4, atol=0)  # groups where the splitting left MLX's start
         assert moved.mean() > 0.5, f"{name}: the reference left min-max in only {moved.mean():.3f} of the groups"
-        assert close[moved].mean() >= 0.95, f"{name}: only {close[moved].mean():.3f} of the moved groups have the reference's parameters"
+        assert close[moved].mean() >= 0.98, f"{name}: only {close[moved].mean():.3f} of the moved groups have the reference's parameters"
         deq = np.array(mx.dequantize(arrays[name], arrays[module + ".scales"], arrays[module + ".biases"], group_size=group, bits=bits))
         rtn = np.array(mx.dequantize(*mx.quantize(mx.array(w), group_size=group, bits=bits), group_size=group, bits=bits))
         hqq_err = np.abs(w - deq).reshape(-1, group).mean(1)
