@@ -100,16 +100,6 @@ struct GroupQuantizer {
         settings.grid == .mlxAffine ? q * p.scale + p.offset : (q - p.offset) * p.scale
     }
 
-    /// Squared error of quantizing the group under `p` (already in stored precision).
-    func squaredError(_ w: UnsafePointer<Float>, _ n: Int, _ p: GroupParameters) -> Float {
-        var sum: Float = 0
-        for j in 0..<n {
-            let d = w[j] - value(code(w[j], p), p)
-            sum += d * d
-        }
-        return sum
-    }
-
     // MARK: one group
 
     /// Quantizes `n` weights into `codes`; returns the stored parameters and the error statistics.
@@ -233,26 +223,61 @@ struct GroupQuantizer {
     static let clippingFactors: [Float] = (0...30).map { 1 - Float($0) * 0.02 }
 
     func clippingSearch(_ w: UnsafePointer<Float>, _ n: Int, lo: Float, hi: Float, importance: UnsafePointer<Float>? = nil) -> GroupParameters {
-        func error(_ p: GroupParameters) -> Float {
-            guard let importance else { return squaredError(w, n, p) }
-            var sum: Float = 0
-            for j in 0..<n {
-                let d = w[j] - value(code(w[j], p), p)
-                sum += importance[j] * d * d
+        // Eight candidates at a time, one per lane: each lane's sum runs over the values in the scalar order, so
+        // every candidate's error (and thus the choice) is bit for bit the sequential scalar sum of its squared errors.
+        let candidates = Self.clippingFactors.map { storedParameters(rangeParameters(lo: lo * $0, hi: hi * $0)) }
+        var best = candidates[0]
+        var bestError = Float.infinity
+        var first = 0
+        while first < candidates.count {
+            var scales = SIMD8<Float>(repeating: 1), offsets = SIMD8<Float>()
+            let count = min(8, candidates.count - first)
+            for lane in 0..<8 {
+                let p = candidates[first + min(lane, count - 1)]
+                scales[lane] = p.scale
+                offsets[lane] = p.offset
             }
-            return sum
-        }
-        var best = storedParameters(rangeParameters(lo: lo, hi: hi))
-        var bestError = error(best)
-        for alpha in Self.clippingFactors.dropFirst() {
-            let candidate = storedParameters(rangeParameters(lo: lo * alpha, hi: hi * alpha))
-            let error = error(candidate)
-            if error < bestError {
-                bestError = error
-                best = candidate
+            let errors = candidateErrors(w, n, scales: scales, offsets: offsets, importance: importance)
+            for lane in 0..<count where errors[lane] < bestError {
+                bestError = errors[lane]
+                best = candidates[first + lane]
             }
+            first += count
         }
         return best
+    }
+
+    /// The (importance-weighted) squared error of the group under eight parameter sets, lane k for set k: the
+    /// operations of ``code(_:_:)`` and ``value(_:_:)`` per lane, in their order, summed over `j` in order.
+    @inline(__always)
+    func candidateErrors(
+        _ w: UnsafePointer<Float>, _ n: Int, scales: SIMD8<Float>, offsets: SIMD8<Float>, importance: UnsafePointer<Float>?
+    ) -> SIMD8<Float> {
+        typealias V = SIMD8<Float>
+        let magic = V(repeating: 12582912), top = V(repeating: maxCode), zero = V()
+        let signedZero = offsets - half, low = V(repeating: -half), high = V(repeating: half - 1), halfV = V(repeating: half)
+        var sums = V()
+        if settings.grid == .mlxAffine {
+            for j in 0..<n {
+                let x = V(repeating: w[j])
+                var q = (((x - offsets) / scales) + magic) - magic
+                q = q.replacing(with: zero, where: q .< zero)
+                q = q.replacing(with: top, where: q .> top)
+                let d = x - (q * scales + offsets)
+                if let importance { sums += V(repeating: importance[j]) * d * d } else { sums += d * d }
+            }
+        } else {
+            for j in 0..<n {
+                let x = V(repeating: w[j])
+                var t = x / scales + signedZero
+                t = t.replacing(with: low, where: t .< low)
+                t = t.replacing(with: high, where: t .> high)
+                let q = ((t + magic) - magic) + halfV
+                let d = x - (q - offsets) * scales
+                if let importance { sums += V(repeating: importance[j]) * d * d } else { sums += d * d }
+            }
+        }
+        return sums
     }
 
     // MARK: HQQ
@@ -261,6 +286,14 @@ struct GroupQuantizer {
     static let hqqBeta: Float = 10
     static let hqqKappa: Float = 1.01
     static let hqqIterations = 20
+
+    /// The sum of a group's importance weights; `n` when unweighted (every weight counts 1).
+    static func totalWeight(_ importance: UnsafePointer<Float>?, _ n: Int) -> Float {
+        guard let importance else { return Float(n) }
+        var total: Float = 0
+        for i in 0..<n { total += importance[i] }
+        return total
+    }
 
     /// HQQ (mobiusml/hqq `optimize_weights_proximal`): fixed min–max scale, zero point from half-quadratic
     /// splitting with an Lp shrinkage of the error; stops when the mean absolute error stops falling.
@@ -275,8 +308,7 @@ struct GroupQuantizer {
         var beta = Self.hqqBeta
         // With importance weights both terms of the splitting are weighted alike, so the shrinkage is unchanged
         // and the zero update becomes the weighted mean.
-        var totalImportance = Float(n)
-        if let importance { totalImportance = (0..<n).reduce(0) { $0 + importance[$1] } }
+        let totalImportance = Self.totalWeight(importance, n)
         guard totalImportance > 0 else { return storedParameters(rangeParameters(lo: lo, hi: hi)) }
         for _ in 0..<Self.hqqIterations {
             let (absSum, zeroSum) = if let importance {
@@ -314,8 +346,7 @@ struct GroupQuantizer {
     func halfQuadraticAffine(_ w: UnsafePointer<Float>, _ n: Int, lo: Float, hi: Float, importance: UnsafePointer<Float>? = nil) -> GroupParameters {
         let start = rangeParameters(lo: lo, hi: hi)
         guard hi > lo else { return storedParameters(start) }
-        var totalImportance = Float(n)
-        if let importance { totalImportance = (0..<n).reduce(0) { $0 + importance[$1] } }
+        let totalImportance = Self.totalWeight(importance, n)
         guard totalImportance > 0 else { return storedParameters(start) }
         var current = start, best = start
         var bestError = Float.infinity

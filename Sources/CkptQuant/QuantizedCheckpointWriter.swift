@@ -31,6 +31,14 @@ public enum QuantizedCheckpointWriter {
         [.f32, .f16, .bf16].contains(dtype) ? dtype : .f32
     }
 
+    /// The settings one tensor is quantized with: `base` with the scale dtype of that tensor. Calibration (which
+    /// rounds a tensor ahead of the writer) and the writer both take them from here, so they cannot disagree.
+    public static func settings(for entry: TensorEntry, base: QuantizationSettings) -> QuantizationSettings {
+        var settings = base
+        settings.scaleType = scaleType(for: entry.dtype)
+        return settings
+    }
+
     /// Quantizes the planned tensors while writing them: each matrix is quantized once, a chunk of rows at a time,
     /// and its codes, scales and offsets go straight to their places in the file, so memory stays bounded whatever
     /// the model's size. `settings.scaleType` is replaced per tensor by the tensor's own dtype. A tensor named in
@@ -52,8 +60,7 @@ public enum QuantizedCheckpointWriter {
                     outputBytes: entry.byteCount, elements: entry.shape.elements))
                 continue
             }
-            var tensorSettings = settings
-            tensorSettings.scaleType = scaleType(for: entry.dtype)
+            let tensorSettings = self.settings(for: entry, base: settings)
             let gptq = compensation[entry.name]
             let group = try self.group(for: item, format: format, settings: tensorSettings, gptq: gptq, quantizer: quantizer) {
                 (statistics: StreamingQuantizer.Statistics) in

@@ -183,9 +183,7 @@ struct QuantizeCommand: ParsableCommand {
             try engine.sequentialCalibration(count: count, fill: fill) { (layer: LinearLayer, gram: LinearInputGram) throws(CkptError) -> [Float]? in
                 guard let gptq = try factor(layer.tensor, gram), let item = planned[layer.tensor] else { return nil }
                 // Rounded once, here, with the settings the writer uses for this tensor; the writer stores the result.
-                var tensorSettings = settings
-                tensorSettings.scaleType = QuantizedCheckpointWriter.scaleType(for: item.entry.dtype)
-                let matrix = try gptq.quantize(item, settings: tensorSettings)
+                let matrix = try gptq.quantize(item, settings: QuantizedCheckpointWriter.settings(for: item.entry, base: settings))
                 compensation[layer.tensor] = .quantized(matrix)
                 return matrix.storedValues()
             }

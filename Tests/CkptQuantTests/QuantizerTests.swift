@@ -269,6 +269,42 @@ struct QuantizerTests {
         #expect(better >= Self.rows, "the heavy value's error fell in \(better) of \(2 * Self.rows) groups")
     }
 
+    @Test("MSE's eight-candidate error lanes equal the scalar per-candidate sums bit for bit (every grid, weighted or not)",
+          arguments: [QuantGrid.mlxAffine, .integerZeroPoint, .symmetric])
+    func candidateErrorLanes(grid: QuantGrid) {
+        let quantizer = GroupQuantizer(QuantizationSettings(bits: 3, groupSize: 64, method: .mse, grid: grid))
+        let importance: [Float] = (0..<64).map { Float(1 + ($0 * 37) % 11) / 4 }
+        var checked = 0
+        for group in 0..<Self.rows * Self.cols / 64 {
+            Self.weights.withUnsafeBufferPointer { all in
+                let w = all.baseAddress! + group * 64
+                var lo = w[0], hi = w[0]
+                for j in 0..<64 { lo = min(lo, w[j]); hi = max(hi, w[j]) }
+                for first in stride(from: 0, to: GroupQuantizer.clippingFactors.count, by: 8) {
+                    let factors = (first..<first + 8).map { GroupQuantizer.clippingFactors[min($0, GroupQuantizer.clippingFactors.count - 1)] }
+                    let candidates = factors.map { quantizer.storedParameters(quantizer.rangeParameters(lo: lo * $0, hi: hi * $0)) }
+                    let scales = SIMD8<Float>(candidates.map(\.scale)), offsets = SIMD8<Float>(candidates.map(\.offset))
+                    let plain = quantizer.candidateErrors(w, 64, scales: scales, offsets: offsets, importance: nil)
+                    let weighted = importance.withUnsafeBufferPointer {
+                        quantizer.candidateErrors(w, 64, scales: scales, offsets: offsets, importance: $0.baseAddress!)
+                    }
+                    for (lane, p) in candidates.enumerated() {
+                        var sum: Float = 0, weightedSum: Float = 0
+                        for j in 0..<64 {
+                            let d = w[j] - quantizer.value(quantizer.code(w[j], p), p)
+                            sum += d * d
+                            weightedSum += importance[j] * d * d
+                        }
+                        #expect(plain[lane].bitPattern == sum.bitPattern, "lane \(lane): \(plain[lane]) vs \(sum)")
+                        #expect(weighted[lane].bitPattern == weightedSum.bitPattern, "lane \(lane): \(weighted[lane]) vs \(weightedSum)")
+                        checked += 1
+                    }
+                }
+            }
+        }
+        #expect(checked == 32 * Self.rows * Self.cols / 64)
+    }
+
     @Test("x^-0.3 approximation used by HQQ is within 2e-5 relative of libm", arguments: [1e-30, 1e-7, 3e-3, 0.5, 1, 7.25, 1e4] as [Float])
     func fastPow(x: Float) {
         let exact = Float(pow(Double(x), -0.3))
