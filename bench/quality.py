@@ -15,7 +15,8 @@ restricts the settings (e.g. 4:64,3:64).
 With --sensitivity it instead measures how sensitive the probe is: the same metrics for F16 and BF16 round trips of
 all weights (ckpt convert) and for W4 g64 RTN applied to one kind of Linear layer at a time (--only).
 
-Usage: bench/quality.py [--limit N] [--out results.json] [--gptq [--calibration-data [NPZ]]] [--settings B:G,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
+Usage: bench/quality.py [--limit N] [--out results.json] [--gptq [--calibration-data [NPZ] | --calibration-seed S]
+       [--[no-]act-order] [--[no-]sequential]] [--settings B:G,...] [--methods M,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
 first; $CKPT overrides the binary)
 """
 import argparse, json, os, subprocess, sys, tempfile
@@ -104,22 +105,25 @@ def main():
                    help=f"with --gptq: calibrate on these unlabelled images (default {CALIBRATION.relative_to(ROOT)})")
     p.add_argument("--settings", help="comma list of BITS:GROUP (default: all)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of methods (default: rtn,mse,hqq)")
-    p.add_argument("--no-act-order", dest="act_order", action="store_false", help="with --gptq: plain column order")
-    p.add_argument("--no-sequential", dest="sequential", action="store_false",
-                   help="with --gptq: every layer's inputs from the unquantized model")
+    # Unset: ckpt's own default (act-order and sequential with --calibration-data, off with synthetic images).
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="with --gptq: act-order or plain column order")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --gptq: layer-by-layer calibration, or every layer's inputs from the unquantized model")
+    p.add_argument("--calibration-seed", type=int, help="with --gptq and synthetic images: their seed (ckpt's default otherwise)")
     a = p.parse_args()
     methods = a.methods.split(",")
     if a.sensitivity:
         return sensitivity(a.limit)
     settings = [tuple(map(int, x.split(":"))) for x in a.settings.split(",")] if a.settings else SETTINGS
-    if (a.calibration_data or not a.act_order or not a.sequential) and not a.gptq:
-        p.error("--calibration-data, --no-act-order and --no-sequential apply to --gptq")
+    if (a.calibration_data or a.act_order is not None or a.sequential is not None or a.calibration_seed is not None) and not a.gptq:
+        p.error("--calibration-data, --[no-]act-order, --[no-]sequential and --calibration-seed apply to --gptq")
+    if a.calibration_data and a.calibration_seed is not None:
+        p.error("--calibration-seed is for synthetic images")
     extra = ["--gptq"] if a.gptq else []
     extra += ["--calibration-data", str(a.calibration_data)] if a.calibration_data else []
-    extra += ["--no-act-order"] if a.gptq and not a.act_order else []
-    extra += ["--no-sequential"] if a.gptq and not a.sequential else []
-    label = (" + GPTQ" + ("" if a.act_order else " no-act-order") + ("" if a.sequential else " no-sequential")
-             + (" (data)" if a.calibration_data else "")) if a.gptq else ""
+    extra += [] if a.act_order is None else ["--act-order" if a.act_order else "--no-act-order"]
+    extra += [] if a.sequential is None else ["--sequential" if a.sequential else "--no-sequential"]
+    extra += [] if a.calibration_seed is None else ["--calibration-seed", str(a.calibration_seed)]
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         tmp = Path(tmp)
@@ -133,11 +137,15 @@ def main():
                                     "--group-size", str(group), "--method", method, "--json"] + extra,
                                    check=True, capture_output=True, text=True).stdout
                 report = json.loads(q)
+                # What ckpt used (its defaults depend on the calibration source).
+                act_order, sequential = bool(report.get("act_order")), bool(report.get("sequential"))
+                label = (" + GPTQ" + (" act-order" if act_order else " plain-order") + (" sequential" if sequential else " one-pass")
+                         + (" (data)" if a.calibration_data else f" (synthetic{'' if a.calibration_seed is None else f', seed {a.calibration_seed}'})")) if a.gptq else ""
                 sqnr = np.mean([t["sqnr_db"] for t in report["tensors"] if t["quantized"]])
                 r = evaluate(out, tmp / "q.npy", a.limit)
                 logits = np.load(tmp / "q.npy")
                 agree, kl = compare(ref, logits)
-                row = dict(bits=bits, group=group, method=method, gptq=a.gptq, act_order=a.gptq and a.act_order, sequential=a.gptq and a.sequential,
+                row = dict(bits=bits, group=group, method=method, gptq=a.gptq, act_order=act_order, sequential=sequential, calibration_seed=a.calibration_seed,
                            calibration=str(a.calibration_data) if a.calibration_data else ("synthetic" if a.gptq else None), accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)

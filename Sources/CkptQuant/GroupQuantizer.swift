@@ -225,22 +225,23 @@ struct GroupQuantizer {
     func clippingSearch(_ w: UnsafePointer<Float>, _ n: Int, lo: Float, hi: Float, importance: UnsafePointer<Float>? = nil) -> GroupParameters {
         // Eight candidates at a time, one per lane: each lane's sum runs over the values in the scalar order, so
         // every candidate's error (and thus the choice) is bit for bit the sequential scalar sum of its squared errors.
-        let candidates = Self.clippingFactors.map { storedParameters(rangeParameters(lo: lo * $0, hi: hi * $0)) }
-        var best = candidates[0]
+        let factors = Self.clippingFactors
+        var best = storedParameters(rangeParameters(lo: lo, hi: hi))  // factor 1: RTN
         var bestError = Float.infinity
         var first = 0
-        while first < candidates.count {
+        while first < factors.count {
             var scales = SIMD8<Float>(repeating: 1), offsets = SIMD8<Float>()
-            let count = min(8, candidates.count - first)
+            let count = min(8, factors.count - first)
             for lane in 0..<8 {
-                let p = candidates[first + min(lane, count - 1)]
+                let factor = factors[first + min(lane, count - 1)]
+                let p = storedParameters(rangeParameters(lo: lo * factor, hi: hi * factor))
                 scales[lane] = p.scale
                 offsets[lane] = p.offset
             }
             let errors = candidateErrors(w, n, scales: scales, offsets: offsets, importance: importance)
             for lane in 0..<count where errors[lane] < bestError {
                 bestError = errors[lane]
-                best = candidates[first + lane]
+                best = GroupParameters(scale: scales[lane], offset: offsets[lane])
             }
             first += count
         }
