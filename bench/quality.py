@@ -105,7 +105,7 @@ def main():
                    help=f"with --gptq: calibrate on these unlabelled images (default {CALIBRATION.relative_to(ROOT)})")
     p.add_argument("--settings", help="comma list of BITS:GROUP (default: all)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of methods (default: rtn,mse,hqq)")
-    # Unset: ckpt's own default (act-order and sequential with --calibration-data, off with synthetic images).
+    # Unset: ckpt's own default (both on).
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="with --gptq: act-order or plain column order")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="with --gptq: layer-by-layer calibration, or every layer's inputs from the unquantized model")

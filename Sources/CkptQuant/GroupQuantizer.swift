@@ -225,23 +225,22 @@ struct GroupQuantizer {
     func clippingSearch(_ w: UnsafePointer<Float>, _ n: Int, lo: Float, hi: Float, importance: UnsafePointer<Float>? = nil) -> GroupParameters {
         // Eight candidates at a time, one per lane: each lane's sum runs over the values in the scalar order, so
         // every candidate's error (and thus the choice) is bit for bit the sequential scalar sum of its squared errors.
-        let factors = Self.clippingFactors
-        var best = storedParameters(rangeParameters(lo: lo, hi: hi))  // factor 1: RTN
+        let candidates = Self.clippingFactors.map { storedParameters(rangeParameters(lo: lo * $0, hi: hi * $0)) }
+        var best = candidates[0]
         var bestError = Float.infinity
         var first = 0
-        while first < factors.count {
+        while first < candidates.count {
             var scales = SIMD8<Float>(repeating: 1), offsets = SIMD8<Float>()
-            let count = min(8, factors.count - first)
+            let count = min(8, candidates.count - first)
             for lane in 0..<8 {
-                let factor = factors[first + min(lane, count - 1)]
-                let p = storedParameters(rangeParameters(lo: lo * factor, hi: hi * factor))
+                let p = candidates[first + min(lane, count - 1)]
                 scales[lane] = p.scale
                 offsets[lane] = p.offset
             }
             let errors = candidateErrors(w, n, scales: scales, offsets: offsets, importance: importance)
             for lane in 0..<count where errors[lane] < bestError {
                 bestError = errors[lane]
-                best = GroupParameters(scale: scales[lane], offset: offsets[lane])
+                best = candidates[first + lane]
             }
             first += count
         }
