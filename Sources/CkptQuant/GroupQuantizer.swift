@@ -164,6 +164,29 @@ struct GroupQuantizer {
         return (squared, largest)
     }
 
+    // MARK: the code rule, eight lanes at a time
+
+    /// ``code(_:_:)`` on the affine grid for eight weights, with per-lane parameters: clamp(rint((x − bias)/scale)).
+    /// The one place the eight-lane paths (codes, the clipping search, HQQ) take it from, so they agree bit for bit.
+    @inline(__always)
+    static func affineCodes8(_ x: SIMD8<Float>, scale: SIMD8<Float>, offset: SIMD8<Float>, maxCode: SIMD8<Float>) -> SIMD8<Float> {
+        let magic = SIMD8<Float>(repeating: 12582912)
+        var q = (((x - offset) / scale) + magic) - magic
+        q = q.replacing(with: 0, where: q .< 0)
+        return q.replacing(with: maxCode, where: q .> maxCode)
+    }
+
+    /// ``code(_:_:)`` on the zero-point grids for eight weights: x/scale + signed zero, clamped to the signed range,
+    /// rounded, shifted by `half` to the unsigned code.
+    @inline(__always)
+    static func zeroPointCodes8(_ x: SIMD8<Float>, scale: SIMD8<Float>, signedZero: SIMD8<Float>, half: SIMD8<Float>) -> SIMD8<Float> {
+        let magic = SIMD8<Float>(repeating: 12582912), low = -half, high = half - 1
+        var t = x / scale + signedZero
+        t = t.replacing(with: low, where: t .< low)
+        t = t.replacing(with: high, where: t .> high)
+        return ((t + magic) - magic) + half
+    }
+
     // MARK: codes and errors, eight lanes at a time
 
     /// The codes of `n` weights (a multiple of 8) under `coding`, and Σ d² and max d of the values as written
@@ -175,29 +198,24 @@ struct GroupQuantizer {
         _ w: UnsafePointer<Float>, _ n: Int, coding c: GroupParameters, stored s: GroupParameters, codes: UnsafeMutablePointer<UInt8>
     ) -> (squared: Double, largest: Float) {
         typealias V = SIMD8<Float>
-        let magic = V(repeating: 12582912), top = V(repeating: maxCode), integerBias = V(repeating: 8388608)
+        let top = V(repeating: maxCode), integerBias = V(repeating: 8388608)
         let raw = UnsafeRawPointer(w)
         let affine = settings.grid == .mlxAffine
         let codeScale = V(repeating: c.scale), codeOffset = V(repeating: c.offset)
-        let signedZero = V(repeating: c.offset - half), low = V(repeating: -half), high = V(repeating: half - 1), halfV = V(repeating: half)
+        let signedZero = V(repeating: c.offset - half), halfV = V(repeating: half)
         let valueScale = V(repeating: s.scale), valueOffset = V(repeating: s.offset)
         let rounding = settings.scaleType
         var squares = V(), largest = V()
         var j = 0
         while j < n {
             let x = raw.loadUnaligned(fromByteOffset: j * 4, as: V.self)
-            var q: V
+            let q: V
             var v: V
             if affine {
-                q = (((x - codeOffset) / codeScale) + magic) - magic
-                q = q.replacing(with: 0, where: q .< 0)
-                q = q.replacing(with: top, where: q .> top)
+                q = Self.affineCodes8(x, scale: codeScale, offset: codeOffset, maxCode: top)
                 v = q * valueScale + valueOffset
             } else {
-                var t = x / codeScale + signedZero
-                t = t.replacing(with: low, where: t .< low)
-                t = t.replacing(with: high, where: t .> high)
-                q = ((t + magic) - magic) + halfV
+                q = Self.zeroPointCodes8(x, scale: codeScale, signedZero: signedZero, half: halfV)
                 v = (q - valueOffset) * valueScale
             }
             // q is a whole number in [0, 255]: adding 2^23 puts it in the low mantissa bits.
@@ -254,25 +272,19 @@ struct GroupQuantizer {
         _ w: UnsafePointer<Float>, _ n: Int, scales: SIMD8<Float>, offsets: SIMD8<Float>, importance: UnsafePointer<Float>?
     ) -> SIMD8<Float> {
         typealias V = SIMD8<Float>
-        let magic = V(repeating: 12582912), top = V(repeating: maxCode), zero = V()
-        let signedZero = offsets - half, low = V(repeating: -half), high = V(repeating: half - 1), halfV = V(repeating: half)
+        let top = V(repeating: maxCode), signedZero = offsets - half, halfV = V(repeating: half)
         var sums = V()
         if settings.grid == .mlxAffine {
             for j in 0..<n {
                 let x = V(repeating: w[j])
-                var q = (((x - offsets) / scales) + magic) - magic
-                q = q.replacing(with: zero, where: q .< zero)
-                q = q.replacing(with: top, where: q .> top)
+                let q = Self.affineCodes8(x, scale: scales, offset: offsets, maxCode: top)
                 let d = x - (q * scales + offsets)
                 if let importance { sums += V(repeating: importance[j]) * d * d } else { sums += d * d }
             }
         } else {
             for j in 0..<n {
                 let x = V(repeating: w[j])
-                var t = x / scales + signedZero
-                t = t.replacing(with: low, where: t .< low)
-                t = t.replacing(with: high, where: t .> high)
-                let q = ((t + magic) - magic) + halfV
+                let q = Self.zeroPointCodes8(x, scale: scales, signedZero: signedZero, half: halfV)
                 let d = x - (q - offsets) * scales
                 if let importance { sums += V(repeating: importance[j]) * d * d } else { sums += d * d }
             }
@@ -420,14 +432,12 @@ struct GroupQuantizer {
         // Codes by division, as ``code(_:_:)`` computes them. A multiplication by the reciprocal was 3 % faster
         // but flips near-ties, and through GPTQ's later columns that moved W4 g64 on DINOv2 by 1.4 points.
         let scale = V(repeating: p.scale), offset = V(repeating: p.offset), top = V(repeating: maxCode)
-        let inverseBeta = V(repeating: 1 / beta), magic = V(repeating: 12582912), limit = V(repeating: threshold)
+        let inverseBeta = V(repeating: 1 / beta), limit = V(repeating: threshold)
         let raw = UnsafeRawPointer(w), weights = importance.map(UnsafeRawPointer.init)
         var j = 0
         while j < n {
             let x = raw.loadUnaligned(fromByteOffset: j * 4, as: V.self)
-            var q = (((x - offset) / scale) + magic) - magic
-            q = q.replacing(with: 0, where: q .< 0)
-            q = q.replacing(with: top, where: q .> top)
+            let q = affineCodes8(x, scale: scale, offset: offset, maxCode: top)
             let e = x - (q * scale + offset)
             let a = e.replacing(with: -e, where: e .< 0)
             var t = x
