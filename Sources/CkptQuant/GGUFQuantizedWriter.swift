@@ -50,11 +50,17 @@ public enum GGUFQuantizedWriter {
                     name: entry.name, shape: entry.shape, scheme: type.name, bits: type.bits, groupSize: type.blockSize,
                     outputBytes: info.byteCount, elements: entry.shape.elements))
             } else {
+                // Floats GGUF has no type for (F64, the F8 formats) are kept as F32, exactly; other dtypes it lacks
+                // (unsigned integers, BOOL) are refused, naming the file and tensor.
                 let info: GGUF.OutputTensorInfo
-                if entry.dtype == .f64 {
-                    info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry, convertingTo: .f32))
-                } else {
-                    info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry))
+                do {
+                    if GGMLType(plain: entry.dtype) == nil && entry.dtype.isConvertibleFloat {
+                        info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry, convertingTo: .f32))
+                    } else {
+                        info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry))
+                    }
+                } catch {
+                    throw error.at(path: entry.path)
                 }
                 infos.append(info)
                 reports.append(TensorReport(

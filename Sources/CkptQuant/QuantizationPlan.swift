@@ -55,6 +55,17 @@ public enum QuantizationPlan {
         }
     }
 
+    /// Refuses a plan that quantizes nothing (a mistyped --only, a model without Linear weights, a group size no
+    /// layer fits): the output would be a copy that claims to be quantized. The error gives the commonest reasons.
+    public static func requireQuantized(_ plan: [PlannedTensor], path: String) throws(CkptError) {
+        guard !plan.contains(where: \.isQuantized) else { return }
+        var counts: [String: Int] = [:]
+        for item in plan { counts[item.keptReason ?? "", default: 0] += 1 }
+        let reasons = counts.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }.prefix(3)
+            .map { "\($0.value) × \($0.key)" }.joined(separator: "; ")
+        throw CkptError(.invalidArgument, "no tensor to quantize among \(plan.count) (\(reasons)); nothing written", path: path)
+    }
+
     /// Decodes a planned tensor to F32 and rejects NaN/Inf, naming the tensor and the first bad element.
     public static func loadFinite(_ item: PlannedTensor, into buffer: UnsafeMutablePointer<Float>) throws(CkptError) {
         try item.entry.decodeFloats(into: buffer)

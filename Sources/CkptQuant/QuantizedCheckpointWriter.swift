@@ -54,10 +54,14 @@ public enum QuantizedCheckpointWriter {
         for item in plan {
             let entry = item.entry
             guard item.isQuantized else {
-                groups.append(OutputTensorGroup(try OutputTensor.from(entry)))
+                // mlx.load has no F64 and reads the F8 formats as raw uint8, so MLX files keep such floats as F32
+                // (exact); the other formats' loaders read every safetensors float.
+                let kept = format == .mlx && entry.dtype.isConvertibleFloat && ![.f32, .f16, .bf16].contains(entry.dtype)
+                    ? try OutputTensor.from(entry, convertingTo: .f32) : try OutputTensor.from(entry)
+                groups.append(OutputTensorGroup(kept))
                 reports.append(TensorReport(
                     name: entry.name, shape: entry.shape, keptReason: item.keptReason ?? "not quantized",
-                    outputBytes: entry.byteCount, elements: entry.shape.elements))
+                    outputBytes: kept.byteCount, elements: entry.shape.elements))
                 continue
             }
             let tensorSettings = self.settings(for: entry, base: settings)
@@ -198,7 +202,12 @@ public enum QuantizedCheckpointWriter {
             members.append(("quantization", block))
             members.append(("quantization_config", block))
         case .compressedTensors:
-            let ignored = plan.filter { !$0.isQuantized && $0.kind == .linear }.map { JSONValue.string(String($0.entry.name.dropLast(".weight".count))) }
+            // Loaders quantize every module the targets match ("Linear") unless it is listed here, so every kept 2-D
+            // `*.weight` is listed, whatever its name suggests (MAE's decoder_embed is a Linear); an Embedding listed
+            // too only costs a warning there. Names without a `.weight` module suffix name no module.
+            let ignored = plan.filter {
+                !$0.isQuantized && $0.entry.shape.rank == 2 && $0.entry.name.hasSuffix(".weight") && $0.entry.dtype.isConvertibleFloat
+            }.map { JSONValue.string(String($0.entry.name.dropLast(".weight".count))) }
             let weights = JSONValue.object([
                 ("actorder", .null), ("block_structure", .null), ("dynamic", .bool(false)),
                 ("group_size", settings.groupSize.map(number) ?? .null), ("num_bits", number(settings.bits)),

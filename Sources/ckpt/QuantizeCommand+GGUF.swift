@@ -28,6 +28,7 @@ extension QuantizeCommand {
     func quantizeToGGUF(_ checkpoint: Checkpoint, selection: TensorSelection, inputs: [FileIdentity], inputIsFolder: Bool) throws -> QuantizationReport {
         let type = try ggmlType()
         let plan = QuantizationPlan.make(checkpoint, selection: selection, format: .gguf, blockSize: GGUFQuantizedWriter.minimumBlockSize(type))
+        try QuantizationPlan.requireQuantized(plan, path: input)
         let config = inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil
         return try GGUFQuantizedWriter.write(checkpoint, plan: plan, type: type, config: config, to: output, inputs: inputs)
     }

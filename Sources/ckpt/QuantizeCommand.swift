@@ -36,8 +36,10 @@ struct QuantizeCommand: ParsableCommand {
 
     var bits: Int { bitsOption ?? 4 }
 
-    @Option(name: .customLong("group-size"), help: "Weights per scale along the input dimension: 32, 64 or 128; 0 for one scale per output channel.")
-    var groupSize: Int = 64
+    @Option(name: .customLong("group-size"), help: "Weights per scale along the input dimension: 32, 64 or 128; 0 for one scale per output channel (default 64; gguf: fixed by the block type).")
+    var groupSizeOption: Int?
+
+    var groupSize: Int { groupSizeOption ?? 64 }
 
     @Option(help: "rtn, mse or hqq.")
     var method: String = "rtn"
@@ -120,6 +122,12 @@ struct QuantizeCommand: ParsableCommand {
         case .dequantized:
             grid = symmetric ? .symmetric : .mlxAffine
         case .gguf:
+            guard !symmetric else {
+                throw ValidationError("--symmetric: the GGUF block type fixes the grid (Q8_0, Q5_0, Q4_0 and the K-quants' codes are symmetric, Q5_1 and Q4_1 affine); choose it with --gguf-type")
+            }
+            guard groupSizeOption == nil else {
+                throw ValidationError("--group-size \(groupSize): GGUF blocks fix the group (32 values; 256 for Q4_K/Q6_K); choose it with --gguf-type")
+            }
             guard try parsedMethod == .rtn else {
                 throw ValidationError("--method \(method): GGUF blocks are ggml's reference quantizers (rtn); mse and hqq apply to mlx, compressed-tensors and dequantized")
             }
@@ -130,7 +138,11 @@ struct QuantizeCommand: ParsableCommand {
 
     func validate() throws {
         _ = try settings()
-        if try parsedFormat == .gguf { _ = try ggmlType() }
+        if try parsedFormat == .gguf {
+            _ = try ggmlType()
+        } else if let ggufType {
+            throw ValidationError("--gguf-type \(ggufType) applies to --format gguf")
+        }
         if input == output { throw ValidationError("input and output are the same path") }
         if try gptq && parsedFormat == .gguf {
             throw ValidationError("--gptq: GGUF blocks are ggml's reference quantizers; GPTQ applies to mlx, compressed-tensors and dequantized")
@@ -210,6 +222,7 @@ struct QuantizeCommand: ParsableCommand {
                 report = try quantizeToGGUF(checkpoint, selection: selection, inputs: inputs, inputIsFolder: inputIsFolder)
             } else {
                 let plan = QuantizationPlan.make(checkpoint, selection: selection, format: format, blockSize: settings.groupSize)
+                try QuantizationPlan.requireQuantized(plan, path: input)
                 let folder = format != .dequantized || inputIsFolder
                 let companions = inputIsFolder
                     ? ["preprocessor_config.json"].map { FilePaths.join(input, $0) }.filter { FileIdentity.of($0) != nil } : []

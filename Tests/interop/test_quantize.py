@@ -598,6 +598,33 @@ def test_gguf_refuses_non_rtn_and_unknown_types(sources, tmp_path):
         assert not out.exists(), args
 
 
+def test_gguf_keeps_f8_as_f32_and_refuses_unsigned(tmp_path):
+    """Kept floats GGUF has no type for (F8 here, F64 likewise) are written as F32, exactly; a kept tensor of a
+    dtype GGUF cannot hold (U8) is refused with the file and tensor named, and nothing is written."""
+    import ml_dtypes
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    rng = np.random.default_rng(5)
+    src = {
+        QKV: (rng.standard_normal((16, 64)) * 0.05).astype(np.float32),
+        "blocks.0.norm1.bias": (rng.standard_normal(64) * 0.1).astype(np.float32).astype(ml_dtypes.float8_e5m2),
+    }
+    path = tmp_path / "f8.safetensors"
+    save_file(src, str(path))
+    out = tmp_path / "out.gguf"
+    quantize(path, out, "--format", "gguf", "--gguf-type", "Q8_0")
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    bias = tensors["blocks.0.norm1.bias"]
+    assert bias.tensor_type == GGMLQuantizationType.F32
+    assert_same_array(np.asarray(bias.data), src["blocks.0.norm1.bias"].astype(np.float32), name="F8 bias")
+
+    bad = tmp_path / "u8.safetensors"
+    save_file({**src, "blocks.0.mask": np.arange(8, dtype=np.uint8)}, str(bad))
+    refused = tmp_path / "bad.gguf"
+    proc = quantize(bad, refused, "--format", "gguf", "--gguf-type", "Q8_0", check=None)
+    assert_refused(proc, 2, out=refused, names=(str(bad), "blocks.0.mask", "U8"))
+
+
 def test_gguf_help_names_the_supported_types():
     """--help's list of --gguf-type values is the list the option accepts."""
     text = run_ckpt("quantize", "--help").stdout
@@ -803,6 +830,52 @@ def test_compressed_tensors_model_compressor(sources, tmp_path, bits, group, sym
             assert_same_array(state[name], src[name], name=f"ModelCompressor kept {name}")
 
 
+def test_compressed_tensors_ignore_lists_every_kept_linear(tmp_path):
+    """`ignore` names every kept 2-D `*.weight` module, whatever its name (MAE's decoder_embed is a Linear that
+    ckpt keeps because of "embed"), and no mangled name for a parameter without a `.weight` suffix: the loader
+    then quantizes exactly the modules ckpt packed, and strict loading of the state dict succeeds."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file as load_torch
+
+    rng = np.random.default_rng(7)
+    src = {
+        "decoder_embed.weight": (rng.standard_normal((16, 64)) * 0.05).astype(np.float32),
+        "decoder_embed.bias": np.zeros(16, np.float32),
+        FC1: (rng.standard_normal((32, 64)) * 0.05).astype(np.float32),
+        "attn.in_proj_weight": (rng.standard_normal((48, 64)) * 0.05).astype(np.float32),
+    }
+    path = tmp_path / "mae.safetensors"
+    save_file(src, str(path))
+    out = tmp_path / "ct"
+    report = quantize(path, out, "--format", "compressed-tensors", "--bits", 4, "--group-size", 32)
+    assert {t["name"] for t in report["tensors"] if t["quantized"]} == {FC1}
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert sorted(config["ignore"]) == ["decoder_embed"]
+
+    root = torch.nn.Module()
+    root.add_module("decoder_embed", torch.nn.Linear(64, 16))
+    mlp = torch.nn.Module()
+    mlp.add_module("fc1", torch.nn.Linear(64, 32, bias=False))
+    block = torch.nn.Module()
+    block.add_module("mlp", mlp)
+    root.add_module("blocks", torch.nn.ModuleList([block]))
+    root.add_module("attn", torch.nn.Module())
+    root.attn.register_parameter("in_proj_weight", torch.nn.Parameter(torch.zeros(48, 64)))
+    qc = QuantizationConfig.model_validate(config)
+    apply_quantization_config(root, qc)
+    compressor = ModelCompressor(quantization_config=qc)
+    compressor.compress_model(root)
+    root.load_state_dict(load_torch(str(out / "model.safetensors")), strict=True)
+    compressor.decompress_model(root)
+    state = {k: v.detach().numpy() for k, v in root.state_dict().items()}
+    for name in ("decoder_embed.weight", "attn.in_proj_weight"):
+        assert_same_array(state[name], src[name], name=name)
+    assert not np.array_equal(state[FC1], src[FC1])
+    assert_same_array(state[FC1], readback(out, tmp_path)[FC1], name=FC1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. dequantized
 
@@ -987,14 +1060,15 @@ def test_nan_weight_is_refused(tmp_path, fmt, target):
     save_file(tensors, str(src))
     before = src.read_bytes()
     out = tmp_path / target
-    proc = quantize(src, out, "--format", fmt, "--group-size", "32", check=None)
+    group = [] if fmt == "gguf" else ["--group-size", "32"]  # ggml blocks fix their own group
+    proc = quantize(src, out, "--format", fmt, *group, check=None)
     assert_refused(proc, 2, out=out, names=(FC1,))
     assert "nan" in proc.stderr.lower()
     assert src.read_bytes() == before
 
     # a NaN outside the selection does not matter
     ok = tmp_path / ("ok-" + target)
-    quantize(src, ok, "--format", fmt, "--group-size", "32", "--skip", "fc1")
+    quantize(src, ok, "--format", fmt, *group, "--skip", "fc1")
     assert ok.exists()
 
 
@@ -1009,6 +1083,11 @@ def test_nan_weight_is_refused(tmp_path, fmt, target):
     ["--format", "tflite"],
     ["--format", "mlx", "--method", "gptq"],
     ["--bits", "4"],  # --format is required
+    ["--format", "gguf", "--symmetric"],  # the block type fixes the grid
+    ["--format", "gguf", "--group-size", "64"],  # and the group
+    ["--format", "gguf", "--gguf-type", "Q4_1", "--group-size", "32"],
+    ["--format", "mlx", "--gguf-type", "Q8_0"],  # a GGUF option without GGUF output
+    ["--format", "compressed-tensors", "--gguf-type", "Q4_0"],
 ], ids=lambda a: " ".join(a))
 def test_usage_errors(sources, tmp_path, args):
     src_path, _ = sources["F32"]
@@ -1051,6 +1130,34 @@ def test_output_equal_to_input_is_refused(sources, tmp_path):
     assert "overwrite an input" in proc.stderr, proc.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_mlx_keeps_f64_and_f8_as_f32(tmp_path):
+    """mlx.load has no F64 ("unsupported dtype F64") and reads F8 as raw uint8: an MLX folder keeps such floats as
+    F32, exactly, and mlx loads it; an F64 Linear gets F32 scales and biases."""
+    import ml_dtypes
+    import mlx.core as mx
+
+    rng = np.random.default_rng(11)
+    src = {
+        FC1: (rng.standard_normal((32, 64)) * 0.05).astype(np.float64),
+        "blocks.0.norm1.weight": (1 + rng.standard_normal(64) * 0.1).astype(np.float64),
+        "blocks.0.norm1.bias": (rng.standard_normal(64) * 0.1).astype(np.float32).astype(ml_dtypes.float8_e4m3fn),
+    }
+    path = tmp_path / "f64.safetensors"
+    save_file(src, str(path))
+    out = tmp_path / "mlx"
+    report = quantize(path, out, "--format", "mlx", "--bits", 4, "--group-size", 32)
+    loaded = mx.load(str(out / "model.safetensors"))
+    kept = {t["name"]: t for t in report["tensors"] if not t["quantized"]}
+    for name in ("blocks.0.norm1.weight", "blocks.0.norm1.bias"):
+        assert loaded[name].dtype == mx.float32, (name, loaded[name].dtype)
+        assert_same_array(np.array(loaded[name]), src[name].astype(np.float32), name=name)
+        assert kept[name]["output_bytes"] == 4 * src[name].size
+    module = FC1[: -len(".weight")]
+    assert loaded[module + ".scales"].dtype == mx.float32 and loaded[module + ".biases"].dtype == mx.float32
+    w_hat = mx.dequantize(loaded[FC1], loaded[module + ".scales"], loaded[module + ".biases"], group_size=32, bits=4)
+    assert_same_array(np.array(w_hat), readback(out, tmp_path)[FC1].astype(np.float32), name=FC1)
 
 
 def _mlx_folder(src_path, tmp_path, *args) -> Path:
@@ -1119,12 +1226,9 @@ def test_mlx_without_config_unambiguous_shapes(sources, tmp_path):
 @pytest.mark.parametrize("flags,want", [
     (["--only", "attn"], {QKV}),
     (["--only", "qkv"], {QKV}),  # unanchored: matches inside the name
-    (["--only", "^qkv"], set()),  # anchored by the user: matches nothing
     (["--only", r"fc\d"], {FC1}),  # fc2 has 100 columns
     (["--skip", "fc1"], {QKV}),
-    (["--skip", r"weight$"], set()),
     (["--only", "blocks", "--skip", "attn"], {FC1}),
-    (["--only", "patch_embed"], set()),  # a conv: matched, but mlx keeps convs
 ], ids=lambda f: " ".join(f) if isinstance(f, list) else None)
 def test_only_skip(sources, tmp_path, flags, want):
     src_path, src = sources["F32"]
@@ -1143,6 +1247,23 @@ def test_only_skip(sources, tmp_path, flags, want):
         else:
             assert "--skip" in reason, reason
         assert_same_array(state[name], src[name], name=name)
+
+
+@pytest.mark.parametrize("fmt,target,flags,reason", [
+    ("mlx", "mlx", ["--only", "^qkv"], "--only"),  # anchored by the user: matches nothing
+    ("mlx", "mlx", ["--skip", r"weight$"], "--skip"),
+    ("mlx", "mlx", ["--only", "patch_embed"], "conv weight"),  # a conv: matched, but mlx keeps convs
+    ("compressed-tensors", "ct", ["--only", "fc2"], "not a multiple of the group size"),  # 100 columns
+    ("gguf", "out.gguf", ["--only", "norm"], "not a Linear/Conv weight"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_empty_selection_is_refused(sources, tmp_path, fmt, target, flags, reason):
+    """A run that would quantize nothing is an error (a mistyped --only would otherwise copy the model and call it
+    quantized): exit 2, the input named with the commonest reasons, nothing written."""
+    src_path, _ = sources["F32"]
+    out = tmp_path / target
+    group = [] if fmt == "gguf" else ["--group-size", "32"]
+    proc = quantize(src_path, out, "--format", fmt, *group, *flags, check=None)
+    assert_refused(proc, 2, out=out, names=(str(src_path), "no tensor to quantize", reason))
 
 
 @pytest.mark.parametrize("fmt,args", [
