@@ -50,11 +50,12 @@ public enum GGUFQuantizedWriter {
                     name: entry.name, shape: entry.shape, scheme: type.name, bits: type.bits, groupSize: type.blockSize,
                     outputBytes: info.byteCount, elements: entry.shape.elements))
             } else {
-                // Floats GGUF has no type for (F64, the F8 formats) are kept as F32, exactly; other dtypes it lacks
-                // (unsigned integers, BOOL) are refused, naming the file and tensor.
+                // F64 (a GGUF type, but one ggml's kernels do not compute with) and the floats GGUF has no type for
+                // (the F8 formats) are kept as F32, exactly; other dtypes it lacks (unsigned integers, BOOL) are
+                // refused, naming the file and tensor.
                 let info: GGUF.OutputTensorInfo
                 do {
-                    if GGMLType(plain: entry.dtype) == nil && entry.dtype.isConvertibleFloat {
+                    if entry.dtype == .f64 || (GGMLType(plain: entry.dtype) == nil && entry.dtype.isConvertibleFloat) {
                         info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry, convertingTo: .f32))
                     } else {
                         info = try GGUF.OutputTensorInfo(try OutputTensor.from(entry))
