@@ -781,14 +781,27 @@ def test_compressed_tensors_methods_and_f16(sources, tmp_path, method, bits, gro
         check_reported_error(by_name[name], src[name], ct_unrounded(local, bits), rb[name], name=name)
 
 
+def load_through_model_compressor(root, qc, model_file: Path) -> dict[str, np.ndarray]:
+    """The whole-model path transformers takes: apply the config to the torch model `root` (its modules named as
+    the checkpoint's tensors), compress it, load the state dict strictly, decompress; returns the state."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+    from safetensors.torch import load_file as load_torch
+
+    apply_quantization_config(root, qc)
+    compressor = ModelCompressor(quantization_config=qc)
+    compressor.compress_model(root)
+    root.load_state_dict(load_torch(str(model_file)), strict=True)
+    compressor.decompress_model(root)
+    return {k: v.detach().numpy() for k, v in root.state_dict().items()}
+
+
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (8, 0, True), (3, 128, False)])
 def test_compressed_tensors_model_compressor(sources, tmp_path, bits, group, symmetric):
     """The whole-model path transformers takes: apply the config to a torch model whose modules carry the tensor
     names, compress, load ckpt's state dict (strict), decompress."""
     import torch
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
-    from safetensors.torch import load_file as load_torch
+    from compressed_tensors.quantization import QuantizationConfig
 
     src_path, src = sources["F32"]
     out = tmp_path / "ct"
@@ -814,12 +827,7 @@ def test_compressed_tensors_model_compressor(sources, tmp_path, bits, group, sym
     root.register_parameter("pos_embed", torch.nn.Parameter(torch.zeros(1, 17, 32)))
     root.register_parameter("cls_token", torch.nn.Parameter(torch.zeros(1, 1, 32)))
 
-    apply_quantization_config(root, qc)
-    compressor = ModelCompressor(quantization_config=qc)
-    compressor.compress_model(root)
-    root.load_state_dict(load_torch(str(out / "model.safetensors")), strict=True)
-    compressor.decompress_model(root)
-    state = {k: v.detach().numpy() for k, v in root.state_dict().items()}
+    state = load_through_model_compressor(root, qc, out / "model.safetensors")
     rb = readback(out, tmp_path)
     for name in src:
         assert name in state, f"{name} missing after decompress_model"
@@ -835,9 +843,7 @@ def test_compressed_tensors_ignore_lists_every_kept_linear(tmp_path):
     ckpt keeps because of "embed"), and no mangled name for a parameter without a `.weight` suffix: the loader
     then quantizes exactly the modules ckpt packed, and strict loading of the state dict succeeds."""
     import torch
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
-    from safetensors.torch import load_file as load_torch
+    from compressed_tensors.quantization import QuantizationConfig
 
     rng = np.random.default_rng(7)
     src = {
@@ -864,12 +870,7 @@ def test_compressed_tensors_ignore_lists_every_kept_linear(tmp_path):
     root.add_module("attn", torch.nn.Module())
     root.attn.register_parameter("in_proj_weight", torch.nn.Parameter(torch.zeros(48, 64)))
     qc = QuantizationConfig.model_validate(config)
-    apply_quantization_config(root, qc)
-    compressor = ModelCompressor(quantization_config=qc)
-    compressor.compress_model(root)
-    root.load_state_dict(load_torch(str(out / "model.safetensors")), strict=True)
-    compressor.decompress_model(root)
-    state = {k: v.detach().numpy() for k, v in root.state_dict().items()}
+    state = load_through_model_compressor(root, qc, out / "model.safetensors")
     for name in ("decoder_embed.weight", "attn.in_proj_weight"):
         assert_same_array(state[name], src[name], name=name)
     assert not np.array_equal(state[FC1], src[FC1])
