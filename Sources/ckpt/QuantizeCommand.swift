@@ -123,7 +123,7 @@ struct QuantizeCommand: ParsableCommand {
             grid = symmetric ? .symmetric : .mlxAffine
         case .gguf:
             guard !symmetric else {
-                throw ValidationError("--symmetric: the GGUF block type fixes the grid (Q8_0, Q5_0, Q4_0 and the K-quants' codes are symmetric, Q5_1 and Q4_1 affine); choose it with --gguf-type")
+                throw ValidationError("--symmetric: the GGUF block type fixes the grid (Q8_0, Q6_K, Q5_0 and Q4_0 are symmetric; Q5_1, Q4_1 and Q4_K affine); choose it with --gguf-type")
             }
             guard groupSizeOption == nil else {
                 throw ValidationError("--group-size \(groupSize): GGUF blocks fix the group (32 values; 256 for Q4_K/Q6_K); choose it with --gguf-type")
