@@ -24,7 +24,7 @@ Usage: bench/quality.py [--limit N | --eval-images N] [--out results.json] [--gp
        [--[no-]act-order] [--[no-]sequential]] [--settings B:G,...] [--methods M,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
 first; $CKPT overrides the binary)
 """
-import argparse, gzip, json, math, os, subprocess, sys, tempfile
+import argparse, json, math, os, subprocess, sys, tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ MODEL = ROOT / ".cache/dinov2/dinov2-small-224"
 HEAD = ROOT / "fixtures/eval/fmnist_head.safetensors"
 DEFAULT_DATA = DATA = ROOT / "fixtures/eval/fmnist_eval.npz"
 CALIBRATION = ROOT / "fixtures/eval/fmnist_calibration.npz"  # unlabelled Fashion-MNIST train images
-FMNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 SETTINGS = [(8, 64), (6, 64), (4, 128), (4, 64), (4, 32), (3, 64), (2, 64)]
 METHODS = ["rtn", "mse", "hqq"]
 
@@ -46,20 +45,19 @@ def log_softmax(x):
 
 
 def test_set(n):
-    """The first n Fashion-MNIST test images and labels as an eval npz in .cache/eval/ (made once)."""
+    """The first n Fashion-MNIST test images and labels as an eval npz in .cache/eval/ (made once), read with the
+    eval fixture's own Debian reader."""
     path = ROOT / f".cache/eval/fmnist_t10k_{n}.npz"
     if not path.exists():
-        if not FMNIST.is_dir():
-            sys.exit(f"{FMNIST} missing: apt-get install -y dataset-fashion-mnist")
-        with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz", "rb") as f:
-            images = np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
-        with gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz", "rb") as f:
-            labels = np.frombuffer(f.read()[8:], dtype=np.uint8).astype(np.int64)
+        sys.path.insert(0, str(ROOT / "fixtures" / "eval"))
+        import generate  # noqa: E402  (fixtures/eval/generate.py: its imports are light; the heavy ones are lazy)
+
+        images, labels = generate.fmnist("t10k", n)
         if not 0 < n <= len(labels):
             sys.exit(f"--eval-images {n}: the test set has {len(labels)} images")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images[:n], labels=labels[:n])
+        np.savez(tmp, images=images, labels=labels)
         tmp.rename(path)
     return path
 
