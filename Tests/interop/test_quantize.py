@@ -781,6 +781,40 @@ def test_compressed_tensors_methods_and_f16(sources, tmp_path, method, bits, gro
         check_reported_error(by_name[name], src[name], ct_unrounded(local, bits), rb[name], name=name)
 
 
+def test_compressed_tensors_f64_weights_get_f32_scales(sources, tmp_path):
+    """An F64 checkpoint: its modules get F32 scales (compressed-tensors' own rule would give F16, rounding every
+    scale to 11 bits); the decompressor reads them, equal to ckpt's readback and to the F32 input's quantization."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file as load_torch
+
+    _, src32 = sources["F32"]
+    src64 = {k: v.astype(np.float64) for k, v in src32.items()}
+    path64 = tmp_path / "src-f64.safetensors"
+    save_file(src64, str(path64))
+    out64, out32 = tmp_path / "ct64", tmp_path / "ct32"
+    quantize(path64, out64, "--format", "compressed-tensors", "--bits", 4, "--group-size", 32)
+    quantize(sources["F32"][0], out32, "--format", "compressed-tensors", "--bits", 4, "--group-size", 32)
+    qc = QuantizationConfig.model_validate(json.loads((out64 / "config.json").read_text())["quantization_config"])
+    state64, state32 = load_torch(str(out64 / "model.safetensors")), load_torch(str(out32 / "model.safetensors"))
+    rb = readback(out64, tmp_path)
+    quantized = [n for n in LINEARS if groupable(n, src64, 32)]
+    assert quantized
+    for name in quantized:
+        module = name[: -len(".weight")]
+        local = {k[len(module) + 1 :]: v for k, v in state64.items() if k.startswith(module + ".weight_")}
+        assert local["weight_scale"].dtype == torch.float32, (name, local["weight_scale"].dtype)
+        for key, value in local.items():  # the F64 input quantizes exactly as its F32 values do
+            assert torch.equal(value, state32[module + "." + key]), f"{name}: {key} differs from the F32 input's"
+        decompressed = PackedQuantizationCompressor.decompress(dict(local), qc.config_groups["group_0"])["weight"]
+        assert decompressed.dtype == torch.float32
+        assert_same_array(rb[name].astype(np.float32), decompressed.numpy(), name=f"{name} readback vs compressed-tensors")
+    kept = [n for n in src64 if n not in quantized]
+    assert all(state64[n].dtype == torch.float64 for n in kept)
+    assert_passthrough({k: v.numpy() for k, v in state64.items() if k in kept}, src64, kept, label="compressed-tensors F64")
+
+
 def load_through_model_compressor(root, qc, model_file: Path) -> dict[str, np.ndarray]:
     """The whole-model path transformers takes: apply the config to the torch model `root` (its modules named as
     the checkpoint's tensors), compress it, load the state dict strictly, decompress; returns the state."""
