@@ -47,9 +47,16 @@ public enum CompressedTensors {
             guard let scale = byName[module + ".weight_scale"] else { throw missing(".weight_scale") }
             guard let shape = byName[module + ".weight_shape"] else { throw missing(".weight_shape") }
             let zeroPoint = byName[module + ".weight_zero_point"]
+            let declared = declaredWeights(quantizationConfig, module: module)
+            // An asymmetric scheme without its zero points would silently decode as symmetric (wrong values).
+            if zeroPoint == nil, declared?["symmetric"] == .bool(false) {
+                throw CkptError(
+                    .missingTensor, "config.json declares asymmetric weights, but there is no \(module).weight_zero_point",
+                    path: packed.path, tensor: packed.name)
+            }
             let entry = try dequantizedEntry(
                 packed: packed, scale: scale, shapeEntry: shape, zeroPoint: zeroPoint, legacyPacking: legacyPacking,
-                declaredBits: try declaredBits(quantizationConfig, module: module, configPath: configPath))
+                declaredBits: declared?["num_bits"]?.unsignedInteger.map { Int(clamping: $0) })
             replaced[packed.name] = entry
             for extra in [scale, shape, zeroPoint].compactMap({ $0 }) { consumed.insert(extra.name) }
         }
@@ -58,16 +65,14 @@ public enum CompressedTensors {
         return result
     }
 
-    /// `num_bits` of the config group that covers `module`, when the config names exactly one (or targets it).
-    private static func declaredBits(_ config: JSONValue?, module: String, configPath: String?) throws(CkptError) -> Int? {
+    /// The `weights` arguments of the config group that covers `module`: the only group, or the one whose targets
+    /// name it; nil when the config does not say.
+    private static func declaredWeights(_ config: JSONValue?, module: String) -> JSONValue? {
         guard case .object(let groups)? = config?["config_groups"] else { return nil }
-        let bits = groups.compactMap { $0.value["weights"]?["num_bits"]?.unsignedInteger }
-        if groups.count == 1, let b = bits.first { return Int(clamping: b) }
+        if groups.count == 1 { return groups.first!.value["weights"] }
         for group in groups {
             guard case .array(let targets)? = group.value["targets"] else { continue }
-            if targets.contains(where: { $0 == .string(module) }), let b = group.value["weights"]?["num_bits"]?.unsignedInteger {
-                return Int(clamping: b)
-            }
+            if targets.contains(where: { $0 == .string(module) }) { return group.value["weights"] }
         }
         return nil
     }

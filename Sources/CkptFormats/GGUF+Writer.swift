@@ -170,6 +170,13 @@ extension GGUF {
                 } else {
                     let (measurement, bad) = GGMLQuants.quantizeMeasured(type, source: floats, count: count, destination: blocks)
                     if let bad { throw entry.nonFiniteError(element: offset + bad, value: floats[bad]) }
+                    // Finite weights, non-finite error: a block's F16 scale overflowed (|w| beyond ~65504 × the
+                    // code range), so the blocks would dequantize to Inf/NaN.
+                    guard measurement.errorEnergy.isFinite else {
+                        throw entry.unrepresentableError(
+                            "elements \(offset)..<\(offset + count)", values: UnsafeBufferPointer(start: floats, count: count),
+                            scheme: "\(type.name) (F16 block scales)")
+                    }
                     total.add(measurement)
                 }
                 return count / type.blockSize * type.bytesPerBlock

@@ -157,18 +157,29 @@ public enum ShardedSafeTensors {
         }
     }
 
+    /// Refuses a destination folder that already holds weights a reader would take with (or instead of) what is
+    /// about to be written: for one `model.safetensors`, any other `*.safetensors` or an index (the index wins,
+    /// two files are ambiguous); for shards, an index of another name (several indexes are ambiguous).
+    public static func requireNoStaleWeights(in directory: String, single: Bool) throws(CkptError) {
+        guard FileIdentity.of(directory)?.isDirectory == true else { return }
+        let stale = try FilePaths.contents(of: directory).filter { name in
+            if name.hasSuffix(".safetensors.index.json") { return single || name != indexName }
+            return single && name.hasSuffix(".safetensors") && name != "model.safetensors"
+        }.sorted()
+        guard stale.isEmpty else {
+            throw CkptError(
+                .invalidArgument, "the folder already holds \(stale.joined(separator: ", ")), which would make what is written here unreadable; remove it or choose another folder",
+                path: directory)
+        }
+    }
+
     private static func writeShards(
         _ tensors: [OutputTensor], metadata: [String: String], to directory: String, maximumShardBytes: Int,
         inputs: [FileIdentity], progress: ProgressReporter?
     ) throws(CkptError) {
         let shards = plan(tensors, maximumShardBytes: maximumShardBytes)
+        try requireNoStaleWeights(in: directory, single: shards.count <= 1)
         if shards.count <= 1 {
-            // A leftover index would win over the new file when the folder is read back.
-            if FileIdentity.of(FilePaths.join(directory, indexName)) != nil {
-                throw CkptError(
-                    .invalidArgument, "the folder holds \(indexName) from an earlier write; remove it or choose another folder",
-                    path: directory)
-            }
             try SafeTensors.write(shards.first ?? [], metadata: metadata, to: FilePaths.join(directory, "model.safetensors"), inputs: inputs, progress: progress)
             return
         }

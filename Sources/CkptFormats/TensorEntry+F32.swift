@@ -28,4 +28,14 @@ extension TensorEntry {
     public func nonFiniteError(element index: Int, value: Float) -> CkptError {
         CkptError(.nonFinite, "element \(index) is \(value); a weight with NaN/Inf cannot be quantized", path: path, tensor: name)
     }
+
+    /// The error for finite weights whose quantized values are not: a range wider than the scheme can hold (an
+    /// F16 scale ends at 65504; a min–max range of F32 weights near ±3.4e38 overflows). Writing on would give a
+    /// file that dequantizes to Inf/NaN. `values` is the span of weights that overflowed (a row or a block run).
+    public func unrepresentableError(_ where_: String, values: UnsafeBufferPointer<Float>, scheme: String) -> CkptError {
+        let low = values.min() ?? 0, high = values.max() ?? 0
+        return CkptError(
+            .overflow, "\(where_) (values \(low) … \(high)) cannot be represented in \(scheme): its quantized values would be Inf/NaN",
+            path: path, tensor: name)
+    }
 }

@@ -38,6 +38,9 @@ public struct QuantizationSettings: Sendable, Equatable {
         self.scaleType = scaleType
     }
 
+    /// The scheme in words, for messages: "4-bit affine codes with F16 scales".
+    public var schemeName: String { "\(bits)-bit \(grid.rawValue) codes with \(scaleType.name) scales" }
+
     public static let supportedBits = [2, 3, 4, 5, 6, 8]
     public static let supportedGroupSizes = [32, 64, 128]
 }

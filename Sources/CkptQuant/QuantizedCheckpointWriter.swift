@@ -116,9 +116,11 @@ public enum QuantizedCheckpointWriter {
         typealias Sink = OutputTensorGroup.Sink
         switch format {
         case .dequantized:
-            return OutputTensorGroup(parts: [try Part(name: entry.name, dtype: entry.dtype, shape: entry.shape)]) { (sink: Sink) throws(CkptError) in
+            // In the weight's dtype, except the F8 formats: grid values are not F8 values, so those get F32 (exact).
+            let valueType = DTypeConversion.canConvert(from: .f32, to: entry.dtype) ? entry.dtype : .f32
+            return OutputTensorGroup(parts: [try Part(name: entry.name, dtype: valueType, shape: entry.shape)]) { (sink: Sink) throws(CkptError) in
                 measured(try quantizer.quantize(item, settings: settings, compensation: gptq, output: .dequantized) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
-                    try quantizer.converted(chunk.values!, count: chunk.rows.count * cols, to: entry.dtype) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
+                    try quantizer.converted(chunk.values!, count: chunk.rows.count * cols, to: valueType) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
                         try sink(0, bytes)
                     }
                 })
@@ -254,9 +256,7 @@ public enum QuantizedCheckpointWriter {
         try FilePaths.makeDirectory(directory)
         var staged: [StagedFile] = []
         do throws(CkptError) {
-            for stale in [ShardedSafeTensors.indexName] where FileIdentity.of(FilePaths.join(directory, stale)) != nil {
-                throw CkptError(.invalidArgument, "the folder holds \(stale) from an earlier write; remove it or choose another folder", path: directory)
-            }
+            try ShardedSafeTensors.requireNoStaleWeights(in: directory, single: true)
             var model = try OutputFile(path: FilePaths.join(directory, "model.safetensors"), inputs: destination.inputs)
             try SafeTensors.write(groups: groups, metadata: metadata, into: &model)
             staged.append(try model.stage())

@@ -93,7 +93,8 @@ public struct QuantizedMatrix: Sendable {
     /// Quantizes one row of `cols` weights group by group: the groups' stored scales and offsets, and the row's
     /// packed codes (`words`) and/or its dequantized values as the runtime computes them (`values`). Returns
     /// Σ w², Σ (w − ŵ)² and max |w − ŵ| of the row, or nil (before quantizing anything) when the row holds a
-    /// NaN/Inf, which no scale can represent.
+    /// NaN/Inf, which no scale can represent. The error is +∞ when finite weights give a non-finite stored value
+    /// (a range wider than the scheme holds).
     @inline(__always)
     static func quantizeRow(
         _ row: UnsafePointer<Float>, cols: Int, groupSize: Int, quantizer: GroupQuantizer,
@@ -115,11 +116,12 @@ public struct QuantizedMatrix: Sendable {
             s0 += Double(row[j] * row[j])
             j += 1
         }
-        let signal = (s0 + s1) + (s2 + s3)
+        var signal = (s0 + s1) + (s2 + s3)
         // The square of a NaN/Inf is not finite: only then look for one (a finite weight too large to square
         // lands here too, and is quantized).
         if !signal.isFinite {
             for j in 0..<cols where !row[j].isFinite { return nil }
+            signal = (0..<cols).reduce(0) { $0 + Double(row[$1]) * Double(row[$1]) }
         }
         var error: Double = 0
         var largest: Float = 0
@@ -134,7 +136,28 @@ public struct QuantizedMatrix: Sendable {
             }
         }
         if let words { BitPacking.pack(codes, count: cols, bits: quantizer.settings.bits, into: words) }
+        if !error.isFinite { (error, largest) = recheckedError(row, cols: cols, groupSize: groupSize, quantizer: quantizer, codes: codes, scales: scales, offsets: offsets) }
         return (signal, error, largest)
+    }
+
+    /// A row whose float error sum overflowed: either a stored value is not finite (the range is too wide for the
+    /// scheme; returns +∞, which callers refuse) or only the float square of a huge but finite error overflowed
+    /// (weights near 1e19 and beyond), in which case the error is summed again in double.
+    static func recheckedError(
+        _ row: UnsafePointer<Float>, cols: Int, groupSize: Int, quantizer: GroupQuantizer,
+        codes: UnsafePointer<UInt8>, scales: UnsafePointer<Float>, offsets: UnsafePointer<Float>
+    ) -> (error: Double, largest: Float) {
+        var error: Double = 0
+        var largest: Float = 0
+        for j in 0..<cols {
+            let p = GroupParameters(scale: scales[j / groupSize], offset: offsets[j / groupSize])
+            let value = quantizer.stored(quantizer.value(Float(codes[j]), p))
+            guard value.isFinite else { return (.infinity, .infinity) }
+            let d = Double(row[j]) - Double(value)
+            error += d * d
+            largest = max(largest, Float(abs(d)))
+        }
+        return (error, largest)
     }
 
     /// The dequantized matrix as the target runtime computes it, into `destination` (`rows*cols` floats).

@@ -114,6 +114,11 @@ final class StreamingQuantizer: @unchecked Sendable {
                     let j = (0..<cols).first { !row[$0].isFinite }!
                     throw item.entry.nonFiniteError(element: (firstRow + r) * cols + j, value: row[j])
                 }
+                // Finite weights, non-finite error: the row's stored values overflow (NaN/Inf in the file).
+                guard error[r].isFinite else {
+                    throw item.entry.unrepresentableError(
+                        "row \(firstRow + r)", values: UnsafeBufferPointer(start: weights + r * cols, count: cols), scheme: settings.schemeName)
+                }
                 total.signalEnergy += signal[r]
                 total.errorEnergy += error[r]
                 total.maxError = max(total.maxError, largest[r])
@@ -166,6 +171,24 @@ final class StreamingQuantizer: @unchecked Sendable {
             let d = abs(w - quantizer.stored(values[k]))
             total.errorEnergy += Double(d * d)
             total.maxError = max(total.maxError, d)
+        }
+        if !total.signalEnergy.isFinite {  // float squares of weights beyond ~1e19 overflow; double ones do not
+            total.signalEnergy = (0..<rows * cols).reduce(0) { $0 + Double(weights[$1]) * Double(weights[$1]) }
+        }
+        if !total.errorEnergy.isFinite {
+            // A stored value that is not finite is refused; a float square that merely overflowed is summed again.
+            if let bad = (0..<rows * cols).first(where: { !quantizer.stored(values[$0]).isFinite }) {
+                let row = bad / cols
+                throw item.entry.unrepresentableError(
+                    "row \(row)", values: UnsafeBufferPointer(start: weights + row * cols, count: cols), scheme: settings.schemeName)
+            }
+            total.errorEnergy = 0
+            total.maxError = 0
+            for k in 0..<rows * cols {
+                let d = Double(weights[k]) - Double(quantizer.stored(values[k]))
+                total.errorEnergy += d * d
+                total.maxError = max(total.maxError, Float(abs(d)))
+            }
         }
         return try matrix.codes.withUnsafeBufferPointer { codes throws(CkptError) in
             if let words {

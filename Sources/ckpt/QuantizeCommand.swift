@@ -213,9 +213,14 @@ struct QuantizeCommand: ParsableCommand {
             let format = try parsedFormat
             let settings = try settings()
             let checkpoint = try Checkpoint.open(input)
-            let inputs = checkpoint.files.compactMap(FileIdentity.of)
-            let selection = try TensorSelection(only: only, skip: skip)
             let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
+            // A folder's config files are read too; none of them may be overwritten.
+            let configFiles = inputIsFolder ? ["config.json", "preprocessor_config.json"].map { FilePaths.join(input, $0) } : []
+            let inputs = (checkpoint.files + configFiles).compactMap(FileIdentity.of)
+            if inputIsFolder, let out = FileIdentity.of(output), out.sameFile(as: FileIdentity.of(input)!) {
+                throw CkptError(.sameInputOutput, "the output folder is the input folder (\(input)); choose another", path: output)
+            }
+            let selection = try TensorSelection(only: only, skip: skip)
             var report: QuantizationReport
             var calibrationUsed: Int? = nil
             if format == .gguf {

@@ -175,3 +175,25 @@ def test_usage_errors_exit_64(tmp_path, args):
     proc = run_ckpt("convert", src, tmp_path / args[0], *args[1:], check=None)
     assert proc.stderr.strip() and not out.exists() and temp_leftovers(tmp_path) == []
     assert proc.returncode == 64, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[0]}"
+
+
+@pytest.mark.parametrize("leftover,args", [
+    ("weights.safetensors", []),  # beside a new model.safetensors: two files, no index
+    ("model.safetensors.index.json", []),  # an index would win over the new file
+    ("old.safetensors.index.json", ["--max-shard-size", "10KB"]),  # two indexes
+], ids=["other_weights", "index_single", "other_index_shards"])
+def test_convert_into_folder_with_other_weights_is_refused(tmp_path, leftover, args):
+    """A folder output that already holds weights a reader would take instead of (or beside) the new ones is
+    refused, naming them; converting a folder into itself is the common way to get there."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    src = folder / "weights.safetensors"
+    before = _good_safetensors(src)
+    if leftover != src.name:
+        (folder / leftover).write_text("{}")
+        src = tmp_path / "in.safetensors"
+        src.write_bytes(before)
+    names = sorted(p.name for p in folder.iterdir())
+    proc = run_ckpt("convert", src, f"{folder}/", *args, check=None)
+    _assert_clean_failure(proc, leftover, None, folder, src, before)
+    assert sorted(p.name for p in folder.iterdir()) == names

@@ -873,9 +873,9 @@ def test_compressed_tensors_model_compressor(sources, tmp_path, bits, group, sym
 
 
 def test_compressed_tensors_ignore_lists_every_kept_linear(tmp_path):
-    """`ignore` names every kept 2-D `*.weight` module, whatever its name (MAE's decoder_embed is a Linear that
-    ckpt keeps because of "embed"), and no mangled name for a parameter without a `.weight` suffix: the loader
-    then quantizes exactly the modules ckpt packed, and strict loading of the state dict succeeds."""
+    """`ignore` names every kept 2-D `*.weight` module, whatever its name (here MAE's decoder_embed, a Linear kept
+    by --skip), and no mangled name for a parameter without a `.weight` suffix: the loader then quantizes exactly
+    the modules ckpt packed, and strict loading of the state dict succeeds."""
     import torch
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -889,7 +889,7 @@ def test_compressed_tensors_ignore_lists_every_kept_linear(tmp_path):
     path = tmp_path / "mae.safetensors"
     save_file(src, str(path))
     out = tmp_path / "ct"
-    report = quantize(path, out, "--format", "compressed-tensors", "--bits", 4, "--group-size", 32)
+    report = quantize(path, out, "--format", "compressed-tensors", "--bits", 4, "--group-size", 32, "--skip", "decoder")
     assert {t["name"] for t in report["tensors"] if t["quantized"]} == {FC1}
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert sorted(config["ignore"]) == ["decoder_embed"]
@@ -1161,10 +1161,90 @@ def test_output_equal_to_input_is_refused(sources, tmp_path):
     before = (folder / "model.safetensors").read_bytes()
     assert_refused(run_ckpt("quantize", folder, folder, "--format", "mlx", check=None), 64)
     proc = run_ckpt("quantize", folder, str(folder) + "/", "--format", "mlx", check=None)
-    assert_refused(proc, 2)
-    assert "overwrite an input" in proc.stderr, proc.stderr
+    assert_refused(proc, 2, names=("output folder is the input folder",))
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "compressed-tensors", "dequantized"])
+def test_input_folder_config_is_never_overwritten(sources, tmp_path, fmt):
+    """A folder whose weights are not called model.safetensors, written into under another spelling: its
+    config.json and preprocessor_config.json are inputs too, so the run is refused and nothing changes."""
+    _, src = sources["F32"]
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(src, str(folder / "weights.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    (folder / "preprocessor_config.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for target in (f"{folder}/", f"{tmp_path}/./hf/../hf"):
+        proc = run_ckpt("quantize", folder, target, "--format", fmt, "--group-size", "32", check=None)
+        assert_refused(proc, 2, names=("output folder is the input folder",))
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_output_folder_with_other_weights_is_refused(sources, tmp_path):
+    """Shards or other weights already in the output folder would make it unreadable beside the new
+    model.safetensors: refused, naming them; a model.safetensors there is simply replaced."""
+    src_path, src = sources["F32"]
+    out = tmp_path / "out"
+    out.mkdir()
+    shard = out / "model-00001-of-00002.safetensors"
+    save_file({"x": np.zeros(4, np.float32)}, str(shard))
+    proc = quantize(src_path, out, "--format", "mlx", "--group-size", "32", check=None)
+    assert_refused(proc, 2, names=(str(out), shard.name))
+    assert sorted(p.name for p in out.iterdir()) == [shard.name]
+    shard.rename(out / "model.safetensors")
+    quantize(src_path, out, "--format", "mlx", "--group-size", "32")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert set(readback(out, tmp_path)) == set(src)
+
+
+@pytest.mark.parametrize("fmt,target,dtype,extra,scheme", [
+    ("compressed-tensors", "ct", np.float16, 65504.0, "F16 scales"),  # (q - zp) * scale overflows F16
+    ("mlx", "mlx", np.float32, 2e38, "F32 scales"),  # max - min overflows F32
+    ("dequantized", "deq.safetensors", np.float32, 2e38, "F32 scales"),
+    ("gguf", "out.gguf", np.float32, 1e8, "Q8_0"),  # the F16 block scale (|w|max / 127) overflows
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_unrepresentable_range_is_refused(tmp_path, fmt, target, dtype, extra, scheme):
+    """Finite weights whose range the format cannot hold would dequantize to Inf/NaN: refused with the tensor,
+    the row and the scheme named, exit 2, nothing written (it used to write such files with exit 0)."""
+    tensors = synthetic_tensors(dtype)
+    tensors[FC1] = tensors[FC1].copy()
+    tensors[FC1][5, :2] = [extra, -extra]
+    src = tmp_path / "wide.safetensors"
+    save_file(tensors, str(src))
+    out = tmp_path / target
+    group = ["--gguf-type", "Q8_0"] if fmt == "gguf" else ["--group-size", "32"]
+    proc = quantize(src, out, "--format", fmt, *group, check=None)
+    assert_refused(proc, 2, out=out, names=(str(src), FC1, scheme, "[overflow]"))
+    # the same values in a kept tensor, or a range the format holds, pass
+    quantize(src, tmp_path / ("skip-" + target), "--format", fmt, *group, "--skip", "fc1")
+    tensors[FC1][5, :2] = [extra / 2**20, -extra / 2**20]
+    save_file(tensors, str(src))
+    report = quantize(src, tmp_path / ("ok-" + target), "--format", fmt, *group)
+    assert all(t["sqnr_db"] is not None and t["max_error"] is not None for t in report["tensors"] if t["quantized"])
+
+
+def test_dequantized_f8_weights_become_f32(tmp_path):
+    """F8 weights in --format dequantized: the grid values are not F8 values, so they are written as F32, equal to
+    quantizing the same weights given as F32 (this used to crash with SIGILL and leave a temp file)."""
+    import ml_dtypes
+
+    tensors = synthetic_tensors()
+    f8 = {k: (v.astype(ml_dtypes.float8_e4m3fn) if k in (QKV, FC1) else v) for k, v in tensors.items()}
+    widened = {k: v.astype(np.float32) if k in (QKV, FC1) else v for k, v in f8.items()}
+    src8, src32 = tmp_path / "f8.safetensors", tmp_path / "f32.safetensors"
+    save_file(f8, str(src8))
+    save_file(widened, str(src32))
+    out8, out32 = tmp_path / "deq8.safetensors", tmp_path / "deq32.safetensors"
+    quantize(src8, out8, "--format", "dequantized", "--group-size", "32")
+    quantize(src32, out32, "--format", "dequantized", "--group-size", "32")
+    got, want = load_file(str(out8)), load_file(str(out32))
+    for name in (QKV, FC1):
+        assert got[name].dtype == np.float32, got[name].dtype
+        assert_same_array(got[name], want[name], name=name)
+    assert temp_leftovers(tmp_path) == []
 
 
 def test_mlx_keeps_f64_and_f8_as_f32(tmp_path):
@@ -1242,6 +1322,25 @@ def test_mlx_config_errors(sources, tmp_path):
     assert_refused(run_ckpt("inspect", out, "--json", check=None), 2)
 
 
+def test_compressed_tensors_missing_zero_point(sources, tmp_path):
+    """An asymmetric config whose zero points are gone is an error naming the module (it used to decode as
+    symmetric, 13 dB worse); compressed-tensors' own decompressor also fails on it. A symmetric file needs none."""
+    src_path, _ = sources["F32"]
+    out = tmp_path / "ct"
+    quantize(src_path, out, "--format", "compressed-tensors", "--group-size", "32")
+    state = load_file(str(out / "model.safetensors"))
+    module = FC1[: -len(".weight")]
+    del state[module + ".weight_zero_point"]
+    save_file(state, str(out / "model.safetensors"))
+    for command in (["inspect", out], ["diff", src_path, out]):
+        proc = run_ckpt(*command, check=None)
+        assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+        assert "asymmetric" in proc.stderr and module + ".weight_zero_point" in proc.stderr, proc.stderr
+    sym = tmp_path / "sym"
+    quantize(src_path, sym, "--format", "compressed-tensors", "--group-size", "32", "--symmetric")
+    assert run_ckpt("inspect", sym).returncode == 0
+
+
 def test_mlx_without_config_unambiguous_shapes(sources, tmp_path):
     """3-bit g32 is the only (bits, group) the shapes allow: read back without config.json, same values."""
     src_path, _ = sources["F32"]
@@ -1282,6 +1381,43 @@ def test_only_skip(sources, tmp_path, flags, want):
         else:
             assert "--skip" in reason, reason
         assert_same_array(state[name], src[name], name=name)
+
+
+def test_word_boundaries_are_greps(sources, tmp_path):
+    """`\\b` in --only/--skip is grep's ASCII word boundary: `attn.qkv.weight` holds the word `qkv` (Swift's default
+    Unicode boundaries would see one word and match nothing)."""
+    src_path, _ = sources["F32"]
+    report = quantize(src_path, tmp_path / "a", "--format", "mlx", "--group-size", "32", "--only", r"\bqkv\b")
+    assert {t["name"] for t in report["tensors"] if t["quantized"]} == {QKV}
+    report = quantize(src_path, tmp_path / "b", "--format", "mlx", "--group-size", "32", "--skip", r"\bqkv\b")
+    assert {t["name"] for t in report["tensors"] if t["quantized"]} == {FC1}
+
+
+def test_embedding_tables_and_linears_near_them(tmp_path):
+    """Embedding tables are recognised by their module's own name and kept; Linears named near them (MAE's
+    decoder_embed, Mixer's mlp_tokens.fc1, a positional_proj) and Conv1d/Conv3d weights are quantized."""
+    rng = np.random.default_rng(5)
+    linears = ["decoder_embed.weight", "blocks.0.mlp_tokens.fc1.weight", "attn.positional_proj.weight", "head.weight"]
+    tables = ["embeddings.word_embeddings.weight", "model.embed_tokens.weight", "embeddings.position_embedding.weight",
+              "wte.weight", "pos_embed.weight"]
+    convs = ["audio.conv1.weight", "video.patch_embed.proj.weight"]
+    tensors = {n: rng.standard_normal((16, 64)).astype(np.float32) for n in linears + tables}
+    tensors[convs[0]] = rng.standard_normal((16, 8, 4)).astype(np.float32)  # Conv1d [out, in, k]
+    tensors[convs[1]] = rng.standard_normal((16, 2, 2, 4, 4)).astype(np.float32)  # Conv3d
+    src = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(src))
+    report = report_by_name(quantize(src, tmp_path / "deq.safetensors", "--format", "dequantized", "--group-size", "32"))
+    assert {n for n, t in report.items() if t["quantized"]} == set(linears + convs)
+    for name in tables:
+        assert report[name]["kept"] == "embedding table (looked up, not multiplied)", report[name]
+    deq = load_file(str(tmp_path / "deq.safetensors"))
+    for name in convs:  # grouped along the flattened input, as the report says
+        flat, got = tensors[name].reshape(16, -1), deq[name].reshape(16, -1)
+        assert not np.array_equal(flat, got)
+        assert np.abs(flat - got).max() <= report[name]["max_error"]
+    report = report_by_name(quantize(src, tmp_path / "mlx", "--format", "mlx", "--group-size", "32"))
+    assert {n for n, t in report.items() if t["quantized"]} == set(linears)
+    assert all("conv weight" in report[n]["kept"] for n in convs)
 
 
 @pytest.mark.parametrize("fmt,target,flags,reason", [
