@@ -872,6 +872,35 @@ def test_compressed_tensors_model_compressor(sources, tmp_path, bits, group, sym
             assert_same_array(state[name], src[name], name=f"ModelCompressor kept {name}")
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 0)])
+def test_compressed_tensors_symmetric_loads_in_transformers(tmp_path, bits, group):
+    """The user's path: `ViTModel.from_pretrained` on ckpt's symmetric pack-quantized folder (transformers reads the
+    quantization_config and decompresses through compressed-tensors). Its outputs equal, bit for bit, those of the
+    same model loaded from ckpt's own dequantized readback, and differ from F32's. (Asymmetric folders, ckpt's and
+    compressed-tensors' own alike, do not load in transformers 5.23: it expects unpacked zero points.)"""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "f32")
+    report = quantize(tmp_path / "f32", tmp_path / "ct", "--format", "compressed-tensors", "--bits", bits,
+                      "--group-size", group, "--symmetric")
+    assert sum(t["quantized"] for t in report["tensors"]) == 12  # q, k, v, o, fc1, fc2 of both layers
+    (tmp_path / "deq").mkdir()
+    (tmp_path / "deq" / "config.json").write_bytes((tmp_path / "f32" / "config.json").read_bytes())
+    run_ckpt("convert", tmp_path / "ct", tmp_path / "deq" / "model.safetensors", timeout=300)
+    x = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for name in ("ct", "deq", "f32"):
+        model = ViTModel.from_pretrained(tmp_path / name, add_pooling_layer=False).eval()
+        with torch.no_grad():
+            outputs[name] = model(x).last_hidden_state.numpy()
+    assert_same_array(outputs["ct"], outputs["deq"], name="transformers-loaded vs ckpt readback")
+    assert not np.allclose(outputs["ct"], outputs["f32"], atol=1e-3)
+
+
 def test_compressed_tensors_ignore_lists_every_kept_linear(tmp_path):
     """`ignore` names every kept 2-D `*.weight` module, whatever its name (here MAE's decoder_embed, a Linear kept
     by --skip), and no mangled name for a parameter without a `.weight` suffix: the loader then quantizes exactly
