@@ -116,12 +116,11 @@ public struct QuantizedMatrix: Sendable {
             s0 += Double(row[j] * row[j])
             j += 1
         }
-        var signal = (s0 + s1) + (s2 + s3)
+        let signal = (s0 + s1) + (s2 + s3)
         // The square of a NaN/Inf is not finite: only then look for one (a finite weight too large to square
         // lands here too, and is quantized).
         if !signal.isFinite {
             for j in 0..<cols where !row[j].isFinite { return nil }
-            signal = (0..<cols).reduce(0) { $0 + Double(row[$1]) * Double(row[$1]) }
         }
         var error: Double = 0
         var largest: Float = 0
@@ -136,28 +135,32 @@ public struct QuantizedMatrix: Sendable {
             }
         }
         if let words { BitPacking.pack(codes, count: cols, bits: quantizer.settings.bits, into: words) }
-        if !error.isFinite { (error, largest) = recheckedError(row, cols: cols, groupSize: groupSize, quantizer: quantizer, codes: codes, scales: scales, offsets: offsets) }
+        if !signal.isFinite || !error.isFinite {
+            let stored = { (j: Int) -> Float in
+                quantizer.stored(quantizer.value(Float(codes[j]), GroupParameters(scale: scales[j / groupSize], offset: offsets[j / groupSize])))
+            }
+            return exactStatistics(row, count: cols, stored: stored) ?? (signal, .infinity, .infinity)
+        }
         return (signal, error, largest)
     }
 
-    /// A row whose float error sum overflowed: either a stored value is not finite (the range is too wide for the
-    /// scheme; returns +∞, which callers refuse) or only the float square of a huge but finite error overflowed
-    /// (weights near 1e19 and beyond), in which case the error is summed again in double.
-    static func recheckedError(
-        _ row: UnsafePointer<Float>, cols: Int, groupSize: Int, quantizer: GroupQuantizer,
-        codes: UnsafePointer<UInt8>, scales: UnsafePointer<Float>, offsets: UnsafePointer<Float>
-    ) -> (error: Double, largest: Float) {
-        var error: Double = 0
+    /// Σ w², Σ (w − ŵ)² and max |w − ŵ| from products taken in double, for the rare row or matrix whose float
+    /// squares overflowed (finite weights beyond ~1e19); nil when a stored value ŵ is itself not finite, i.e. the
+    /// range is wider than the scheme holds and the file would dequantize to Inf/NaN.
+    static func exactStatistics(
+        _ weights: UnsafePointer<Float>, count: Int, stored: (Int) -> Float
+    ) -> (signal: Double, error: Double, largest: Float)? {
+        var signal: Double = 0, error: Double = 0
         var largest: Float = 0
-        for j in 0..<cols {
-            let p = GroupParameters(scale: scales[j / groupSize], offset: offsets[j / groupSize])
-            let value = quantizer.stored(quantizer.value(Float(codes[j]), p))
-            guard value.isFinite else { return (.infinity, .infinity) }
-            let d = Double(row[j]) - Double(value)
+        for k in 0..<count {
+            let value = stored(k)
+            guard value.isFinite else { return nil }
+            let w = Double(weights[k]), d = w - Double(value)
+            signal += w * w
             error += d * d
             largest = max(largest, Float(abs(d)))
         }
-        return (error, largest)
+        return (signal, error, largest)
     }
 
     /// The dequantized matrix as the target runtime computes it, into `destination` (`rows*cols` floats).

@@ -172,23 +172,13 @@ final class StreamingQuantizer: @unchecked Sendable {
             total.errorEnergy += Double(d * d)
             total.maxError = max(total.maxError, d)
         }
-        if !total.signalEnergy.isFinite {  // float squares of weights beyond ~1e19 overflow; double ones do not
-            total.signalEnergy = (0..<rows * cols).reduce(0) { $0 + Double(weights[$1]) * Double(weights[$1]) }
-        }
-        if !total.errorEnergy.isFinite {
-            // A stored value that is not finite is refused; a float square that merely overflowed is summed again.
-            if let bad = (0..<rows * cols).first(where: { !quantizer.stored(values[$0]).isFinite }) {
-                let row = bad / cols
+        if !total.signalEnergy.isFinite || !total.errorEnergy.isFinite {
+            guard let exact = QuantizedMatrix.exactStatistics(weights, count: rows * cols, stored: { quantizer.stored(values[$0]) }) else {
+                let row = (0..<rows * cols).first { !quantizer.stored(values[$0]).isFinite }! / cols
                 throw item.entry.unrepresentableError(
                     "row \(row)", values: UnsafeBufferPointer(start: weights + row * cols, count: cols), scheme: settings.schemeName)
             }
-            total.errorEnergy = 0
-            total.maxError = 0
-            for k in 0..<rows * cols {
-                let d = Double(weights[k]) - Double(quantizer.stored(values[k]))
-                total.errorEnergy += d * d
-                total.maxError = max(total.maxError, Float(abs(d)))
-            }
+            total = Statistics(signalEnergy: exact.signal, errorEnergy: exact.error, maxError: exact.largest)
         }
         return try matrix.codes.withUnsafeBufferPointer { codes throws(CkptError) in
             if let words {
