@@ -195,15 +195,23 @@ public struct Checkpoint: Sendable {
     /// read back as one dequantized tensor each, with `config.json` (when the folder has one) saying how.
     static func resolveQuantizedLayouts(_ checkpoint: Checkpoint, folder: String) throws(CkptError) -> Checkpoint {
         guard checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors else { return checkpoint }
-        let names = Set(checkpoint.tensors.map(\.name))
-        let hasMLX = names.contains { $0.hasSuffix(".scales") && names.contains(String($0.dropLast(".scales".count)) + ".biases") }
-        let hasPacked = names.contains { $0.hasSuffix(".weight_packed") }
+        let hasMLX = checkpoint.tensors.contains { $0.name.hasSuffix(".scales") || $0.name.hasSuffix(".biases") }
+        let hasPacked = checkpoint.tensors.contains { $0.name.hasSuffix(".weight_packed") }
         guard hasMLX || hasPacked else { return checkpoint }
         let configPath = FilePaths.join(folder, "config.json")
         let config = try JSONParser.readFile(configPath)
         var result = checkpoint
         if hasPacked { result = try CompressedTensors.resolve(result, config: config, configPath: configPath) }
         if hasMLX { result = try MLXQuantized.resolve(result, config: config, configPath: configPath) }
+        // A packed module and a plain tensor of the name it dequantizes to (`m.weight_packed` and `m.weight`)
+        // would be two tensors of one name: readers would pick either.
+        var names = Set<NameKey>()
+        for tensor in result.tensors where !names.insert(NameKey(tensor.name)).inserted {
+            let stored = result.tensors.filter { NameKey($0.name) == NameKey(tensor.name) }
+                .map { $0.quantization?.storedTensors.first ?? $0.name }
+            throw CkptError(
+                .duplicateName, "two tensors hold \(tensor.name): \(stored.joined(separator: " and "))", path: tensor.path, tensor: tensor.name)
+        }
         return result
     }
 

@@ -14,7 +14,9 @@ public enum CompressedTensors {
     public static let layoutVersion = "0.20.0"
 
     static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
-        let byName = Dictionary(checkpoint.tensors.map { ($0.name, $0) }, uniquingKeysWith: { _, last in last })
+        // Names are compared byte for byte (NameKey), as the file stores them.
+        let tensorsByName = Dictionary(checkpoint.tensors.map { (NameKey($0.name), $0) }, uniquingKeysWith: { _, last in last })
+        func entry(_ name: String) -> TensorEntry? { tensorsByName[NameKey(name)] }
         let modules = checkpoint.tensors.compactMap { entry -> String? in
             guard entry.name.hasSuffix(".weight_packed") else { return nil }
             return String(entry.name.dropLast(".weight_packed".count))
@@ -37,44 +39,92 @@ public enum CompressedTensors {
         } else {
             legacyPacking = false
         }
-        var replaced: [String: TensorEntry] = [:]
-        var consumed = Set<String>()
+        var replaced: [NameKey: TensorEntry] = [:]
+        var consumed = Set<NameKey>()
         for module in modules {
+            let packed = entry(module + ".weight_packed")!
             func missing(_ suffix: String) -> CkptError {
-                CkptError(.missingTensor, "pack-quantized weight has no \(module)\(suffix)", path: byName[module + ".weight_packed"]!.path, tensor: module + ".weight_packed")
+                CkptError(.missingTensor, "pack-quantized weight has no \(module)\(suffix)", path: packed.path, tensor: packed.name)
             }
-            let packed = byName[module + ".weight_packed"]!
-            guard let scale = byName[module + ".weight_scale"] else { throw missing(".weight_scale") }
-            guard let shape = byName[module + ".weight_shape"] else { throw missing(".weight_shape") }
-            let zeroPoint = byName[module + ".weight_zero_point"]
-            let declared = declaredWeights(quantizationConfig, module: module)
-            // An asymmetric scheme without its zero points would silently decode as symmetric (wrong values).
+            func contradicts(_ rule: String) -> CkptError {
+                CkptError(.invalidData, "config.json \(rule)", path: packed.path, tensor: packed.name)
+            }
+            guard let scale = entry(module + ".weight_scale") else { throw missing(".weight_scale") }
+            guard let shape = entry(module + ".weight_shape") else { throw missing(".weight_shape") }
+            let zeroPoint = entry(module + ".weight_zero_point")
+            let declared = try declaredWeights(quantizationConfig, module: module, configPath: configPath)
+            // Activation-order groups: column j belongs to group g_idx[j], not j / group_size. compressed-tensors
+            // 0.20 no longer decodes them either; decoding them as contiguous groups would give wrong values.
+            let actorder = declared?["actorder"]
+            if entry(module + ".weight_g_idx") != nil || actorder == .string("group") || actorder == .bool(true) {
+                throw CkptError(
+                    .unsupportedDType,
+                    "activation-order groups (\(module).weight_g_idx, actorder \"group\") are not supported: columns would need regrouping",
+                    path: packed.path, tensor: packed.name)
+            }
+            // An asymmetric scheme without its zero points would silently decode as symmetric (wrong values), and
+            // compressed-tensors ignores the zero points of a symmetric one.
             if zeroPoint == nil, declared?["symmetric"] == .bool(false) {
                 throw CkptError(
                     .missingTensor, "config.json declares asymmetric weights, but there is no \(module).weight_zero_point",
                     path: packed.path, tensor: packed.name)
             }
+            if let zeroPoint, declared?["symmetric"] == .bool(true) {
+                throw contradicts("declares symmetric weights, but \(zeroPoint.name) is present")
+            }
             let entry = try dequantizedEntry(
                 packed: packed, scale: scale, shapeEntry: shape, zeroPoint: zeroPoint, legacyPacking: legacyPacking,
                 declaredBits: declared?["num_bits"]?.unsignedInteger.map { Int(clamping: $0) })
-            replaced[packed.name] = entry
-            for extra in [scale, shape, zeroPoint].compactMap({ $0 }) { consumed.insert(extra.name) }
+            // The declared strategy and group size must be the ones the scales have.
+            let groupSize = entry.quantization?.groupSize
+            switch declared?["strategy"] {
+            case .string("channel")?:
+                guard groupSize == nil else { throw contradicts("declares per-channel weights, but \(scale.name) \(scale.shape) has groups of \(groupSize!)") }
+            case .string("group")?:
+                guard let declaredSize = declared?["group_size"]?.unsignedInteger else { throw contradicts("declares group strategy without an integer group_size") }
+                guard groupSize.map(UInt64.init) ?? UInt64(entry.shape.dims[1]) == declaredSize else {
+                    throw contradicts("declares groups of \(declaredSize), but \(scale.name) \(scale.shape) gives groups of \(groupSize ?? entry.shape.dims[1])")
+                }
+            case .string(let strategy)?:
+                throw CkptError(.unsupportedDType, "weight strategy '\(strategy)' is not supported (channel or group)", path: configPath, tensor: packed.name)
+            default:
+                break
+            }
+            replaced[NameKey(packed.name)] = entry
+            for extra in [scale, shape, zeroPoint].compactMap({ $0 }) { consumed.insert(NameKey(extra.name)) }
         }
         var result = checkpoint
-        result.tensors = checkpoint.tensors.compactMap { consumed.contains($0.name) ? nil : (replaced[$0.name] ?? $0) }
+        result.tensors = checkpoint.tensors.compactMap { tensor in
+            let key = NameKey(tensor.name)
+            return consumed.contains(key) ? nil : (replaced[key] ?? tensor)
+        }
         return result
     }
 
-    /// The `weights` arguments of the config group that covers `module`: the only group, or the one whose targets
-    /// name it; nil when the config does not say.
-    private static func declaredWeights(_ config: JSONValue?, module: String) -> JSONValue? {
+    /// The `weights` arguments of the config group that covers `module`, matched as compressed-tensors matches
+    /// targets: the module's own name first, then a `re:` pattern matching from the start of the name, then the
+    /// class `Linear` (every pack-quantized weight is a Linear's); the only group when there is one. Nil when no
+    /// group's targets say.
+    private static func declaredWeights(_ config: JSONValue?, module: String, configPath: String?) throws(CkptError) -> JSONValue? {
         guard case .object(let groups)? = config?["config_groups"] else { return nil }
         if groups.count == 1 { return groups.first!.value["weights"] }
-        for group in groups {
-            guard case .array(let targets)? = group.value["targets"] else { continue }
-            if targets.contains(where: { $0 == .string(module) }) { return group.value["weights"] }
+        func targets(_ group: JSONValue) -> [String] {
+            guard case .array(let values)? = group["targets"] else { return [] }
+            return values.compactMap { if case .string(let s) = $0 { s } else { nil } }
         }
-        return nil
+        if let named = groups.first(where: { targets($0.value).contains { NameKey($0) == NameKey(module) } }) {
+            return named.value["weights"]
+        }
+        for group in groups {
+            for target in targets(group.value) where target.hasPrefix("re:") {
+                let pattern = String(target.dropFirst(3))
+                guard let regex = try? Regex(pattern) else {
+                    throw CkptError(.invalidMetadata, "config group '\(group.key)' has a target pattern Swift cannot compile: \(pattern)", path: configPath)
+                }
+                if (try? regex.prefixMatch(in: module)) != nil { return group.value["weights"] }
+            }
+        }
+        return groups.first(where: { targets($0.value).contains("Linear") })?.value["weights"]
     }
 
     private static func dequantizedEntry(
@@ -95,6 +145,8 @@ public enum CompressedTensors {
         }
         let (rows, cols) = (dims[0], dims[1])
         let words = packed.shape.dims[1]
+        // Zero rows carry no data, so a tiny file can declare 2^60 words a row: keep `cols × bits` countable.
+        guard words <= Int.max / 256 else { throw CkptError(.overflow, "\(words) words per row are more than ckpt can count", path: packed.path, tensor: packed.name) }
         guard rows == packed.shape.dims[0], cols > 0, cols <= words * 32 else {
             throw fail("weight_shape [\(rows), \(cols)] does not match weight_packed \(packed.shape)")
         }

@@ -18,27 +18,58 @@ public enum MLXQuantized {
     /// Replaces every `weight`/`scales`/`biases` triple with one dequantized `weight` entry. `config` is the
     /// model's config.json when there is one; without it, bits and group size are inferred from the shapes when
     /// exactly one supported combination fits.
+    ///
+    /// An incomplete triple is an error rather than a plain tensor passed through: a uint32 `m.weight` next to
+    /// only one of `m.scales`/`m.biases` (MLX's other modes, such as mxfp4, store scales without biases), and,
+    /// when config.json declares MLX quantization, `m.scales` + `m.biases` without a uint32 `m.weight`.
     static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
-        let byName = Dictionary(checkpoint.tensors.map { ($0.name, $0) }, uniquingKeysWith: { _, last in last })
-        let modules = checkpoint.tensors.compactMap { entry -> String? in
-            guard entry.dtype == .u32, entry.name.hasSuffix(".weight") else { return nil }
-            let module = String(entry.name.dropLast(".weight".count))
-            return byName[module + ".scales"] != nil && byName[module + ".biases"] != nil ? module : nil
-        }
-        guard !modules.isEmpty else { return checkpoint }
+        // Names are compared byte for byte (NameKey), as the file stores them.
+        let byName = Dictionary(checkpoint.tensors.map { (NameKey($0.name), $0) }, uniquingKeysWith: { _, last in last })
+        func entry(_ name: String) -> TensorEntry? { byName[NameKey(name)] }
         let block = config?["quantization"] ?? config?["quantization_config"]
-        var replaced: [String: TensorEntry] = [:]
-        var consumed = Set<String>()
+        let declared: Bool = if case .object? = config?["quantization"] { true } else { false }
+        var modules: [String] = []
+        var seen = Set<NameKey>()
+        for tensor in checkpoint.tensors {
+            for suffix in [".weight", ".scales", ".biases"] where tensor.name.hasSuffix(suffix) {
+                let module = String(tensor.name.dropLast(suffix.count))
+                if seen.insert(NameKey(module)).inserted { modules.append(module) }
+            }
+        }
+        var replaced: [NameKey: TensorEntry] = [:]
+        var consumed = Set<NameKey>()
         for module in modules {
-            let packed = byName[module + ".weight"]!, scales = byName[module + ".scales"]!, biases = byName[module + ".biases"]!
+            let weight = entry(module + ".weight"), scales = entry(module + ".scales"), biases = entry(module + ".biases")
+            guard let scales, let biases else {
+                if let weight, weight.dtype == .u32, let present = scales ?? biases {
+                    let absent = scales == nil ? ".scales" : ".biases"
+                    throw CkptError(
+                        .missingTensor,
+                        "uint32 \(weight.name) with \(present.name) but no \(module)\(absent): an MLX quantized module needs both (only the affine mode is supported)",
+                        path: weight.path, tensor: weight.name)
+                }
+                continue
+            }
+            guard let packed = weight, packed.dtype == .u32 else {
+                guard declared else { continue }
+                let what = weight.map { "is \($0.dtype.name) \($0.shape), not uint32 packed codes" } ?? "is missing"
+                throw CkptError(
+                    weight == nil ? .missingTensor : .invalidData,
+                    "config.json declares MLX quantization and \(module) has .scales and .biases, but \(module).weight \(what)",
+                    path: scales.path, tensor: module + ".weight")
+            }
             let parameters = try parametersFor(module, block: block, packed: packed, scales: scales, configPath: configPath)
             let entry = try dequantizedEntry(module: module, packed: packed, scales: scales, biases: biases, parameters: parameters)
-            replaced[packed.name] = entry
-            consumed.insert(scales.name)
-            consumed.insert(biases.name)
+            replaced[NameKey(packed.name)] = entry
+            consumed.insert(NameKey(scales.name))
+            consumed.insert(NameKey(biases.name))
         }
+        guard !replaced.isEmpty else { return checkpoint }
         var result = checkpoint
-        result.tensors = checkpoint.tensors.compactMap { consumed.contains($0.name) ? nil : (replaced[$0.name] ?? $0) }
+        result.tensors = checkpoint.tensors.compactMap { tensor in
+            let key = NameKey(tensor.name)
+            return consumed.contains(key) ? nil : (replaced[key] ?? tensor)
+        }
         return result
     }
 
@@ -59,6 +90,7 @@ public enum MLXQuantized {
         if let parameters = try read(block) { return parameters }
         // No configuration: cols = packedCols*32/bits and cols = scaleCols*group; accept a unique solution.
         let packedCols = packed.shape.dims.last ?? 0, scaleCols = scales.shape.dims.last ?? 0
+        try checkWidths(packed: packed, scales: scales)
         var fits: [Parameters] = []
         for b in bitWidths {
             for g in groupSizes where (packedCols * 32) % b == 0 && (packedCols * 32) / b == scaleCols * g {
@@ -89,6 +121,7 @@ public enum MLXQuantized {
             throw fail("scales (\(scales.dtype.name)) and biases (\(biases.dtype.name)) must share one floating dtype")
         }
         let packedCols = packed.shape.dims.last!, scaleCols = scales.shape.dims.last!
+        try checkWidths(packed: packed, scales: scales)
         let rows = packed.shape.elements / max(packedCols, 1)
         guard packedCols * 32 % bits == 0 else { throw fail("\(packedCols) words per row is not a whole number of \(bits)-bit codes") }
         let cols = packedCols * 32 / bits
@@ -117,6 +150,17 @@ public enum MLXQuantized {
                     }
                 }
             }
+        }
+    }
+
+    /// Row widths whose column count (`words × 32 / bits`, `groups × group size`) fits an Int. Zero rows carry
+    /// no data, so a 200-byte file can declare rows of 2^60 words.
+    private static func checkWidths(packed: TensorEntry, scales: TensorEntry) throws(CkptError) {
+        let packedCols = packed.shape.dims.last ?? 0, scaleCols = scales.shape.dims.last ?? 0
+        guard packedCols <= Int.max / 32, scaleCols <= Int.max / groupSizes.max()! else {
+            throw CkptError(
+                .overflow, "rows of \(packedCols) packed words / \(scaleCols) scales have more columns than an Int can count",
+                path: packed.path, tensor: packed.name)
         }
     }
 

@@ -1329,6 +1329,144 @@ def test_corrupt_mlx_scales_shape(sources, tmp_path):
                    out=tmp_path / "x.safetensors")
 
 
+def _header_only_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A safetensors file of zero-element tensors (dtype, shape) with no data: shapes no array library builds."""
+    header = {name: {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]} for name, (dtype, shape) in tensors.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("layout", ["mlx", "mlx-no-config", "mlx-scale-columns", "ct"])
+def test_quantized_layouts_with_huge_zero_row_shapes(tmp_path, layout):
+    """Zero rows carry no data, so a 200-byte file can declare rows of 2^59 packed words; counting their columns
+    overflowed and trapped (SIGILL). Now an `overflow` error naming the tensor, and nothing written."""
+    folder = tmp_path / layout
+    folder.mkdir()
+    if layout.startswith("mlx"):
+        scale_columns = 2 ** 62 if layout == "mlx-scale-columns" else 2 ** 58
+        packed_columns = 8 if layout == "mlx-scale-columns" else 2 ** 59
+        _header_only_safetensors(folder / "model.safetensors", {
+            "l.weight": ("U32", [0, packed_columns]), "l.scales": ("F32", [0, scale_columns]), "l.biases": ("F32", [0, scale_columns])})
+        if layout == "mlx":
+            (folder / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64}}))
+        name = "l.weight"
+    else:
+        # weight_shape [0, 2^62] is the file's only data
+        header = {"l.weight_packed": {"dtype": "I32", "shape": [0, 2 ** 58], "data_offsets": [0, 0]},
+                  "l.weight_scale": {"dtype": "F32", "shape": [0, 1], "data_offsets": [0, 0]},
+                  "l.weight_shape": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + struct.pack("<qq", 0, 2 ** 62))
+        name = "l.weight_packed"
+    for command in (["inspect", folder], ["diff", folder, folder], ["convert", folder, tmp_path / "x.safetensors"]):
+        proc = run_ckpt(*command, check=None)
+        assert_refused(proc, 2, names=(name,), out=tmp_path / "x.safetensors")
+        assert "[overflow]" in proc.stderr, proc.stderr
+
+
+def test_mlx_incomplete_modules_are_refused(sources, tmp_path):
+    """A packed uint32 weight with only one of .scales/.biases (MLX's mxfp4 mode stores no biases) used to pass
+    through as raw codes with exit 0; so did .scales + .biases beside a weight that is not uint32. Both are errors
+    naming the module now, and nothing is written."""
+    src_path, _ = sources["F32"]
+    out = _mlx_folder(src_path, tmp_path, "--bits", "4", "--group-size", "64")
+    original = load_file(str(out / "model.safetensors"))
+    module = FC1[: -len(".weight")]
+    cases = {
+        "no biases": ({k: v for k, v in original.items() if k != module + ".biases"}, module + ".biases"),
+        "no scales": ({k: v for k, v in original.items() if k != module + ".scales"}, module + ".scales"),
+        "int32 weight": ({**original, FC1: original[FC1].view(np.int32)}, FC1),
+        "no weight": ({k: v for k, v in original.items() if k != FC1}, FC1),
+    }
+    for label, (state, named) in cases.items():
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "mlx"})
+        for command in (["inspect", out, "--json"], ["convert", out, tmp_path / "x.safetensors"]):
+            proc = run_ckpt(*command, check=None)
+            assert_refused(proc, 2, names=(named,), out=tmp_path / "x.safetensors")
+            assert proc.stdout == "", (label, proc.stdout)
+    # without config.json's quantization block, a float weight beside .scales/.biases is a plain tensor
+    (out / "config.json").unlink()
+    save_file({FC1: np.ones((4, 8), np.float32), module + ".scales": np.ones((4, 1), np.float32),
+               module + ".biases": np.zeros((4, 1), np.float32)}, str(out / "model.safetensors"))
+    assert set(readback(out, tmp_path)) == {FC1, module + ".scales", module + ".biases"}
+
+
+def test_packed_module_and_plain_tensor_of_one_name(sources, tmp_path):
+    """`m.weight_packed` dequantizes to `m.weight`: a plain `m.weight` beside it made inspect list the name twice
+    and diff call a file different from itself. Refused at open, naming the input. Names that differ only by
+    Unicode normalisation are different tensors (bytes decide), not one module's parts."""
+    src_path, _ = sources["F32"]
+    out = tmp_path / "ct"
+    quantize(src_path, out, "--format", "compressed-tensors", "--group-size", "32")
+    state = load_file(str(out / "model.safetensors"))
+    save_file({**state, FC1: np.ones((4, 4), np.float32)}, str(out / "model.safetensors"))
+    for command in (["inspect", out], ["diff", out, out], ["convert", out, tmp_path / "x.safetensors"]):
+        proc = run_ckpt(*command, check=None)
+        assert_refused(proc, 2, names=(FC1, str(out / "model.safetensors")), out=tmp_path / "x.safetensors")
+        assert "[duplicateName]" in proc.stderr, proc.stderr
+    # MLX: "café" (NFC) quantized, "cafe\u0301" (NFD) a plain F32 tensor; each keeps its own values
+    import mlx.core as mx
+    w = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
+    q, scales, biases = mx.quantize(mx.array(w), group_size=64, bits=4)
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    plain = np.arange(12, dtype=np.float32).reshape(3, 4)
+    folder = tmp_path / "nfc"
+    folder.mkdir()
+    save_file({nfc + ".weight": np.array(q), nfc + ".scales": np.array(scales), nfc + ".biases": np.array(biases),
+               nfd + ".weight": plain}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64}}))
+    got = readback(folder, tmp_path)
+    assert set(got) == {nfc + ".weight", nfd + ".weight"}
+    assert_same_array(got[nfc + ".weight"], np.array(mx.dequantize(q, scales, biases, group_size=64, bits=4)), name=nfc)
+    assert_same_array(got[nfd + ".weight"], plain, name=nfd)
+
+
+def test_compressed_tensors_config_must_match_the_tensors(sources, tmp_path):
+    """config.json's declared group size, strategy and symmetry are checked against the tensors (compressed-tensors'
+    own decompressor fails on a group size that disagrees); activation-order groups (weight_g_idx) are refused
+    rather than decoded as contiguous groups; with several config groups the one whose targets match the module
+    (name, `re:` pattern, then the class `Linear`) is the one checked."""
+    src_path, _ = sources["F32"]
+    out = tmp_path / "ct"
+    quantize(src_path, out, "--format", "compressed-tensors", "--group-size", "32")
+    config = json.loads((out / "config.json").read_text())
+    state = load_file(str(out / "model.safetensors"))
+    module = FC1[: -len(".weight")]
+    group = config["quantization_config"]["config_groups"]["group_0"]
+
+    def with_weights(**changes):
+        return {**config, "quantization_config": {**config["quantization_config"], "config_groups": {
+            "group_0": {**group, "weights": {**group["weights"], **changes}}}}}
+
+    def refused(new_config, new_state=None, *, says, module_named=".weight_packed"):
+        """A config-wide change fails on the first module (any name ending in .weight_packed)."""
+        (out / "config.json").write_text(json.dumps(new_config))
+        save_file(new_state if new_state is not None else state, str(out / "model.safetensors"))
+        for command in (["inspect", out], ["convert", out, tmp_path / "x.safetensors"]):
+            proc = run_ckpt(*command, check=None)
+            assert_refused(proc, 2, names=(module_named, str(out / "model.safetensors")), out=tmp_path / "x.safetensors")
+            assert says in proc.stderr, (says, proc.stderr)
+
+    refused(with_weights(group_size=64), says="groups of 64")
+    refused(with_weights(strategy="channel", group_size=None), says="per-channel")
+    refused(with_weights(symmetric=True), says="symmetric")  # zero points present, config says symmetric
+    refused(with_weights(actorder="group"), says="weight_g_idx")
+    refused(config, {**state, module + ".weight_g_idx": np.zeros(state[module + ".weight_shape"][1], np.int32)}, says="weight_g_idx",
+            module_named=module)
+    # several groups: an asymmetric one for Linear, a symmetric one for some other module by pattern; the module
+    # without its zero point is still caught through the Linear group
+    groups = {"group_0": group, "group_1": {**group, "targets": ["re:.*nothing_here$"], "weights": {**group["weights"], "symmetric": True}}}
+    two = {**config, "quantization_config": {**config["quantization_config"], "config_groups": groups}}
+    no_zero = {k: v for k, v in state.items() if k != module + ".weight_zero_point"}
+    refused(two, no_zero, says="weight_zero_point", module_named=module)
+    # and the file as written reads back
+    (out / "config.json").write_text(json.dumps(two))
+    save_file(state, str(out / "model.safetensors"))
+    assert run_ckpt("inspect", out).returncode == 0
+
+
 def test_mlx_config_errors(sources, tmp_path):
     src_path, _ = sources["F32"]
     out = _mlx_folder(src_path, tmp_path, "--bits", "4", "--group-size", "64")
