@@ -39,6 +39,7 @@ public struct OutputFile: ~Copyable {
         _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
         fchmod(descriptor, 0o644)
         let temporary = templateBytes.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        PendingOutputs.add(file: temporary)
         self.path = path
         self.temporaryPath = temporary
         self.fd = descriptor
@@ -50,6 +51,7 @@ public struct OutputFile: ~Copyable {
         if !committed {
             close(fd)
             unlink(temporaryPath)
+            PendingOutputs.remove(file: temporaryPath)
         }
     }
 
@@ -146,6 +148,7 @@ public struct OutputFile: ~Copyable {
         if close(fd) != 0 {
             let cause = errnoText()
             unlink(temporaryPath)
+            PendingOutputs.remove(file: temporaryPath)
             throw CkptError(.io, "cannot close", path: path, cause: cause)
         }
         return StagedFile(path: path, temporaryPath: temporaryPath)
@@ -159,6 +162,7 @@ public struct StagedFile: Sendable {
 
     /// Renames the file into place.
     public func publish() throws(CkptError) {
+        defer { PendingOutputs.remove(file: temporaryPath) }
         if rename(temporaryPath, path) != 0 {
             let cause = errnoText()
             unlink(temporaryPath)
@@ -167,7 +171,10 @@ public struct StagedFile: Sendable {
     }
 
     /// Removes the temporary file.
-    public func discard() { unlink(temporaryPath) }
+    public func discard() {
+        unlink(temporaryPath)
+        PendingOutputs.remove(file: temporaryPath)
+    }
 
     /// Publishes `files` in order; if one rename fails, the ones not yet published are discarded.
     public static func publishAll(_ files: [StagedFile]) throws(CkptError) {

@@ -102,7 +102,7 @@ public struct JSONParser {
     }
 
     private func failure(_ message: String) -> CkptError {
-        CkptError(.invalidJSON, "\(message) at byte \(index) of the JSON header")
+        CkptError(.invalidJSON, "\(message) at byte \(index) of the JSON text")
     }
 
     private var current: UInt8? { index < bytes.count ? bytes[index] : nil }

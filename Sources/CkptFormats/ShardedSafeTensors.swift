@@ -149,6 +149,8 @@ public enum ShardedSafeTensors {
     ) throws(CkptError) {
         let createdDirectory = FileIdentity.of(directory) == nil
         try FilePaths.makeDirectory(directory)
+        if createdDirectory { PendingOutputs.add(folder: directory) }
+        defer { if createdDirectory { PendingOutputs.remove(folder: directory) } }
         do {
             try writeShards(tensors, metadata: metadata, to: directory, maximumShardBytes: maximumShardBytes, inputs: inputs, progress: progress)
         } catch {

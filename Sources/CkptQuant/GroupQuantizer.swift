@@ -346,8 +346,20 @@ struct GroupQuantizer {
         case .mlxAffine:
             return storedParameters(GroupParameters(scale: scale, offset: -bestZero * scale))
         default:
-            return storedParameters(GroupParameters(scale: scale, offset: bestZero))
+            // HQQ's min–max scale spans [min, max], compressed-tensors' own rule [min(min, 0), max(max, 0)]: for a
+            // one-signed group the integer zero code clamps to the range's end and the grid then misses the far
+            // end, so a fit can end worse than RTN. Keep RTN's parameters when they are closer.
+            let fitted = storedParameters(GroupParameters(scale: scale, offset: bestZero))
+            let rtn = storedParameters(rangeParameters(lo: lo, hi: hi))
+            return meanAbsoluteError(w, n, rtn, importance: importance) < meanAbsoluteError(w, n, fitted, importance: importance) ? rtn : fitted
         }
+    }
+
+    /// Σ ω|w − value(code(w))| under `p` (ω = 1 without importance weights).
+    func meanAbsoluteError(_ w: UnsafePointer<Float>, _ n: Int, _ p: GroupParameters, importance: UnsafePointer<Float>?) -> Float {
+        var total: Float = 0
+        for j in 0..<n { total += (importance?[j] ?? 1) * abs(w[j] - value(code(w[j], p), p)) }
+        return total
     }
 
     /// HQQ on the affine grid, where the stored bias can be any float: the same half-quadratic splitting with

@@ -44,8 +44,10 @@ public enum QuantizationPlan {
                 // MLX nn.quantize, vLLM's compressed-tensors targets and llama.cpp's converters quantize Linear only.
                 return kept("conv weight: \(format.rawValue) runtimes quantize Linear layers only")
             }
-            if format != .dequantized && !entry.name.hasSuffix(".weight") {
-                return kept("name does not end in '.weight', so it has no module to attach scales to")
+            // MLX and compressed-tensors store scales as siblings (`m.scales`, `m.weight_scale`); GGUF blocks and
+            // dequantized values carry their own, so a fused `in_proj_weight` is quantized there.
+            if (format == .mlx || format == .compressedTensors) && !entry.name.hasSuffix(".weight") {
+                return kept("name does not end in '.weight', so it has no module to attach \(format.rawValue) scales to")
             }
             guard rows > 0, cols > 0 else { return kept("empty tensor") }
             if let blockSize, cols % blockSize != 0 {

@@ -254,9 +254,19 @@ public enum QuantizedCheckpointWriter {
         let directory = destination.path
         let created = FileIdentity.of(directory) == nil
         try FilePaths.makeDirectory(directory)
+        if created { PendingOutputs.add(folder: directory) }
+        defer { if created { PendingOutputs.remove(folder: directory) } }
         var staged: [StagedFile] = []
         do throws(CkptError) {
             try ShardedSafeTensors.requireNoStaleWeights(in: directory, single: true)
+            // A preprocessor config the input does not have would belong to another model (run/eval read its
+            // image size, mean and std).
+            let stale = FilePaths.join(directory, "preprocessor_config.json")
+            if !destination.companions.contains(where: { FilePaths.fileName(of: $0) == "preprocessor_config.json" }), FileIdentity.of(stale) != nil {
+                throw CkptError(
+                    .invalidArgument, "the output folder holds a preprocessor_config.json the input does not have (another model's); remove it or choose another folder",
+                    path: stale)
+            }
             var model = try OutputFile(path: FilePaths.join(directory, "model.safetensors"), inputs: destination.inputs)
             try SafeTensors.write(groups: groups, metadata: metadata, into: &model)
             staged.append(try model.stage())

@@ -16,6 +16,8 @@ let errorExitCode: Int32 = 2
 
 /// Runs a command body, turning ckpt errors into one clear line on stderr and exit status 2.
 func runReportingErrors(_ body: () throws -> Void) throws {
+    // An interrupted run removes its temporary files and new folders as a failed one does.
+    PendingOutputs.installSignalCleanup()
     do {
         try body()
     } catch let error as CkptError {

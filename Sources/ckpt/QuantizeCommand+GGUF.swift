@@ -29,7 +29,7 @@ extension QuantizeCommand {
         let type = try ggmlType()
         let plan = QuantizationPlan.make(checkpoint, selection: selection, format: .gguf, blockSize: GGUFQuantizedWriter.minimumBlockSize(type))
         try QuantizationPlan.requireQuantized(plan, path: input)
-        let config = inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil
+        let config = inputIsFolder ? try inputConfig() : nil
         return try GGUFQuantizedWriter.write(checkpoint, plan: plan, type: type, config: config, to: output, inputs: inputs)
     }
 }

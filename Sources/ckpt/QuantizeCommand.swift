@@ -144,6 +144,7 @@ struct QuantizeCommand: ParsableCommand {
             throw ValidationError("--gguf-type \(ggufType) applies to --format gguf")
         }
         if input == output { throw ValidationError("input and output are the same path") }
+        try validateOutputExtension()
         if try gptq && parsedFormat == .gguf {
             throw ValidationError("--gptq: GGUF blocks are ggml's reference quantizers; GPTQ applies to mlx, compressed-tensors and dequantized")
         }
@@ -158,6 +159,24 @@ struct QuantizeCommand: ParsableCommand {
         }
         if !calibrationData.isEmpty && calibrationSeedOption != nil {
             throw ValidationError("--calibration-seed draws synthetic images; --calibration-data images need none")
+        }
+    }
+
+    /// OUT's extension must not name another format than the one written: a `.npz` of safetensors bytes, or a
+    /// folder called `x.safetensors`, is a file no reader (ckpt's included) takes for what it is.
+    func validateOutputExtension() throws {
+        let format = try parsedFormat
+        let fileFormats = ["safetensors", "gguf", "npz", "npy"]
+        let ext = FilePaths.fileExtension(of: output.hasSuffix("/") ? String(output.dropLast()) : output)
+        guard fileFormats.contains(ext) else { return }
+        let writesFolder = format == .mlx || format == .compressedTensors || (format == .dequantized && FileIdentity.of(input)?.isDirectory == true)
+        if writesFolder {
+            throw ValidationError(
+                "--format \(format.rawValue) writes a model folder (model.safetensors + config.json) here; OUT '\(output)' names a .\(ext) file")
+        }
+        let expected = format == .gguf ? "gguf" : "safetensors"
+        if ext != expected {
+            throw ValidationError("--format \(format.rawValue) writes a .\(expected) file; OUT '\(output)' names a .\(ext) file")
         }
     }
 
@@ -213,6 +232,15 @@ struct QuantizeCommand: ParsableCommand {
             let format = try parsedFormat
             let settings = try settings()
             let checkpoint = try Checkpoint.open(input)
+            // Quantized modules read back dequantized; quantizing them again would round twice and write their
+            // F32 values where the input stored codes. mlx-lm refuses an already quantized model too.
+            let alreadyQuantized = checkpoint.tensors.filter { $0.quantization != nil }
+            if let first = alreadyQuantized.first, let q = first.quantization {
+                throw CkptError(
+                    .invalidArgument,
+                    "the input is already quantized (\(alreadyQuantized.count) tensors, e.g. \(q.scheme) \(q.bits)-bit); quantize its float checkpoint, or dequantize it first with `ckpt convert IN plain.safetensors`",
+                    path: input, tensor: first.name)
+            }
             let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
             // A folder's config files are read too; none of them may be overwritten.
             let configFiles = inputIsFolder ? ["config.json", "preprocessor_config.json"].map { FilePaths.join(input, $0) } : []
@@ -232,9 +260,7 @@ struct QuantizeCommand: ParsableCommand {
                 let companions = inputIsFolder
                     ? ["preprocessor_config.json"].map { FilePaths.join(input, $0) }.filter { FileIdentity.of($0) != nil } : []
                 let destination = QuantizedCheckpointWriter.Destination(
-                    path: output, folder: folder,
-                    inputConfig: inputIsFolder ? try JSONParser.readFile(FilePaths.join(input, "config.json")) : nil,
-                    companions: companions, inputs: inputs)
+                    path: output, folder: folder, inputConfig: inputIsFolder ? try inputConfig() : nil, companions: companions, inputs: inputs)
                 var factors: [String: GPTQCompensation] = [:]
                 if gptq { (factors, calibrationUsed) = try compensation(plan: plan, settings: settings) }
                 report = try QuantizedCheckpointWriter.write(
@@ -243,6 +269,15 @@ struct QuantizeCommand: ParsableCommand {
             report.seconds = MonotonicClock.seconds() - started
             print(json.enabled ? reportJSON(report, format: format, calibrationImages: calibrationUsed) : reportTable(report, calibrationImages: calibrationUsed))
         }
+    }
+
+    /// The input folder's config.json, which the output's extends: it must be a JSON object (or absent).
+    func inputConfig() throws(CkptError) -> JSONValue? {
+        let path = FilePaths.join(input, "config.json")
+        let config = try JSONParser.readFile(path)
+        if let config, case .object = config { return config }
+        if config != nil { throw CkptError(.invalidMetadata, "config.json must be a JSON object", path: path) }
+        return nil
     }
 
     func reportTable(_ report: QuantizationReport, calibrationImages used: Int?) -> String {

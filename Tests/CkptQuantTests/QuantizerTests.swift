@@ -126,6 +126,11 @@ struct QuantizerTests {
             }
             // Stored scales/biases are exact in F32; allow for float summation order only.
             #expect(hqqError <= startError * (1 + 1e-4) + 1e-9, "group \(group)")
+            // ...and never worse than RTN's parameters, which the integer-zero grid also falls back to.
+            var r = [Float](repeating: 0, count: Self.rows * Self.cols)
+            r.withUnsafeMutableBufferPointer { rtn.dequantize(into: $0.baseAddress!) }
+            let rtnError = zip(w, r[group * 32..<(group + 1) * 32]).reduce(Float(0)) { $0 + abs($1.0 - $1.1) }
+            #expect(hqqError <= rtnError * (1 + 1e-4) + 1e-9, "group \(group)")
             if hqqError < startError * (1 - 1e-3) { lowered += 1 }
         }
         if grid == .integerZeroPoint {
