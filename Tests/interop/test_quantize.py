@@ -1989,6 +1989,7 @@ def test_calibration_options_are_checked(tmp_path):
 def test_interrupted_quantize_leaves_nothing(tmp_path, signum, fmt):
     """Ctrl-C, SIGTERM or SIGHUP while the output is being written used to leave `.x.ckpt-tmp-*` files (1.7–25 MB)
     and the new output folder behind. The run now removes them, and the signal still ends it."""
+    import signal
     import subprocess
     import time
 
@@ -1996,8 +1997,11 @@ def test_interrupted_quantize_leaves_nothing(tmp_path, signum, fmt):
 
     out = tmp_path / ("q.gguf" if fmt == "gguf" else "q")
     args = ["--format", "gguf", "--gguf-type", "Q4_K"] if fmt == "gguf" else ["--format", "mlx", "--method", "hqq"]
+    # The signal's default action in the child: under `nohup` (as CI runs) SIGHUP arrives ignored, and ckpt keeps
+    # an inherited SIG_IGN, as a program run under nohup should.
     proc = subprocess.Popen([str(CKPT_BIN), "quantize", str(DINO_FOLDER), str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     staging = tmp_path if fmt == "gguf" else out
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
