@@ -49,6 +49,11 @@ public struct QuantizationReport: Sendable {
     public var bitsPerWeight: Double {
         quantizedWeights == 0 ? 0 : Double(quantized.reduce(0) { $0 + $1.outputBytes }) * 8 / Double(quantizedWeights)
     }
+    /// Mean of the quantized tensors' SQNR in dB (0 when none has one).
+    public var meanSQNR: Double {
+        let values = quantized.compactMap(\.sqnr)
+        return values.isEmpty ? 0 : values.reduce(0, +) / Double(values.count)
+    }
     /// Bits per parameter over the whole checkpoint.
     public var overallBitsPerWeight: Double {
         let all = tensors.reduce(0) { $0 + $1.elements }

@@ -292,7 +292,7 @@ struct QuantizeCommand: ParsableCommand {
         var out = Formatting.table(["tensor", "shape", "layout", "bits", "group", "SQNR dB", "max err"], rows, rightAligned: [3, 4, 5, 6])
         let kept = report.tensors.filter { $0.scheme == nil }
         let quantized = report.quantized
-        let meanSQNR = quantized.isEmpty ? 0 : quantized.reduce(0) { $0 + ($1.sqnr ?? 0) } / Double(quantized.count)
+        let meanSQNR = report.meanSQNR
         out += "\n\nquantized \(quantized.count) tensors (\(Formatting.grouped(report.quantizedWeights)) weights) at "
             + Formatting.printf("%.3f", report.bitsPerWeight) + " bits/weight (scales included), mean SQNR "
             + Formatting.printf("%.2f", meanSQNR) + " dB; kept \(kept.count) tensors in their dtype"
@@ -347,6 +347,8 @@ struct QuantizeCommand: ParsableCommand {
             + "\"method\":\(JSONWriter.quoted(method)),\"gptq\":\(gptq)," + calibration + "\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
             + "\"input_bytes\":\(report.inputBytes),\"output_bytes\":\(report.outputBytes),"
             + "\"quantized_weights\":\(report.quantizedWeights),\"bits_per_weight\":\(number(report.bitsPerWeight)),"
+            + "\"bits_per_parameter\":\(number(report.overallBitsPerWeight)),\"mean_sqnr_db\":\(number(report.meanSQNR)),"
+            + "\"quantized_tensors\":\(report.quantized.count),\"kept_tensors\":\(report.tensors.count - report.quantized.count),"
             + "\"seconds\":\(number(report.seconds)),\"tensors\":[" + items.joined(separator: ",") + "]}"
     }
 }

@@ -1644,6 +1644,12 @@ def test_report_totals(sources, tmp_path, fmt, args, dtype):
         scale_bits = 16 if dtype == "F16" else 32
         assert report["bits_per_weight"] == pytest.approx(bits + 2 * scale_bits / group, rel=1e-12)
     assert sum(t["output_bytes"] for t in report["tensors"]) == report["output_bytes"]
+    # the totals the table prints are in the JSON too
+    parameters = sum(int(np.prod(t["shape"])) for t in report["tensors"])
+    assert report["bits_per_parameter"] == pytest.approx(report["output_bytes"] * 8 / parameters, rel=1e-12)
+    assert report["mean_sqnr_db"] == pytest.approx(np.mean([t["sqnr_db"] for t in quantized]), rel=1e-12)
+    assert report["quantized_tensors"] == len(quantized)
+    assert report["kept_tensors"] == len(report["tensors"]) - len(quantized)
 
 
 def test_table_output(sources, tmp_path):
