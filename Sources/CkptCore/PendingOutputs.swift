@@ -22,7 +22,6 @@ public enum PendingOutputs {
     public static func add(folder path: String) { state.withLock { $0.folders.append(path) } }
     public static func remove(folder path: String) { state.withLock { $0.folders.removeAll { $0 == path } } }
 
-    private static let installed = Mutex(false)
     /// The write end of the pipe the signal handler reports through (a handler may only make async-signal-safe
     /// calls, and `write` is one; the lock around the pending paths is not).
     nonisolated(unsafe) private static var signalPipe: Int32 = -1
@@ -30,12 +29,10 @@ public enum PendingOutputs {
     /// Installs handlers for SIGINT, SIGTERM and SIGHUP (whichever thread receives one, OpenBLAS's included)
     /// that wake a cleanup thread: it removes the pending outputs, then lets the signal end the process as it
     /// would have, so the exit status still says which signal. Later calls do nothing.
-    public static func installSignalCleanup() {
-        let first = installed.withLock { done in
-            defer { done = true }
-            return !done
-        }
-        guard first else { return }
+    public static func installSignalCleanup() { _ = signalCleanup }
+
+    /// Runs once, on first use (a static's initialiser is run exactly once, thread-safely).
+    private static let signalCleanup: Void = {
         var ends: [Int32] = [-1, -1]
         guard pipe(&ends) == 0 else { return }
         _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
@@ -67,7 +64,7 @@ public enum PendingOutputs {
             sigemptyset(&action.sa_mask)
             sigaction(signalNumber, &action, nil)
         }
-    }
+    }()
 
     /// Unlinks the pending files, then removes the pending folders that are empty, newest first. Holds the lock
     /// to the end, so no writer registers a new file meanwhile.

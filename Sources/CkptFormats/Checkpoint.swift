@@ -191,6 +191,22 @@ public struct Checkpoint: Sendable {
         return try resolveQuantizedLayouts(checkpoint, folder: identity.isDirectory ? path : FilePaths.directory(of: path))
     }
 
+    /// The tensors by name, compared byte for byte (as files store names).
+    func tensorsByName() -> [NameKey: TensorEntry] {
+        Dictionary(tensors.map { (NameKey($0.name), $0) }, uniquingKeysWith: { _, last in last })
+    }
+
+    /// This checkpoint with the `replaced` entries swapped in and the `consumed` ones dropped, order kept: how the
+    /// quantized-layout readers turn a module's stored tensors into one dequantized entry.
+    func replacing(_ replaced: [NameKey: TensorEntry], dropping consumed: Set<NameKey>) -> Checkpoint {
+        var result = self
+        result.tensors = tensors.compactMap { tensor in
+            let key = NameKey(tensor.name)
+            return consumed.contains(key) ? nil : (replaced[key] ?? tensor)
+        }
+        return result
+    }
+
     /// Safetensors files written by MLX or compressed-tensors hold quantized modules as several tensors; they are
     /// read back as one dequantized tensor each, with `config.json` (when the folder has one) saying how.
     static func resolveQuantizedLayouts(_ checkpoint: Checkpoint, folder: String) throws(CkptError) -> Checkpoint {

@@ -14,8 +14,7 @@ public enum CompressedTensors {
     public static let layoutVersion = "0.20.0"
 
     static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
-        // Names are compared byte for byte (NameKey), as the file stores them.
-        let tensorsByName = Dictionary(checkpoint.tensors.map { (NameKey($0.name), $0) }, uniquingKeysWith: { _, last in last })
+        let tensorsByName = checkpoint.tensorsByName()
         func entry(_ name: String) -> TensorEntry? { tensorsByName[NameKey(name)] }
         let modules = checkpoint.tensors.compactMap { entry -> String? in
             guard entry.name.hasSuffix(".weight_packed") else { return nil }
@@ -93,12 +92,7 @@ public enum CompressedTensors {
             replaced[NameKey(packed.name)] = entry
             for extra in [scale, shape, zeroPoint].compactMap({ $0 }) { consumed.insert(NameKey(extra.name)) }
         }
-        var result = checkpoint
-        result.tensors = checkpoint.tensors.compactMap { tensor in
-            let key = NameKey(tensor.name)
-            return consumed.contains(key) ? nil : (replaced[key] ?? tensor)
-        }
-        return result
+        return checkpoint.replacing(replaced, dropping: consumed)
     }
 
     /// The `weights` arguments of the config group that covers `module`, matched as compressed-tensors matches

@@ -23,8 +23,7 @@ public enum MLXQuantized {
     /// only one of `m.scales`/`m.biases` (MLX's other modes, such as mxfp4, store scales without biases), and,
     /// when config.json declares MLX quantization, `m.scales` + `m.biases` without a uint32 `m.weight`.
     static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
-        // Names are compared byte for byte (NameKey), as the file stores them.
-        let byName = Dictionary(checkpoint.tensors.map { (NameKey($0.name), $0) }, uniquingKeysWith: { _, last in last })
+        let byName = checkpoint.tensorsByName()
         func entry(_ name: String) -> TensorEntry? { byName[NameKey(name)] }
         let block = config?["quantization"] ?? config?["quantization_config"]
         let declared: Bool = if case .object? = config?["quantization"] { true } else { false }
@@ -58,6 +57,7 @@ public enum MLXQuantized {
                     "config.json declares MLX quantization and \(module) has .scales and .biases, but \(module).weight \(what)",
                     path: scales.path, tensor: module + ".weight")
             }
+            try checkWidths(packed: packed, scales: scales)
             let parameters = try parametersFor(module, block: block, packed: packed, scales: scales, configPath: configPath)
             let entry = try dequantizedEntry(module: module, packed: packed, scales: scales, biases: biases, parameters: parameters)
             replaced[NameKey(packed.name)] = entry
@@ -65,12 +65,7 @@ public enum MLXQuantized {
             consumed.insert(NameKey(biases.name))
         }
         guard !replaced.isEmpty else { return checkpoint }
-        var result = checkpoint
-        result.tensors = checkpoint.tensors.compactMap { tensor in
-            let key = NameKey(tensor.name)
-            return consumed.contains(key) ? nil : (replaced[key] ?? tensor)
-        }
-        return result
+        return checkpoint.replacing(replaced, dropping: consumed)
     }
 
     private static func parametersFor(
@@ -90,7 +85,6 @@ public enum MLXQuantized {
         if let parameters = try read(block) { return parameters }
         // No configuration: cols = packedCols*32/bits and cols = scaleCols*group; accept a unique solution.
         let packedCols = packed.shape.dims.last ?? 0, scaleCols = scales.shape.dims.last ?? 0
-        try checkWidths(packed: packed, scales: scales)
         var fits: [Parameters] = []
         for b in bitWidths {
             for g in groupSizes where (packedCols * 32) % b == 0 && (packedCols * 32) / b == scaleCols * g {
@@ -121,7 +115,6 @@ public enum MLXQuantized {
             throw fail("scales (\(scales.dtype.name)) and biases (\(biases.dtype.name)) must share one floating dtype")
         }
         let packedCols = packed.shape.dims.last!, scaleCols = scales.shape.dims.last!
-        try checkWidths(packed: packed, scales: scales)
         let rows = packed.shape.elements / max(packedCols, 1)
         guard packedCols * 32 % bits == 0 else { throw fail("\(packedCols) words per row is not a whole number of \(bits)-bit codes") }
         let cols = packedCols * 32 / bits

@@ -57,9 +57,19 @@ public enum QuantizationPlan {
         }
     }
 
-    /// Refuses a plan that quantizes nothing (a mistyped --only, a model without Linear weights, a group size no
-    /// layer fits): the output would be a copy that claims to be quantized. The error gives the commonest reasons.
+    /// Refuses a plan that cannot be written: one whose input is already quantized (its modules read back
+    /// dequantized, so quantizing again would round twice and store F32 values where the input stored codes;
+    /// mlx-lm refuses too), or one that quantizes nothing (a mistyped --only, a model without Linear weights, a
+    /// group size no layer fits), whose output would be a copy that claims to be quantized. The error gives the
+    /// commonest reasons.
     public static func requireQuantized(_ plan: [PlannedTensor], path: String) throws(CkptError) {
+        let alreadyQuantized = plan.filter { $0.entry.quantization != nil }
+        if let first = alreadyQuantized.first, let q = first.entry.quantization {
+            throw CkptError(
+                .invalidArgument,
+                "the input is already quantized (\(alreadyQuantized.count) tensors, e.g. \(q.scheme) \(q.bits)-bit); quantize its float checkpoint, or dequantize it first with `ckpt convert IN plain.safetensors`",
+                path: path, tensor: first.entry.name)
+        }
         guard !plan.contains(where: \.isQuantized) else { return }
         var counts: [String: Int] = [:]
         for item in plan { counts[item.keptReason ?? "", default: 0] += 1 }

@@ -232,15 +232,6 @@ struct QuantizeCommand: ParsableCommand {
             let format = try parsedFormat
             let settings = try settings()
             let checkpoint = try Checkpoint.open(input)
-            // Quantized modules read back dequantized; quantizing them again would round twice and write their
-            // F32 values where the input stored codes. mlx-lm refuses an already quantized model too.
-            let alreadyQuantized = checkpoint.tensors.filter { $0.quantization != nil }
-            if let first = alreadyQuantized.first, let q = first.quantization {
-                throw CkptError(
-                    .invalidArgument,
-                    "the input is already quantized (\(alreadyQuantized.count) tensors, e.g. \(q.scheme) \(q.bits)-bit); quantize its float checkpoint, or dequantize it first with `ckpt convert IN plain.safetensors`",
-                    path: input, tensor: first.name)
-            }
             let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
             // A folder's config files are read too; none of them may be overwritten.
             let configFiles = inputIsFolder ? ["config.json", "preprocessor_config.json"].map { FilePaths.join(input, $0) } : []
