@@ -117,6 +117,31 @@ public struct OutputFile: ~Copyable {
         }
     }
 
+    /// Lends `body` a handle that writes at explicit positions from any number of threads at once, for files whose
+    /// parts several workers produce together. What was written before is flushed first; the file is first sized
+    /// to `size` bytes (parts never written read as zeros), and sequential ``write(_:)`` calls continue at `size`.
+    public mutating func withPositionalWriter<R>(
+        size: Int, _ body: (PositionalWriter) throws(CkptError) -> R
+    ) throws(CkptError) -> R {
+        precondition(size >= offset, "the file would lose bytes already written")
+        try flush()
+        // Reserving the blocks first makes the workers' writes cheaper (ext4 need not reserve them page by page)
+        // and reports a full disk before any work; filesystems without fallocate are sized by ftruncate alone.
+        let reserved = posix_fallocate(fd, 0, off_t(size))
+        if reserved == ENOSPC || reserved == EFBIG {
+            throw CkptError(.io, "cannot reserve \(size) bytes for the output", path: path, cause: errnoText(reserved))
+        }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            throw CkptError(.io, "cannot size the output to \(size) bytes", path: path, cause: errnoText())
+        }
+        let result = try body(PositionalWriter(fd: fd, path: path))
+        offset = size
+        guard lseek(fd, off_t(size), SEEK_SET) >= 0 else {
+            throw CkptError(.io, "cannot seek", path: path, cause: errnoText())
+        }
+        return result
+    }
+
     private mutating func flush() throws(CkptError) {
         guard buffered > 0 else { return }
         try writeAll(fd: fd, UnsafeRawPointer(buffer), buffered)
@@ -152,6 +177,27 @@ public struct OutputFile: ~Copyable {
             throw CkptError(.io, "cannot close", path: path, cause: cause)
         }
         return StagedFile(path: path, temporaryPath: temporaryPath)
+    }
+}
+
+/// Writes at explicit positions of an ``OutputFile`` (`pwrite`), safe to use from several threads for disjoint
+/// ranges; valid only inside ``OutputFile/withPositionalWriter(size:_:)``.
+public struct PositionalWriter: Sendable {
+    let fd: Int32
+    public let path: String
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at position: Int) throws(CkptError) {
+        guard let source = bytes.baseAddress, bytes.count > 0 else { return }
+        precondition(position >= 0, "negative file position")
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(fd, source + done, bytes.count - done, off_t(position + done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CkptError(.io, "cannot write", path: path, cause: errnoText())
+            }
+            done += n
+        }
     }
 }
 

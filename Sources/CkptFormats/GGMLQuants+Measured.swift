@@ -27,12 +27,16 @@ extension GGMLQuants {
     static let measuredUnit = 4096
 
     /// ``quantizeParallel(_:source:count:destination:)`` that also measures what it wrote, in the same pass: each
-    /// unit of blocks is dequantized into a small scratch right after encoding and compared with its source.
-    /// Partial sums are per fixed unit and added in order, so the result does not depend on the core count.
+    /// unit of blocks is dequantized into a small scratch right after encoding and compared with its source (Q4_0
+    /// and Q8_0 are measured while they are encoded, by the kernels of GGMLQuants+Fused.swift, whose sums are in
+    /// float over 32 blocks before they are added in double: relative error ~1e-7). Partial sums are per fixed unit
+    /// and added in order, so the result does not depend on the core count.
     ///
     /// Returns the index of the first NaN/Inf element instead when there is one (the blocks are then unspecified).
+    ///
+    /// `parallel: false` keeps the work on the calling thread, for callers that already run one slice per core.
     public static func quantizeMeasured(
-        _ type: GGMLType, source: UnsafePointer<Float>, count: Int, destination: UnsafeMutableRawPointer
+        _ type: GGMLType, source: UnsafePointer<Float>, count: Int, destination: UnsafeMutableRawPointer, parallel: Bool = true
     ) -> (measurement: Measurement, firstNonFinite: Int?) {
         precondition(count >= 0 && count % type.blockSize == 0, "\(count) elements are not whole \(type.name) blocks")
         precondition(type.isQuantized && measuredUnit % type.blockSize == 0)
@@ -43,16 +47,21 @@ extension GGMLQuants {
             nonisolated(unsafe) let dst = destination
             nonisolated(unsafe) let out = partials.baseAddress!
             let blockSize = type.blockSize, blockBytes = type.bytesPerBlock
-            Parallel.forEachChunk(count: units, minimumChunk: max(1, (1 << 16) / measuredUnit)) { range in
-                withUnsafeTemporaryAllocation(of: Float.self, capacity: measuredUnit) { scratch in
-                    let restored = scratch.baseAddress!
+            Parallel.forEachChunk(count: units, minimumChunk: parallel ? max(1, (1 << 16) / measuredUnit) : units) { range in
+                withUnsafeTemporaryAllocation(byteCount: Swift.max(4 * measuredUnit, fusedScratchBytes), alignment: 64) { scratch in
+                    scratch.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: fusedScratchBytes)
+                    let restored = scratch.baseAddress!.bindMemory(to: Float.self, capacity: measuredUnit)
                     for unit in range {
                         let start = unit * measuredUnit
                         let n = min(measuredUnit, count - start)
                         let blocks = dst + start / blockSize * blockBytes
-                        quantize(type, source: src + start, count: n, destination: blocks)
-                        dequantize(type, source: UnsafeRawPointer(blocks), count: n, destination: restored)
-                        (out + unit).initialize(to: measure(src + start, restored, n))
+                        if hasFusedKernel(type) {
+                            (out + unit).initialize(to: quantizeMeasuredFused(type, source: src + start, count: n, destination: blocks, scratch: scratch.baseAddress!))
+                        } else {
+                            quantize(type, source: src + start, count: n, destination: blocks)
+                            dequantize(type, source: UnsafeRawPointer(blocks), count: n, destination: restored)
+                            (out + unit).initialize(to: measure(src + start, restored, n))
+                        }
                     }
                 }
             }

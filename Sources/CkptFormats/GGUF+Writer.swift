@@ -1,4 +1,5 @@
 import CkptCore
+import Synchronization
 
 extension GGUF {
     /// A metadata value to write.
@@ -45,8 +46,9 @@ extension GGUF {
         public let type: GGMLType
         public let byteCount: Int
         private let produce: @Sendable (OutputTensor.Sink) throws(CkptError) -> Void
-        /// Encodes straight into the writer's buffers, where the encoder can (quantization): saves a copy.
-        let encodeInPlace: (@Sendable (ChunkPipeline) throws(CkptError) -> Void)?
+        /// Set where the tensor can be encoded in independent slices (quantizing an input read in place): the writer
+        /// then spreads the slices over its workers instead of streaming the tensor on one.
+        let slices: SlicedEncoding?
 
         /// Refuses shapes whose rows (last dimension) are not whole blocks of `type`.
         public init(
@@ -67,20 +69,16 @@ extension GGUF {
             self.type = type
             self.byteCount = byteCount
             self.produce = produce
-            self.encodeInPlace = nil
+            self.slices = nil
         }
 
-        private init(
-            name: String, shape: Shape, type: GGMLType, byteCount: Int,
-            produce: @escaping @Sendable (OutputTensor.Sink) throws(CkptError) -> Void,
-            encodeInPlace: @escaping @Sendable (ChunkPipeline) throws(CkptError) -> Void
-        ) {
-            self.name = name
-            self.shape = shape
-            self.type = type
-            self.byteCount = byteCount
-            self.produce = produce
-            self.encodeInPlace = encodeInPlace
+        private init(_ plain: OutputTensorInfo, slices: SlicedEncoding) {
+            self.name = plain.name
+            self.shape = plain.shape
+            self.type = plain.type
+            self.byteCount = plain.byteCount
+            self.produce = plain.produce
+            self.slices = slices
         }
 
         /// A plain tensor stored unchanged; dtypes GGUF has no type for (unsigned integers, BOOL, F8, complex)
@@ -98,11 +96,13 @@ extension GGUF {
         }
 
         /// A floating checkpoint tensor encoded as `type`: block types are quantized with ggml's reference
-        /// quantizers (in chunks of whole blocks, across cores), plain float types converted.
+        /// quantizers (in slices of whole blocks, spread over the writer's workers where the input can be read in
+        /// slices), plain float types converted.
         ///
-        /// With `measured`, block types are also compared with their source in the same pass (each chunk's blocks
-        /// dequantized into a small scratch), `measured` receives the statistics once the last block is encoded,
-        /// and NaN/Inf values are refused (`nonFinite`, naming the first such element).
+        /// With `measured`, block types are also compared with their source in the same pass
+        /// (``GGMLQuants/quantizeMeasured(_:source:count:destination:parallel:)``), `measured` receives the
+        /// statistics once the whole file is written, and NaN/Inf values are refused (`nonFinite`, naming the first
+        /// such element).
         public static func encoding(
             _ entry: TensorEntry, as type: GGMLType, measured: (@Sendable (GGMLQuants.Measurement) -> Void)? = nil
         ) throws(CkptError) -> OutputTensorInfo {
@@ -117,30 +117,38 @@ extension GGUF {
             }
             let plain = try OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
                 // Streaming to a sink: buffers of our own, sized for this tensor.
-                let elements = min(pipelineChunkElements, max(entry.shape.elements, type.blockSize))
+                let elements = min(sliceElements, max(entry.shape.elements, type.blockSize))
                 let outputBytes = elements / type.blockSize * type.bytesPerBlock
                 let output = LargeAllocation.allocate(outputBytes)
-                let staging = LargeAllocation.allocate(elements * 4)
+                let staging = LargeAllocation.allocate(elements * 4).assumingMemoryBound(to: Float.self)
                 defer {
                     LargeAllocation.deallocate(output, count: outputBytes)
-                    LargeAllocation.deallocate(staging, count: elements * 4)
+                    LargeAllocation.deallocate(UnsafeMutableRawPointer(staging), count: elements * 4)
                 }
-                try quantize(entry, as: type, staging: staging.assumingMemoryBound(to: Float.self), measured: measured) {
-                    (encode: (UnsafeMutableRawPointer) throws(CkptError) -> Int) throws(CkptError) in
-                    let count = try encode(output)
-                    try sink(UnsafeRawBufferPointer(start: output, count: count))
+                var total = GGMLQuants.Measurement()
+                var offset = 0
+                try entry.forEachF32Chunk(elements: sliceElements, staging: staging) { (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
+                    let m = try encode(entry, as: type, floats, elements: offset..<offset + count, into: output, measuring: measured != nil, parallel: true)
+                    total.add(m)
+                    try sink(UnsafeRawBufferPointer(start: output, count: count / type.blockSize * type.bytesPerBlock))
+                    offset += count
                 }
+                measured?(total)
             }
-            return OutputTensorInfo(
-                name: plain.name, shape: plain.shape, type: type, byteCount: plain.byteCount, produce: plain.produce,
-                encodeInPlace: { (pipeline: ChunkPipeline) throws(CkptError) in
-                    // Straight into the writer's ring buffers: no copy, no buffer per tensor.
-                    let staging = pipeline.staging.assumingMemoryBound(to: Float.self)
-                    try quantize(entry, as: type, staging: staging, measured: measured) {
-                        (encode: (UnsafeMutableRawPointer) throws(CkptError) -> Int) throws(CkptError) in
-                        try pipeline.fill { (slot: UnsafeMutableRawBufferPointer) throws(CkptError) -> Int in try encode(slot.baseAddress!) }
+            guard entry.hasSliceableFloats else { return plain }
+            let count = entry.shape.elements
+            let slices = SlicedEncoding(
+                count: (count + sliceElements - 1) / sliceElements, bytesPerSlice: sliceElements / type.blockSize * type.bytesPerBlock,
+                encode: { (slice: Int, staging: UnsafeMutablePointer<Float>, output: UnsafeMutableRawPointer) throws(CkptError) in
+                    let range = slice * sliceElements..<min(count, (slice + 1) * sliceElements)
+                    var m = GGMLQuants.Measurement()
+                    try entry.withF32Elements(range, staging: staging) { (floats: UnsafePointer<Float>) throws(CkptError) in
+                        m = try encode(entry, as: type, floats, elements: range, into: output, measuring: measured != nil, parallel: false)
                     }
-                })
+                    return (range.count / type.blockSize * type.bytesPerBlock, m)
+                },
+                measured: measured)
+            return OutputTensorInfo(plain, slices: slices)
         }
 
         /// Streams the bytes to `sink`, checking that exactly ``byteCount`` bytes come out.
@@ -149,41 +157,47 @@ extension GGUF {
         }
     }
 
-    /// Elements per chunk when quantizing: the F32 input fills the writer's staging buffer and the blocks of every
-    /// type fit a slot. A power of two, so chunks end on block boundaries.
-    static let pipelineChunkElements = ChunkPipeline.stagingBytes / 4
+    /// A quantized tensor as independent slices of ``sliceElements`` values (the last may be shorter), each read
+    /// from its own part of the input and encoded into its own part of the output.
+    struct SlicedEncoding: Sendable {
+        let count: Int
+        /// Encoded bytes of every slice but the last: slice k starts k × this into the tensor's data.
+        let bytesPerSlice: Int
+        /// Encodes slice k into `output` (room for ``bytesPerSlice``), staging non-F32 input in `staging` (room for
+        /// ``sliceElements`` floats); returns the byte count and, when measuring, the slice's statistics.
+        let encode: @Sendable (Int, UnsafeMutablePointer<Float>, UnsafeMutableRawPointer) throws(CkptError) -> (bytes: Int, measurement: GGMLQuants.Measurement)
+        /// Receives the statistics of all slices, added in order, once the tensor is written.
+        let measured: (@Sendable (GGMLQuants.Measurement) -> Void)?
+    }
 
-    /// Quantizes `entry` chunk by chunk (``pipelineChunkElements`` values, across cores). For each chunk `output`
-    /// lends a buffer to `encode`, which fills it with the chunk's blocks and returns their byte count; `staging`
-    /// holds inputs that are not aligned F32. With `measured`, see ``OutputTensorInfo/encoding(_:as:measured:)``.
-    static func quantize(
-        _ entry: TensorEntry, as type: GGMLType, staging: UnsafeMutablePointer<Float>,
-        measured: (@Sendable (GGMLQuants.Measurement) -> Void)?,
-        output: ((UnsafeMutableRawPointer) throws(CkptError) -> Int) throws(CkptError) -> Void
-    ) throws(CkptError) {
-        var total = GGMLQuants.Measurement()
-        var offset = 0
-        try entry.forEachF32Chunk(elements: pipelineChunkElements, staging: staging) { (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in
-            try output { (blocks: UnsafeMutableRawPointer) throws(CkptError) -> Int in
-                if measured == nil {
-                    GGMLQuants.quantizeParallel(type, source: floats, count: count, destination: blocks)
-                } else {
-                    let (measurement, bad) = GGMLQuants.quantizeMeasured(type, source: floats, count: count, destination: blocks)
-                    if let bad { throw entry.nonFiniteError(element: offset + bad, value: floats[bad]) }
-                    // Finite weights, non-finite error: a block's F16 scale overflowed (|w| beyond ~65504 × the
-                    // code range), so the blocks would dequantize to Inf/NaN.
-                    guard measurement.errorEnergy.isFinite else {
-                        throw entry.unrepresentableError(
-                            "elements \(offset)..<\(offset + count)", values: UnsafeBufferPointer(start: floats, count: count),
-                            scheme: "\(type.name) (F16 block scales)")
-                    }
-                    total.add(measurement)
-                }
-                return count / type.blockSize * type.bytesPerBlock
+    /// Values per slice when quantizing: 4 MiB of F32 input, a few milliseconds of work, blocks of every type
+    /// whole (a power of two), and the encoded slice fits a worker's output buffer.
+    static let sliceElements = ParallelFileWriter.WorkerBuffers.stagingElements
+
+    /// Encodes `floats` (the tensor's elements `range`) as `type` blocks into `blocks`; when `measuring`, refuses
+    /// NaN/Inf weights and blocks whose F16 scales overflow, and returns the statistics.
+    static func encode(
+        _ entry: TensorEntry, as type: GGMLType, _ floats: UnsafePointer<Float>, elements range: Range<Int>,
+        into blocks: UnsafeMutableRawPointer, measuring: Bool, parallel: Bool
+    ) throws(CkptError) -> GGMLQuants.Measurement {
+        guard measuring else {
+            if parallel {
+                GGMLQuants.quantizeParallel(type, source: floats, count: range.count, destination: blocks)
+            } else {
+                GGMLQuants.quantize(type, source: floats, count: range.count, destination: blocks)
             }
-            offset += count
+            return GGMLQuants.Measurement()
         }
-        measured?(total)
+        let (measurement, bad) = GGMLQuants.quantizeMeasured(type, source: floats, count: range.count, destination: blocks, parallel: parallel)
+        if let bad { throw entry.nonFiniteError(element: range.lowerBound + bad, value: floats[bad]) }
+        // Finite weights, non-finite error: a block's F16 scale overflowed (|w| beyond ~65504 × the code range),
+        // so the blocks would dequantize to Inf/NaN.
+        guard measurement.errorEnergy.isFinite else {
+            throw entry.unrepresentableError(
+                "elements \(range.lowerBound)..<\(range.upperBound)", values: UnsafeBufferPointer(start: floats, count: range.count),
+                scheme: "\(type.name) (F16 block scales)")
+        }
+        return measurement
     }
 
     // MARK: - Writing
@@ -292,36 +306,87 @@ extension GGUF {
         }
         var file = try OutputFile(path: path, inputs: inputs)
         try file.write(header.bytes)
-        let zeros = [UInt8](repeating: 0, count: header.alignment)
-        do throws(CkptError) {
-            // Tensors are produced (quantized) on another thread while this one writes what is ready.
-            try ChunkPipeline.run(
-                produce: { (pipeline: ChunkPipeline) throws(CkptError) in
-                    for (index, tensor) in tensors.enumerated() {
-                        if let encode = tensor.encodeInPlace {
-                            try encode(pipeline)
-                        } else {
-                            try tensor.write { (chunk: UnsafeRawBufferPointer) throws(CkptError) in try pipeline.send(chunk) }
-                        }
-                        let sent = pipeline.end(index)
-                        guard sent == tensor.byteCount else {
-                            throw CkptError(.shortData, "encoder wrote \(sent) of \(tensor.byteCount) bytes", tensor: tensor.name)
-                        }
+        // Every tensor's place is known from the header: the parts (whole tensors, or slices of the quantized ones)
+        // are produced on all cores and written where they belong; padding is left as the zeros a sized file reads.
+        var positions: [Int] = []
+        var end = header.bytes.count
+        for tensor in tensors {
+            positions.append(end)
+            end = aligned(end + tensor.byteCount, header.alignment)!
+        }
+        var parts: [ParallelFileWriter.Part<GGMLQuants.Measurement>] = []
+        var partTensors: [Int] = []
+        for (index, tensor) in tensors.enumerated() {
+            let start = positions[index]
+            if let slices = tensor.slices {
+                for slice in 0..<slices.count {
+                    parts.append(ParallelFileWriter.Part { (buffers: ParallelFileWriter.WorkerBuffers, file: PositionalWriter) throws(CkptError) in
+                        let (count, measurement) = try slices.encode(slice, buffers.staging, buffers.output)
+                        try file.write(UnsafeRawBufferPointer(start: buffers.output, count: count), at: start + slice * slices.bytesPerSlice)
+                        return measurement
+                    })
+                    partTensors.append(index)
+                }
+            } else {
+                parts.append(ParallelFileWriter.Part { (_: ParallelFileWriter.WorkerBuffers, file: PositionalWriter) throws(CkptError) in
+                    var position = start
+                    try tensor.write { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
+                        try file.write(chunk, at: position)
+                        position += chunk.count
                     }
-                },
-                consume: { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
-                    try file.write(chunk)
-                    progress?.advance(bytes: chunk.count)
-                },
-                ended: { (index: Int) throws(CkptError) in
-                    let count = tensors[index].byteCount
-                    try file.write(Array(zeros[0..<aligned(count, header.alignment)! - count]))
-                    progress?.finishedTensor()
+                    return GGMLQuants.Measurement()
                 })
+                partTensors.append(index)
+            }
+        }
+        let measurements: [GGMLQuants.Measurement]
+        do throws(CkptError) {
+            let finished = progress.map { ProgressByTensor($0, tensors: tensors, partTensors: partTensors).partFinished }
+            measurements = try file.withPositionalWriter(size: end) { (writer: PositionalWriter) throws(CkptError) in
+                try ParallelFileWriter.run(parts, to: writer, finished: finished)
+            }
         } catch {
             throw error.at(path: path)
         }
+        // Statistics of sliced tensors: their slices' added in order, so the totals do not depend on timing.
+        var first = 0
+        for tensor in tensors {
+            let count = tensor.slices?.count ?? 1
+            if let measured = tensor.slices?.measured {
+                var total = GGMLQuants.Measurement()
+                for m in measurements[first..<first + count] { total.add(m) }
+                measured(total)
+            }
+            first += count
+        }
         try file.commit()
+    }
+
+    /// Progress by whole tensors while their parts finish on several threads (the reporter is not thread-safe:
+    /// one worker at a time, under the lock).
+    private final class ProgressByTensor: Sendable {
+        let progress: ProgressReporter
+        let partTensors: [Int]
+        let byteCounts: [Int]
+        let partsLeft: Mutex<[Int]>
+
+        init(_ progress: ProgressReporter, tensors: [OutputTensorInfo], partTensors: [Int]) {
+            self.progress = progress
+            self.partTensors = partTensors
+            self.byteCounts = tensors.map(\.byteCount)
+            self.partsLeft = Mutex(tensors.map { $0.slices?.count ?? 1 })
+        }
+
+        @Sendable func partFinished(_ part: Int) {
+            partsLeft.withLock { left in
+                let tensor = partTensors[part]
+                left[tensor] -= 1
+                if left[tensor] == 0 {
+                    progress.advance(bytes: byteCounts[tensor])
+                    progress.finishedTensor()
+                }
+            }
+        }
     }
 
     // MARK: - Encoding

@@ -23,6 +23,37 @@ extension TensorEntry {
         }
     }
 
+    /// Whether ``withF32Elements(_:staging:_:)`` can read any slice of the tensor: a floating tensor whose bytes lie
+    /// at rest in C order, little-endian (mapped or in memory), so that slices can be read in any order, at once.
+    var hasSliceableFloats: Bool {
+        guard dtype.isConvertibleFloat, case .bytes = source else { return false }
+        return true
+    }
+
+    /// Calls `body` with the elements `range` as F32: in place for aligned F32, otherwise decoded into `staging`
+    /// (room for `range.count` floats), then drops the slice's input pages from memory. Requires
+    /// ``hasSliceableFloats``; safe to call for disjoint slices from several threads (a neighbour whose pages
+    /// are dropped with the slice's 2 MiB units maps them again from the page cache).
+    func withF32Elements(
+        _ range: Range<Int>, staging: UnsafeMutablePointer<Float>, _ body: (UnsafePointer<Float>) throws(CkptError) -> Void
+    ) throws(CkptError) {
+        guard case .bytes(let bytes) = source, let width = dtype.byteWidth, dtype.isConvertibleFloat else {
+            preconditionFailure("\(name) cannot be read in slices")
+        }
+        precondition(range.lowerBound >= 0 && range.upperBound <= shape.elements, "slice outside the tensor")
+        guard !range.isEmpty else { return }
+        let byteRange = bytes.range.lowerBound + range.lowerBound * width..<bytes.range.lowerBound + range.upperBound * width
+        try bytes.storage.withUnsafeBytes(in: byteRange) { (raw: UnsafeRawBufferPointer) throws(CkptError) in
+            if dtype == .f32, Int(bitPattern: raw.baseAddress!) % 4 == 0 {
+                try body(raw.baseAddress!.assumingMemoryBound(to: Float.self))
+            } else {
+                DTypeConversion.convert(from: dtype, to: .f32, count: range.count, source: raw.baseAddress!, destination: staging)
+                try body(UnsafePointer(staging))
+            }
+        }
+        bytes.storage.doneReading(byteRange)
+    }
+
     /// The error for a NaN/Inf weight: quantizers refuse them (no scale can represent them, and the error
     /// statistics would be meaningless). `index` is the element's position in the tensor, `value` its F32 value.
     public func nonFiniteError(element index: Int, value: Float) -> CkptError {

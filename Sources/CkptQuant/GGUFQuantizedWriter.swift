@@ -6,8 +6,9 @@ import Glibc
 
 /// `ckpt quantize --format gguf`: Linear weights become ggml blocks made by ggml's reference quantizers
 /// (GGMLQuants, bit-identical to ggml), every other tensor keeps its float type (F64 becomes F32). Quantizing happens
-/// inside the writer's pipeline, chunk by chunk; each chunk's blocks are dequantized again right after encoding to
-/// report the tensor's SQNR and largest error, and NaN/Inf weights are refused on the way.
+/// inside the writer, slice by slice on all cores; each slice is measured as it is encoded (the values a reader
+/// dequantizes against the weights) to report the tensor's SQNR and largest error, and NaN/Inf weights are refused
+/// on the way.
 public enum GGUFQuantizedWriter {
     /// The block types ckpt can encode.
     public static let supportedTypes: [GGMLType] = [.q8_0, .q6_K, .q5_1, .q5_0, .q4_K, .q4_1, .q4_0]

@@ -18,6 +18,7 @@ let errorExitCode: Int32 = 2
 func runReportingErrors(_ body: () throws -> Void) throws {
     // An interrupted run removes its temporary files and new folders as a failed one does.
     PendingOutputs.installSignalCleanup()
+    OpenBLASThreadPool.stopUntilNeeded()
     do {
         try body()
     } catch let error as CkptError {
