@@ -100,15 +100,7 @@ public struct OutputFile: ~Copyable {
         guard let source = bytes.baseAddress, bytes.count > 0 else { return }
         precondition(position >= 0, "negative file position")
         try flush()
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, source + done, bytes.count - done, off_t(position + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw CkptError(.io, "cannot write", path: path, cause: errnoText())
-            }
-            done += n
-        }
+        try PositionalWriter(fd: fd, path: path).write(UnsafeRawBufferPointer(start: source, count: bytes.count), at: position)
         if position + bytes.count > offset {
             offset = position + bytes.count
             guard lseek(fd, off_t(offset), SEEK_SET) >= 0 else {

@@ -368,33 +368,8 @@ struct GGUFTests {
             return base * (1 + Float(i % 7) / 3)
         }
         for type in GGUFTests.measuredTypes {
-            var expected = [UInt8](repeating: 0, count: count / type.blockSize * type.bytesPerBlock)
-            var blocks = expected
-            var restored = [Float](repeating: 0, count: count)
-            source.withUnsafeBufferPointer { src in
-                expected.withUnsafeMutableBytes { GGMLQuants.quantize(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
-            }
-            expected.withUnsafeBytes { e in
-                restored.withUnsafeMutableBufferPointer { GGMLQuants.dequantize(type, source: e.baseAddress!, count: count, destination: $0.baseAddress!) }
-            }
-            let result = source.withUnsafeBufferPointer { src in
-                blocks.withUnsafeMutableBytes { GGMLQuants.quantizeMeasured(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
-            }
-            #expect(blocks == expected, "\(type.name)")
-            #expect(result.firstNonFinite == nil)
-            var signal: Double = 0, noise: Double = 0
-            var largest: Float = 0
-            for i in 0..<count {
-                let x: Float = source[i], d: Float = source[i] - restored[i]
-                signal += Double(x * x)
-                noise += Double(d * d)
-                largest = max(largest, abs(d))
-            }
             // Q4_0 and Q8_0 sum in float over 32 blocks (GGMLQuants+Fused.swift), the others per value in double.
-            let tolerance = type == .q4_0 || type == .q8_0 ? 1e-6 : 1e-12
-            #expect(abs(result.measurement.signalEnergy - signal) <= tolerance * signal, "\(type.name)")
-            #expect(abs(result.measurement.errorEnergy - noise) <= tolerance * noise, "\(type.name)")
-            #expect(result.measurement.maxError == largest)
+            GGUFTests.expectMeasured(type, source, tolerance: type == .q4_0 || type == .q8_0 ? 1e-6 : 1e-12, type.name)
         }
         var bad = source
         bad[9000] = -.infinity
@@ -455,32 +430,7 @@ struct GGUFTests {
             cases.append(("\(blocks) random blocks", (0..<blocks).flatMap { random(Float($0 % 5 + 1) * 0.01) }))
         }
         for (name, values) in cases {
-            let count = values.count
-            var expected = [UInt8](repeating: 0, count: count / 32 * type.bytesPerBlock)
-            var blocks = expected
-            var restored = [Float](repeating: 0, count: count)
-            values.withUnsafeBufferPointer { src in
-                expected.withUnsafeMutableBytes { GGMLQuants.quantize(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
-            }
-            expected.withUnsafeBytes { e in
-                restored.withUnsafeMutableBufferPointer { GGMLQuants.dequantize(type, source: e.baseAddress!, count: count, destination: $0.baseAddress!) }
-            }
-            let result = values.withUnsafeBufferPointer { src in
-                blocks.withUnsafeMutableBytes { GGMLQuants.quantizeMeasured(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
-            }
-            #expect(blocks == expected, "\(type.name) \(name)")
-            #expect(result.firstNonFinite == nil, "\(type.name) \(name)")
-            var signal: Double = 0, noise: Double = 0
-            var largest: Float = 0
-            for i in 0..<count {
-                let d = Double(values[i]) - Double(restored[i])
-                signal += Double(values[i]) * Double(values[i])
-                noise += d * d
-                largest = max(largest, Float(abs(d)))
-            }
-            #expect(abs(result.measurement.signalEnergy - signal) <= 1e-6 * signal, "\(type.name) \(name)")
-            #expect(abs(result.measurement.errorEnergy - noise) <= 1e-6 * noise, "\(type.name) \(name)")
-            #expect(result.measurement.maxError == largest, "\(type.name) \(name)")
+            GGUFTests.expectMeasured(type, values, tolerance: 1e-6, doubleSquares: true, "\(type.name) \(name)")
         }
         // A scale beyond F16's range: finite weights whose blocks would decode to Inf (the writer refuses them).
         let beyond = random(1) + (0..<32).map { Float($0 - 16) * 70_000 * top / 16 }
@@ -498,6 +448,39 @@ struct GGUFTests {
             }
             #expect(result.firstNonFinite == index, "\(type.name) \(bad) at \(index)")
         }
+    }
+
+    /// quantizeMeasured's blocks equal quantize's, and its statistics those of dequantize's values (Σx², Σe² within
+    /// `tolerance`, relative; max |e| exact). The reference squares in float, as the per-unit kernels do, or in
+    /// double (`doubleSquares`: subnormal inputs, whose float squares vanish where the fused kernels' exact path
+    /// keeps them).
+    static func expectMeasured(_ type: GGMLType, _ values: [Float], tolerance: Double, doubleSquares: Bool = false, _ label: String) {
+        let count = values.count
+        var expected = [UInt8](repeating: 0, count: count / type.blockSize * type.bytesPerBlock)
+        var blocks = expected
+        var restored = [Float](repeating: 0, count: count)
+        values.withUnsafeBufferPointer { src in
+            expected.withUnsafeMutableBytes { GGMLQuants.quantize(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
+        }
+        expected.withUnsafeBytes { e in
+            restored.withUnsafeMutableBufferPointer { GGMLQuants.dequantize(type, source: e.baseAddress!, count: count, destination: $0.baseAddress!) }
+        }
+        let result = values.withUnsafeBufferPointer { src in
+            blocks.withUnsafeMutableBytes { GGMLQuants.quantizeMeasured(type, source: src.baseAddress!, count: count, destination: $0.baseAddress!) }
+        }
+        #expect(blocks == expected, "\(label)")
+        #expect(result.firstNonFinite == nil, "\(label)")
+        var signal: Double = 0, noise: Double = 0
+        var largest: Float = 0
+        for i in 0..<count {
+            let x: Float = values[i], d: Float = values[i] - restored[i]
+            signal += doubleSquares ? Double(x) * Double(x) : Double(x * x)
+            noise += doubleSquares ? Double(d) * Double(d) : Double(d * d)
+            largest = max(largest, abs(d))
+        }
+        #expect(abs(result.measurement.signalEnergy - signal) <= tolerance * signal, "\(label)")
+        #expect(abs(result.measurement.errorEnergy - noise) <= tolerance * noise, "\(label)")
+        #expect(result.measurement.maxError == largest, "\(label)")
     }
 
     static let measuredTypes: [GGMLType] = [.q8_0, .q6_K, .q5_1, .q5_0, .q4_K, .q4_1, .q4_0]
