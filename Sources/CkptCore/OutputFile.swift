@@ -119,9 +119,11 @@ public struct OutputFile: ~Copyable {
         try flush()
         // Reserving the blocks first makes the workers' writes cheaper (ext4 need not reserve them page by page)
         // and reports a full disk before any work; filesystems without fallocate are sized by ftruncate alone.
-        let reserved = posix_fallocate(fd, 0, off_t(size))
-        if reserved == ENOSPC || reserved == EFBIG {
-            throw CkptError(.io, "cannot reserve \(size) bytes for the output", path: path, cause: errnoText(reserved))
+        if let reserve = Self.fallocate, size > 0, reserve(fd, 0, 0, off_t(size)) != 0 {
+            let code = errno
+            if code == ENOSPC || code == EFBIG {
+                throw CkptError(.io, "cannot reserve \(size) bytes for the output", path: path, cause: errnoText(code))
+            }
         }
         guard ftruncate(fd, off_t(size)) == 0 else {
             throw CkptError(.io, "cannot size the output to \(size) bytes", path: path, cause: errnoText())
@@ -133,6 +135,14 @@ public struct OutputFile: ~Copyable {
         }
         return result
     }
+
+    /// Linux's `fallocate(2)`, which fails with EOPNOTSUPP where the filesystem cannot reserve blocks, rather than
+    /// glibc's `posix_fallocate`, which then writes a byte into every block. Looked up at run time: Swift's Glibc
+    /// module does not declare it (it is a GNU extension).
+    private static let fallocate: (@convention(c) (Int32, Int32, off_t, off_t) -> Int32)? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "fallocate") else { return nil }
+        return unsafeBitCast(symbol, to: (@convention(c) (Int32, Int32, off_t, off_t) -> Int32).self)
+    }()
 
     private mutating func flush() throws(CkptError) {
         guard buffered > 0 else { return }

@@ -6,7 +6,7 @@ import Musl
 import Synchronization
 
 /// Every temporary output file and every output folder this process created and has not yet published, so that
-/// an interrupted run (Ctrl-C, SIGTERM, SIGHUP) removes them as an error does, instead of leaving
+/// an interrupted run (Ctrl-C, SIGTERM, SIGHUP, SIGXFSZ) removes them as an error does, instead of leaving
 /// `.name.ckpt-tmp-XXXXXX` files and half-made folders behind. A SIGKILL still can: nothing runs then.
 public enum PendingOutputs {
     private struct State {
@@ -26,9 +26,9 @@ public enum PendingOutputs {
     /// calls, and `write` is one; the lock around the pending paths is not).
     nonisolated(unsafe) private static var signalPipe: Int32 = -1
 
-    /// Installs handlers for SIGINT, SIGTERM and SIGHUP (whichever thread receives one, OpenBLAS's included)
-    /// that wake a cleanup thread: it removes the pending outputs, then lets the signal end the process as it
-    /// would have, so the exit status still says which signal. Later calls do nothing.
+    /// Installs handlers for SIGINT, SIGTERM, SIGHUP and SIGXFSZ (an output past `ulimit -f`), whichever thread
+    /// receives one (OpenBLAS's included), that wake a cleanup thread: it removes the pending outputs, then lets the
+    /// signal end the process as it would have, so the exit status still says which signal. Later calls do nothing.
     public static func installSignalCleanup() { _ = signalCleanup }
 
     /// Runs once, on first use (a static's initialiser is run exactly once, thread-safely).
@@ -51,7 +51,7 @@ public enum PendingOutputs {
             _exit(128 + signalNumber)
         }, reader) == 0 else { return }
         pthread_detach(thread)
-        for signalNumber in [SIGINT, SIGTERM, SIGHUP] {
+        for signalNumber in [SIGINT, SIGTERM, SIGHUP, SIGXFSZ] {
             var current = sigaction()
             sigaction(signalNumber, nil, &current)
             // A shell that runs ckpt in the background ignores SIGINT for it; keep that.

@@ -49,10 +49,20 @@ extension GGUF {
         /// Set where the tensor can be encoded in independent slices (quantizing an input read in place): the writer
         /// then spreads the slices over its workers instead of streaming the tensor on one.
         let slices: SlicedEncoding?
+        /// Whether producing streams from bytes at rest (see ``OutputTensor``); the writer runs the other tensors
+        /// one at a time, since each may hold its whole tensor in memory.
+        let streamsFromRest: Bool
 
         /// Refuses shapes whose rows (last dimension) are not whole blocks of `type`.
         public init(
             name: String, shape: Shape, type: GGMLType, produce: @escaping @Sendable (OutputTensor.Sink) throws(CkptError) -> Void
+        ) throws(CkptError) {
+            try self.init(name: name, shape: shape, type: type, streamsFromRest: false, produce: produce)
+        }
+
+        init(
+            name: String, shape: Shape, type: GGMLType, streamsFromRest: Bool,
+            produce: @escaping @Sendable (OutputTensor.Sink) throws(CkptError) -> Void
         ) throws(CkptError) {
             let rowLength = shape.dims.last ?? 1
             guard rowLength % type.blockSize == 0 else {
@@ -70,6 +80,7 @@ extension GGUF {
             self.byteCount = byteCount
             self.produce = produce
             self.slices = nil
+            self.streamsFromRest = streamsFromRest
         }
 
         private init(_ plain: OutputTensorInfo, slices: SlicedEncoding) {
@@ -79,6 +90,7 @@ extension GGUF {
             self.byteCount = plain.byteCount
             self.produce = plain.produce
             self.slices = slices
+            self.streamsFromRest = plain.streamsFromRest
         }
 
         /// A plain tensor stored unchanged; dtypes GGUF has no type for (unsigned integers, BOOL, F8, complex)
@@ -90,7 +102,8 @@ extension GGUF {
                     : "GGUF stores integers only as I8, I16, I32 and I64"
                 throw CkptError(.unsupportedDType, "\(tensor.dtype.name) has no GGUF type; \(hint)", tensor: tensor.name)
             }
-            try self.init(name: tensor.name, shape: tensor.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
+            try self.init(name: tensor.name, shape: tensor.shape, type: type, streamsFromRest: tensor.streamsFromRest) {
+                (sink: OutputTensor.Sink) throws(CkptError) in
                 try tensor.write(to: sink)
             }
         }
@@ -115,7 +128,8 @@ extension GGUF {
                 }
                 return try OutputTensorInfo(try OutputTensor.from(entry, convertingTo: dtype))
             }
-            let plain = try OutputTensorInfo(name: entry.name, shape: entry.shape, type: type) { (sink: OutputTensor.Sink) throws(CkptError) in
+            let plain = try OutputTensorInfo(name: entry.name, shape: entry.shape, type: type, streamsFromRest: entry.isAtRest) {
+                (sink: OutputTensor.Sink) throws(CkptError) in
                 // Streaming to a sink: buffers of our own, sized for this tensor.
                 let elements = min(sliceElements, max(entry.shape.elements, type.blockSize))
                 let outputBytes = elements / type.blockSize * type.bytesPerBlock
@@ -138,7 +152,8 @@ extension GGUF {
             guard entry.hasSliceableFloats else { return plain }
             let count = entry.shape.elements
             let slices = SlicedEncoding(
-                count: (count + sliceElements - 1) / sliceElements, bytesPerSlice: sliceElements / type.blockSize * type.bytesPerBlock,
+                // An empty tensor is one empty slice (a part, so progress counts it).
+                count: max(1, (count + sliceElements - 1) / sliceElements), bytesPerSlice: sliceElements / type.blockSize * type.bytesPerBlock,
                 encode: { (slice: Int, staging: UnsafeMutablePointer<Float>, output: UnsafeMutableRawPointer) throws(CkptError) in
                     let range = slice * sliceElements..<min(count, (slice + 1) * sliceElements)
                     var m = GGMLQuants.Measurement()
@@ -328,7 +343,8 @@ extension GGUF {
                     partTensors.append(index)
                 }
             } else {
-                parts.append(ParallelFileWriter.Part { (_: ParallelFileWriter.WorkerBuffers, file: PositionalWriter) throws(CkptError) in
+                parts.append(ParallelFileWriter.Part(loadsWholeTensor: !tensor.streamsFromRest) {
+                    (_: ParallelFileWriter.WorkerBuffers, file: PositionalWriter) throws(CkptError) in
                     var position = start
                     try tensor.write { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
                         try file.write(chunk, at: position)

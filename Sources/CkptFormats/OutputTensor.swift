@@ -10,9 +10,20 @@ public struct OutputTensor: Sendable {
     public let shape: Shape
     public let byteCount: Int
     private let produce: @Sendable (Sink) throws(CkptError) -> Void
+    /// Whether producing streams from bytes already at rest (a mapped input, a buffer), allocating no more than
+    /// a chunk; false where that is not known, or the source is loaded whole first. Writers that produce several
+    /// tensors at once run the others one at a time.
+    let streamsFromRest: Bool
 
     public init(
         name: String, dtype: DType, shape: Shape,
+        produce: @escaping @Sendable (Sink) throws(CkptError) -> Void
+    ) throws(CkptError) {
+        try self.init(name: name, dtype: dtype, shape: shape, streamsFromRest: false, produce: produce)
+    }
+
+    init(
+        name: String, dtype: DType, shape: Shape, streamsFromRest: Bool,
         produce: @escaping @Sendable (Sink) throws(CkptError) -> Void
     ) throws(CkptError) {
         self.name = name
@@ -20,6 +31,7 @@ public struct OutputTensor: Sendable {
         self.shape = shape
         self.byteCount = try Self.byteCount(name: name, dtype: dtype, shape: shape)
         self.produce = produce
+        self.streamsFromRest = streamsFromRest
     }
 
     /// The tensor's size in bytes; an overflowing shape is an error naming the tensor.
@@ -55,7 +67,7 @@ public struct OutputTensor: Sendable {
 
     /// The same tensor under another name (renaming while converting).
     public func renamed(_ newName: String) throws(CkptError) -> OutputTensor {
-        try OutputTensor(name: newName, dtype: dtype, shape: shape, produce: produce)
+        try OutputTensor(name: newName, dtype: dtype, shape: shape, streamsFromRest: streamsFromRest, produce: produce)
     }
 
     /// Streams `bytes` (elements of `source`, C order) to `sink` converted to `target`, through a bounded buffer.
@@ -80,7 +92,7 @@ public struct OutputTensor: Sendable {
 
     /// Bytes already in memory.
     public static func bytes(name: String, dtype: DType, shape: Shape, _ data: [UInt8]) throws(CkptError) -> OutputTensor {
-        try OutputTensor(name: name, dtype: dtype, shape: shape) { (sink: Sink) throws(CkptError) in
+        try OutputTensor(name: name, dtype: dtype, shape: shape, streamsFromRest: true) { (sink: Sink) throws(CkptError) in
             try data.withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(raw) }
         }
     }
@@ -92,7 +104,7 @@ public struct OutputTensor: Sendable {
         guard DTypeConversion.canConvert(from: entry.dtype, to: outputType) else {
             throw CkptError(.unsupportedConversion, "cannot convert \(entry.dtype.name) to \(outputType.name)", path: entry.path, tensor: entry.name)
         }
-        return try OutputTensor(name: entry.name, dtype: outputType, shape: entry.shape) { (sink: Sink) throws(CkptError) in
+        return try OutputTensor(name: entry.name, dtype: outputType, shape: entry.shape, streamsFromRest: entry.isAtRest) { (sink: Sink) throws(CkptError) in
             if outputType == entry.dtype {
                 try entry.forEachChunk(maxBytes: chunkBytes, sink)
             } else {

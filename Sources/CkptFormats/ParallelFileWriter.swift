@@ -12,6 +12,9 @@ enum ParallelFileWriter {
     /// A part of the file: `write` produces it and writes it through the writer, returning what the caller wants
     /// to know about it (statistics, say).
     struct Part<Result: Sendable>: Sendable {
+        /// Set for parts that hold a whole tensor in memory while they run (one decoded, inflated or dequantized on
+        /// load): such parts run one at a time, so memory stays at one such tensor whatever the core count.
+        var loadsWholeTensor = false
         let write: @Sendable (WorkerBuffers, PositionalWriter) throws(CkptError) -> Result
     }
 
@@ -53,13 +56,19 @@ enum ParallelFileWriter {
         let next = Atomic<Int>(0)
         let failure = Mutex<(part: Int, error: CkptError)?>(nil)
         let stopped = Atomic<Bool>(false)
+        let wholeTensorTurn = Mutex(())
         DispatchQueue.concurrentPerform(iterations: max(1, min(workers, parts.count))) { _ in
             let buffers = WorkerBuffers()
             while !stopped.load(ordering: .relaxed) {
                 let index = next.add(1, ordering: .relaxed).oldValue
                 guard index < parts.count else { return }
                 do throws(CkptError) {
-                    slots[index] = try parts[index].write(buffers, file)
+                    let part = parts[index]
+                    if part.loadsWholeTensor {
+                        slots[index] = try wholeTensorTurn.withLock { (_: inout ()) throws(CkptError) in try part.write(buffers, file) }
+                    } else {
+                        slots[index] = try part.write(buffers, file)
+                    }
                     finished?(index)
                 } catch {
                     failure.withLock { first in

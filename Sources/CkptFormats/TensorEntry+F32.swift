@@ -25,8 +25,13 @@ extension TensorEntry {
 
     /// Whether ``withF32Elements(_:staging:_:)`` can read any slice of the tensor: a floating tensor whose bytes lie
     /// at rest in C order, little-endian (mapped or in memory), so that slices can be read in any order, at once.
-    var hasSliceableFloats: Bool {
-        guard dtype.isConvertibleFloat, case .bytes = source else { return false }
+    var hasSliceableFloats: Bool { dtype.isConvertibleFloat && isAtRest }
+
+    /// Whether the bytes lie at rest in C order, little-endian (mapped or in memory): streaming them allocates
+    /// nothing, where other sources (byte-swapped or Fortran-order .npy, zip members, dequantized tensors) are
+    /// loaded whole first.
+    var isAtRest: Bool {
+        guard case .bytes = source else { return false }
         return true
     }
 
