@@ -13,13 +13,26 @@ extension TensorEntry {
         try forEachChunk(maxBytes: elements * width) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
             let count = chunk.count / width
             guard count > 0 else { return }
-            if dtype == .f32, Int(bitPattern: chunk.baseAddress!) % 4 == 0 {
-                try body(chunk.baseAddress!.assumingMemoryBound(to: Float.self), count)
-            } else {
-                // Other float dtypes, or F32 at an odd address (MLX writes unaligned data): an aligned F32 copy.
-                DTypeConversion.convertParallel(from: dtype, to: .f32, count: count, source: chunk.baseAddress!, destination: staging)
-                try body(UnsafePointer(staging), count)
+            try asF32(chunk, count: count, staging: staging, parallel: true) { (floats: UnsafePointer<Float>) throws(CkptError) in
+                try body(floats, count)
             }
+        }
+    }
+
+    /// `count` elements at `raw` as F32: in place for aligned F32; other float dtypes, or F32 at an odd address (MLX
+    /// writes unaligned data), decoded into `staging` (across cores when `parallel`).
+    private func asF32(
+        _ raw: UnsafeRawBufferPointer, count: Int, staging: UnsafeMutablePointer<Float>, parallel: Bool,
+        _ body: (UnsafePointer<Float>) throws(CkptError) -> Void
+    ) throws(CkptError) {
+        if dtype == .f32, Int(bitPattern: raw.baseAddress!) % 4 == 0 {
+            try body(raw.baseAddress!.assumingMemoryBound(to: Float.self))
+        } else if parallel {
+            DTypeConversion.convertParallel(from: dtype, to: .f32, count: count, source: raw.baseAddress!, destination: staging)
+            try body(UnsafePointer(staging))
+        } else {
+            DTypeConversion.convert(from: dtype, to: .f32, count: count, source: raw.baseAddress!, destination: staging)
+            try body(UnsafePointer(staging))
         }
     }
 
@@ -48,13 +61,9 @@ extension TensorEntry {
         precondition(range.lowerBound >= 0 && range.upperBound <= shape.elements, "slice outside the tensor")
         guard !range.isEmpty else { return }
         let byteRange = bytes.range.lowerBound + range.lowerBound * width..<bytes.range.lowerBound + range.upperBound * width
+        // One slice per worker: decoded on this thread.
         try bytes.storage.withUnsafeBytes(in: byteRange) { (raw: UnsafeRawBufferPointer) throws(CkptError) in
-            if dtype == .f32, Int(bitPattern: raw.baseAddress!) % 4 == 0 {
-                try body(raw.baseAddress!.assumingMemoryBound(to: Float.self))
-            } else {
-                DTypeConversion.convert(from: dtype, to: .f32, count: range.count, source: raw.baseAddress!, destination: staging)
-                try body(UnsafePointer(staging))
-            }
+            try asF32(raw, count: range.count, staging: staging, parallel: false, body)
         }
         bytes.storage.doneReading(byteRange)
     }
