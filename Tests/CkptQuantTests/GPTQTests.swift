@@ -115,6 +115,77 @@ struct GPTQTests {
         #expect(compensated < 0.9 * rounded, "GPTQ \(compensated) vs plain \(rounded)")
     }
 
+    /// Row r's output error (w − ŵ)ᵀ H (w − ŵ) under `h` (row-major `cols × cols`).
+    static func rowError(_ values: [Float], row r: Int, _ h: [Double]) -> Double {
+        let d = (0..<cols).map { Double(weights[r * cols + $0]) - Double(values[r * cols + $0]) }
+        var total = 0.0
+        for i in 0..<cols {
+            var s = 0.0
+            for j in 0..<cols { s += h[i * cols + j] * d[j] }
+            total += d[i] * s
+        }
+        return total
+    }
+
+    /// GPTQ's damped Gram of the fixture: 1 % of the mean diagonal added.
+    static var dampedGram: [Double] {
+        var h = gram.map(Double.init)
+        let damping = 0.01 * (0..<cols).reduce(0.0) { $0 + h[$1 * cols + $1] } / Double(cols)
+        for j in 0..<cols { h[j * cols + j] += damping }
+        return h
+    }
+
+    static let refitCases: [(QuantGrid, Int?, Bool, DType)] = [
+        (.mlxAffine, 32, false, .f32), (.mlxAffine, 64, true, .f32), (.integerZeroPoint, nil, false, .f32),
+        (.symmetric, 32, true, .f32), (.mlxAffine, 32, true, .f16),
+    ]
+
+    @Test("--refit keeps GPTQ's codes and moves each row's group parameters to the output-error optimum", arguments: refitCases)
+    func refitIsTheLeastSquaresOptimum(_ c: (QuantGrid, Int?, Bool, DType)) throws {
+        let settings = QuantizationSettings(bits: 3, groupSize: c.1, method: .hqq, grid: c.0, scaleType: c.3)
+        let (cols, groupSize) = (Self.cols, c.1 ?? Self.cols)
+        let plain = Self.run(try GPTQ(gram: Self.gram, size: cols, actOrder: c.2, tensor: "w", path: "test"), settings)
+        let gptq = try GPTQ(gram: Self.gram, size: cols, actOrder: c.2, refit: true, tensor: "w", path: "test")
+        #expect(gptq.refits)
+        let refitted = Self.run(gptq, settings)
+        #expect(refitted.codes == plain.codes)
+        if c.0 != .mlxAffine { #expect(refitted.offsets == plain.offsets) }  // zero codes stay
+        let quantizer = GroupQuantizer(settings)
+        let stored = { (values: [Float]) in values.map { quantizer.stored($0) } }
+        let (before, after) = (stored(plain.values), stored(refitted.values))
+        let h = Self.dampedGram
+        var total = (before: 0.0, after: 0.0)
+        for r in 0..<Self.rows {
+            let (b, a) = (Self.rowError(before, row: r, h), Self.rowError(after, row: r, h))
+            #expect(a <= b, "row \(r): \(a) after the refit, \(b) before")
+            total.before += b
+            total.after += a
+        }
+        #expect(total.after < 0.99 * total.before, "refit \(total.after) vs \(total.before)")
+        guard c.3 == .f32 else { return }
+        // Optimality: the gradient of the row's error with respect to every scale (Σ_{j∈g} m_j (H e)_j) and bias
+        // (Σ_{j∈g} (H e)_j) vanishes, relative to the same sums taken with the weights in place of the error.
+        for r in 0..<Self.rows {
+            let e = (0..<cols).map { Double(Self.weights[r * cols + $0]) - Double(after[r * cols + $0]) }
+            let w = (0..<cols).map { Double(Self.weights[r * cols + $0]) }
+            func hTimes(_ x: [Double]) -> [Double] { (0..<cols).map { i in (0..<cols).reduce(0.0) { $0 + h[i * cols + $1] * x[$1] } } }
+            let (he, hw) = (hTimes(e), hTimes(w))
+            for g in 0..<cols / groupSize {
+                let members = g * groupSize..<(g + 1) * groupSize
+                let offset = Double(refitted.offsets[r * (cols / groupSize) + g])
+                let m = { (j: Int) in Double(refitted.codes[r * cols + j]) - (c.0 == .mlxAffine ? 0 : offset) }
+                let scaleGradient = members.reduce(0.0) { $0 + m($1) * he[$1] }
+                let scaleScale = members.reduce(0.0) { $0 + abs(m($1) * hw[$1]) }
+                #expect(abs(scaleGradient) <= 1e-4 * scaleScale, "row \(r) group \(g): scale gradient \(scaleGradient)")
+                if c.0 == .mlxAffine {
+                    let biasGradient = members.reduce(0.0) { $0 + he[$1] }
+                    let biasScale = members.reduce(0.0) { $0 + abs(hw[$1]) }
+                    #expect(abs(biasGradient) <= 1e-4 * biasScale, "row \(r) group \(g): bias gradient \(biasGradient)")
+                }
+            }
+        }
+    }
+
     @Test("a Gram matrix that is not positive definite is an error naming the tensor")
     func rejectsIndefiniteGram() {
         var gram = [Float](repeating: 0, count: 4)

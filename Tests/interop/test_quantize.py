@@ -1949,6 +1949,82 @@ def test_dinov2_gptq_act_order_and_sequential(tmp_path, mode):
         assert abs(e_ckpt - e_ref) <= 0.03 * e_ref, f"{name}: output error {e_ckpt:.4g} vs reference {e_ref:.4g}"
 
 
+def damped_gram(gram: np.ndarray) -> np.ndarray:
+    """GPTQ's damped Gram: a dead input gets a unit diagonal, then 1 % of the mean diagonal is added."""
+    h = gram.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    return h + 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+
+
+def refit_reference(w, h, codes, zero, group: int, affine: bool):
+    """The least-squares group parameters of each row with the codes fixed, in float64: minimise
+    (w - w_hat)^T H (w - w_hat) with w_hat_j = scale_g*m_j (+ bias_g on the affine grid), m = codes - zero."""
+    rows, cols = w.shape
+    groups = cols // group
+    member = np.zeros((cols, groups))
+    member[np.arange(cols), np.arange(cols) // group] = 1
+    scales, biases = np.empty((rows, groups)), np.zeros((rows, groups))
+    for r in range(rows):
+        m = (codes[r] - zero[r]).astype(np.float64)
+        design = np.concatenate([member * m[:, None], member], 1) if affine else member * m[:, None]
+        theta = np.linalg.solve(design.T @ h @ design, design.T @ h @ w[r].astype(np.float64))
+        scales[r] = theta[:groups]
+        if affine:
+            biases[r] = theta[groups:]
+    return scales, biases
+
+
+@pytest.mark.skipif(not (DINO_FOLDER / "model.safetensors").is_file(), reason=f"{DINO_FOLDER} missing")
+@pytest.mark.parametrize("fmt", ["mlx", "compressed-tensors"])
+def test_dinov2_gptq_refit_is_the_least_squares_fit(tmp_path, fmt):
+    """--refit (hqq's default under --gptq): the codes are those of the --no-refit run, and each row's group
+    scales (and MLX biases) are the float64 least-squares solution for those codes under the damped input Gram
+    (transformers' hooked inputs), so the output error is the optimum for the codes, below --no-refit's."""
+    src = load_file(str(DINO_FOLDER / "model.safetensors"))
+    only = "|".join(re.escape(n) for n in GPTQ_LAYERS)
+    common = ["--format", fmt, "--bits", 3, "--group-size", 64, "--method", "hqq", "--gptq", "--no-sequential",
+              "--calibration-data", CALIBRATION_DATA, "--calibration-images", 16, "--only", only]
+    outputs = {}
+    for flag in ("--refit", "--no-refit"):
+        out = tmp_path / flag.strip("-")
+        report = quantize(DINO_FOLDER, out, *common, *([flag] if flag == "--no-refit" else []))
+        assert report["refit"] is (flag == "--refit")
+        outputs[flag] = load_file(str(out / "model.safetensors"))
+    grams = torch_input_grams(eval_preprocess(np.load(CALIBRATION_DATA)["images"][:16]))
+    for name in GPTQ_LAYERS:
+        w, module = src[name], name[: -len(".weight")]
+        parts = {}
+        for flag, state in outputs.items():
+            if fmt == "mlx":
+                words = state[name]
+                codes = unpack_codes(words, w.shape[1], 3)
+                scale, bias = state[module + ".scales"], state[module + ".biases"]
+                zero = np.zeros_like(codes)
+            else:
+                local = ct_modules(state)[module]
+                codes = unpack_codes(local["weight_packed"], w.shape[1], 3)
+                scale, bias = local["weight_scale"], np.zeros_like(local["weight_scale"])
+                zp = unpack_codes(np.ascontiguousarray(local["weight_zero_point"].T), w.shape[0], 3).T
+                zero = np.repeat(zp, 64, axis=1)
+            deq = (codes - zero) * np.repeat(scale.astype(np.float64), 64, 1) + np.repeat(bias.astype(np.float64), 64, 1)
+            parts[flag] = codes, zero, scale, bias, deq
+        codes, zero, scale, bias, deq = parts["--refit"]
+        assert np.array_equal(codes, parts["--no-refit"][0]), f"{name}: the refit changed codes"
+        assert np.array_equal(zero, parts["--no-refit"][1]), f"{name}: the refit changed zero points"
+        h = damped_gram(grams[name])
+        ref_s, ref_b = refit_reference(w, h, codes, zero, 64, fmt == "mlx")
+        ref_deq = (codes - zero) * np.repeat(ref_s, 64, 1) + np.repeat(ref_b, 64, 1)
+        e_refit, e_plain, e_ref = (output_error(w, x, h) for x in (deq, parts["--no-refit"][4], ref_deq))
+        # ckpt's Gram is a float32 sum over its own forward pass, so its optimum sits a hair from this one.
+        assert e_ref <= e_refit <= e_ref * 1.001, f"{name}: output error {e_refit:.6g}, least squares {e_ref:.6g}"
+        assert e_refit < 0.98 * e_plain, f"{name}: refit {e_refit:.6g} vs HQQ's own parameters {e_plain:.6g}"
+        close = np.isclose(scale, ref_s, rtol=1e-3, atol=0)
+        if fmt == "mlx":
+            close &= np.isclose(bias, ref_b, rtol=1e-3, atol=1e-3 * np.abs(ref_s))
+        assert close.mean() >= 0.99, f"{name}: {close.mean():.4f} of the groups have the least-squares parameters"
+
+
 def test_gptq_refuses_gguf_and_non_vit_inputs(sources, tmp_path):
     src, _ = sources["F32"]
     proc = quantize(src, tmp_path / "x.gguf", "--format", "gguf", "--gptq", check=None)
