@@ -136,8 +136,7 @@ def main():
     p.add_argument("--calibration-data", type=Path, nargs="?", const=CALIBRATION,
                    help=f"with --gptq: calibrate on these unlabelled images (default {CALIBRATION.relative_to(ROOT)})")
     p.add_argument("--settings", help="comma list of BITS:GROUP (default: all)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list of methods (default: rtn,mse,hqq); METHOD:FLAG passes --FLAG too, e.g. hqq:no-refit, rtn:refit")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of methods (default: rtn,mse,hqq)")
     # Unset: ckpt's own default (both on).
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="with --gptq: act-order or plain column order")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
@@ -171,10 +170,9 @@ def main():
         print(f"F32: accuracy {base['accuracy']:.4f} on {base['n']} images", flush=True)
         for bits, group in settings:
             for method in methods:
-                out = tmp / f"w{bits}g{group}-{method.replace(':', '-')}"
-                name, _, variant = method.partition(":")  # e.g. hqq:no-refit passes --no-refit
+                out = tmp / f"w{bits}g{group}-{method}"
                 q = subprocess.run([str(CKPT), "quantize", str(MODEL), str(out), "--format", "dequantized", "--bits", str(bits),
-                                    "--group-size", str(group), "--method", name, "--json"] + extra + ([f"--{variant}"] if variant else []),
+                                    "--group-size", str(group), "--method", method, "--json"] + extra,
                                    check=True, capture_output=True, text=True).stdout
                 report = json.loads(q)
                 # What ckpt used (its defaults depend on the calibration source).
@@ -186,11 +184,11 @@ def main():
                 logits = np.load(tmp / "q.npy")
                 agree, kl = compare(ref, logits)
                 predictions[(bits, group, method)] = logits.argmax(1)
-                row = dict(bits=bits, group=group, method=method, refit=report.get("refit"), gptq=a.gptq, act_order=act_order, sequential=sequential, calibration_seed=a.calibration_seed,
+                row = dict(bits=bits, group=group, method=method, gptq=a.gptq, act_order=act_order, sequential=sequential, calibration_seed=a.calibration_seed,
                            calibration=str(a.calibration_data) if a.calibration_data else ("synthetic" if a.gptq else None), accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)
-                print(f"W{bits} g{group} {method:3s}{label}{' refit' if report.get('refit') else ''}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
+                print(f"W{bits} g{group} {method:3s}{label}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
                       f"{100 * (r['accuracy'] - base['accuracy']):+.1f} pt), agreement {agree:.4f}, KL {kl:.4f}, "
                       f"mean SQNR {sqnr:.2f} dB", flush=True)
                 subprocess.run(["rm", "-rf", str(out)], check=True)

@@ -9,6 +9,4 @@ int openblas_get_num_threads(void);
 #include <stddef.h>
 void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info, size_t uplo_length);
 void dpotri_(const char *uplo, const int *n, double *a, const int *lda, int *info, size_t uplo_length);
-void dpotrs_(const char *uplo, const int *n, const int *nrhs, const double *a, const int *lda, double *b, const int *ldb,
-             int *info, size_t uplo_length);
 #endif

@@ -23,10 +23,6 @@ public struct GPTQ: Sendable {
     /// `order[k]`: the column visited k-th (identity unless act-order).
     let order: [Int]
     public var actOrder: Bool { order != Array(0..<size) }
-    /// The damped Gram (original column order) when the group parameters are refitted after rounding
-    /// (``refitRows(_:original:cols:groupSize:gram:quantizer:codes:scales:offsets:)``); nil otherwise.
-    let refitGram: [Float]?
-    public var refits: Bool { refitGram != nil }
 
     /// λ as a fraction of H's mean diagonal (the reference implementation's `percdamp`).
     public static let dampingFraction = 0.01
@@ -44,9 +40,7 @@ public struct GPTQ: Sendable {
 
     /// Factors the damped inverse of the Gram matrix `gram` (row-major `size × size`, symmetric). A column whose
     /// input was always zero (zero diagonal) gets a unit diagonal: no information, so plain rounding for it.
-    /// With `refit`, once GPTQ has chosen a row's codes, the row's group scales (and affine biases) are refitted to
-    /// the layer output error.
-    public init(gram: [Float], size: Int, actOrder: Bool = false, refit: Bool = false, tensor: String, path: String) throws(CkptError) {
+    public init(gram: [Float], size: Int, actOrder: Bool = false, tensor: String, path: String) throws(CkptError) {
         precondition(gram.count == size * size && size > 0)
         var diagonal = (0..<size).map { Double(gram[$0 * size + $0]) }
         for j in 0..<size where diagonal[j] == 0 { diagonal[j] = 1 }
@@ -59,15 +53,6 @@ public struct GPTQ: Sendable {
         let trace = diagonal.reduce(0, +)
         let damping = Self.dampingFraction * trace / Double(size)
         for j in 0..<size { h[j * size + j] += damping }
-        if refit {
-            var damped = [Float](repeating: 0, count: size * size)
-            for a in 0..<size {
-                for b in 0..<size { damped[order[a] * size + order[b]] = Float(h[a * size + b]) }
-            }
-            refitGram = damped
-        } else {
-            refitGram = nil
-        }
         // A row-major symmetric matrix is its own column-major layout. LAPACK's lower triangle (column-major) is
         // the row-major upper one, so the final factor L (H⁻¹ = LLᵀ) read row-major is U = Lᵀ, upper triangular.
         var n = Int32(size), info: Int32 = 0
@@ -112,17 +97,12 @@ public struct GPTQ: Sendable {
         defer { openblas_set_num_threads(previousThreads) }
         nonisolated(unsafe) let out = (weights, codes, scales, offsets)
         let order = self.order
-        let refit = refitGram.map { RefitGram(damped: $0, size: cols, groupSize: groupSize) }
         factor.withUnsafeBufferPointer { factorBuffer in
             nonisolated(unsafe) let u = factorBuffer.baseAddress!
             // Enough rows per worker that the trailing GEMMs stay efficient.
             Parallel.forEachChunk(count: rows, minimumChunk: 32) { range in
                 Self.quantizeRows(range, original: out.0, cols: cols, groupSize: groupSize, factor: u, order: order, quantizer: quantizer,
                     source: source, codes: out.1, scales: out.2, offsets: out.3)
-                if let refit {
-                    Self.refitRows(range, original: out.0, cols: cols, groupSize: groupSize, gram: refit, quantizer: quantizer,
-                        codes: out.1, scales: out.2, offsets: out.3)
-                }
             }
         }
     }

@@ -70,10 +70,6 @@ struct QuantizeCommand: ParsableCommand {
     var sequentialOption: Bool?
     var sequential: Bool { sequentialOption ?? true }
 
-    @Flag(name: .customLong("refit"), inversion: .prefixedNo, help: "With --gptq: once GPTQ has chosen a row's codes, refit the row's group scales (and biases) to the layer's output error on the calibration inputs (default on for --method hqq, off for rtn and mse, whose parameters then stay the runtime's rule or the clipping search's).")
-    var refitOption: Bool?
-    var refit: Bool { refitOption ?? (method == QuantMethod.hqq.rawValue) }
-
     @Option(name: .customLong("calibration-images"), help: "Calibration images for --gptq (1–1024; default 32 synthetic, or all of --calibration-data).")
     var calibrationImagesOption: Int?
 
@@ -155,8 +151,8 @@ struct QuantizeCommand: ParsableCommand {
         guard (1...Self.maximumCalibrationImages).contains(calibrationImages) else {
             throw ValidationError("--calibration-images \(calibrationImages): choose 1 to \(Self.maximumCalibrationImages)")
         }
-        if !gptq && (actOrderOption != nil || sequentialOption != nil || refitOption != nil) {
-            throw ValidationError("--[no-]act-order, --[no-]sequential and --[no-]refit apply to --gptq")
+        if !gptq && (actOrderOption != nil || sequentialOption != nil) {
+            throw ValidationError("--[no-]act-order and --[no-]sequential apply to --gptq")
         }
         if !gptq && (calibrationImagesOption != nil || !calibrationData.isEmpty || calibrationSeedOption != nil) {
             throw ValidationError("--calibration-images, --calibration-data and --calibration-seed apply to --gptq")
@@ -212,7 +208,7 @@ struct QuantizeCommand: ParsableCommand {
         var compensation: [String: GPTQCompensation] = [:]
         func factor(_ tensor: String, _ gram: LinearInputGram) throws(CkptError) -> GPTQ? {
             guard let item = planned[tensor], gram.width == item.cols else { return nil }
-            return try GPTQ(gram: gram.values, size: gram.width, actOrder: actOrder, refit: refit, tensor: tensor, path: item.entry.path)
+            return try GPTQ(gram: gram.values, size: gram.width, actOrder: actOrder, tensor: tensor, path: item.entry.path)
         }
         if sequential {
             try engine.sequentialCalibration(count: count, fill: fill) { (layer: LinearLayer, gram: LinearInputGram) throws(CkptError) -> [Float]? in
@@ -298,7 +294,7 @@ struct QuantizeCommand: ParsableCommand {
         if let used {
             out += "\nGPTQ calibration: \(used) " + (calibrationData.isEmpty ? "synthetic smooth-noise images (seed \(calibrationSeed))"
                 : "images from " + calibrationData.joined(separator: ", "))
-            let passes = [actOrder ? "act-order" : nil, sequential ? "sequential" : nil, refit ? "parameters refitted" : nil].compactMap { $0 }
+            let passes = [actOrder ? "act-order" : nil, sequential ? "sequential" : nil].compactMap { $0 }
             if !passes.isEmpty { out += "; " + passes.joined(separator: ", ") }
         }
         out += "\nwrote \(output)"
@@ -336,7 +332,7 @@ struct QuantizeCommand: ParsableCommand {
             let source = calibrationData.isEmpty
                 ? "{\"synthetic\":\"smooth-noise\",\"seed\":\(calibrationSeed)}"
                 : "{\"data\":[" + calibrationData.map { JSONWriter.quoted($0) }.joined(separator: ",") + "]}"
-            calibration = "\"calibration_images\":\(used),\"calibration\":" + source + ",\"act_order\":\(actOrder),\"sequential\":\(sequential),\"refit\":\(refit),"
+            calibration = "\"calibration_images\":\(used),\"calibration\":" + source + ",\"act_order\":\(actOrder),\"sequential\":\(sequential),"
         }
         return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format.rawValue)),"
             + "\"method\":\(JSONWriter.quoted(method)),\"gptq\":\(gptq)," + calibration + "\"bits\":\(reportedBits),\"group_size\":\(reportedGroup),"
