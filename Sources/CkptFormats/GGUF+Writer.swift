@@ -364,17 +364,10 @@ extension GGUF {
         } catch {
             throw error.at(path: path)
         }
-        // Statistics of sliced tensors: their slices' added in order, so the totals do not depend on timing.
-        var first = 0
-        for tensor in tensors {
-            let count = tensor.slices?.count ?? 1
-            if let measured = tensor.slices?.measured {
-                var total = GGMLQuants.Measurement()
-                for m in measurements[first..<first + count] { total.add(m) }
-                measured(total)
-            }
-            first += count
-        }
+        // Statistics of sliced tensors: their slices' added in file order, so the totals do not depend on timing.
+        var totals = [GGMLQuants.Measurement](repeating: GGMLQuants.Measurement(), count: tensors.count)
+        for (part, tensor) in partTensors.enumerated() { totals[tensor].add(measurements[part]) }
+        for (tensor, total) in zip(tensors, totals) { tensor.slices?.measured?(total) }
         try file.commit()
     }
 
@@ -390,7 +383,9 @@ extension GGUF {
             self.progress = progress
             self.partTensors = partTensors
             self.byteCounts = tensors.map(\.byteCount)
-            self.partsLeft = Mutex(tensors.map { $0.slices?.count ?? 1 })
+            var parts = [Int](repeating: 0, count: tensors.count)
+            for tensor in partTensors { parts[tensor] += 1 }
+            self.partsLeft = Mutex(parts)
         }
 
         @Sendable func partFinished(_ part: Int) {
