@@ -33,18 +33,10 @@ def damped(gram):
 def gptq(w, gram, bits, group, rule=None, fixed=None):
     """GPTQ in act-order; the group parameters from `rule` at first touch, or `fixed` (scales, biases)."""
     cols, n = w.shape[1], 2**bits - 1
-    h = gram.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1
-    order = np.argsort(-np.diag(h), kind="stable")
-    position = np.argsort(order)
-    h = h[np.ix_(order, order)]
-    h += 0.01 * np.mean(np.diag(h)) * np.eye(cols)
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    order, position, u = base.act_order_factor(gram)
     cost = 1 / np.diag(u) ** 2
     work, codes = w[:, order].copy(), np.empty_like(w)
-    scales, biases = (fixed[0].copy(), fixed[1].copy()) if fixed else (np.zeros((len(w), cols // group)),) * 2
-    scales, biases = scales.copy(), biases.copy()
+    scales, biases = (fixed[0].copy(), fixed[1].copy()) if fixed else (np.zeros((len(w), cols // group)), np.zeros((len(w), cols // group)))
     seen = set()
     for k in range(cols):
         c = order[k]

@@ -196,18 +196,22 @@ def quantize_plain(w, rule, bits, group):
     return out
 
 
-def quantize_gptq(w, gram, rule, bits, group):
-    """GPTQ with act-order (descending diag), 1 % damping, contiguous groups, parameters at first touch."""
-    cols = w.shape[1]
-    n = 2**bits - 1
+def act_order_factor(gram):
+    """GPTQ's visiting order (descending diagonal), its inverse, and U with (P(H + 1 % damping)P^T)^-1 = U^T U."""
     h = gram.copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     order = np.argsort(-np.diag(h), kind="stable")
-    position = np.argsort(order)
     h = h[np.ix_(order, order)]
-    h += 0.01 * np.mean(np.diag(h)) * np.eye(cols)
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    return order, np.argsort(order), np.linalg.cholesky(np.linalg.inv(h)).T
+
+
+def quantize_gptq(w, gram, rule, bits, group):
+    """GPTQ with act-order (descending diag), 1 % damping, contiguous groups, parameters at first touch."""
+    cols = w.shape[1]
+    n = 2**bits - 1
+    order, position, u = act_order_factor(gram)
     cost = 1 / np.diag(u) ** 2
     work, out = w[:, order].copy(), np.empty_like(w)
     params = {}
