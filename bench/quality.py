@@ -17,8 +17,10 @@ all weights (ckpt convert) and for W4 g64 RTN applied to one kind of Linear laye
 
 With --eval-images N the evaluation runs on the first N images of Debian's Fashion-MNIST test set (t10k; N up to
 10,000; the first 1,000 are the committed eval set) instead of fixtures/eval/fmnist_eval.npz: more images, less
-noise (~0.19 s an image on 2 cores). Every table also prints, for each method against RTN, the images only one of
-the two gets right and the exact two-sided sign-test p-value of that split (McNemar's exact test).
+noise (~0.07 s an image on 2 otherwise idle cores: ~12 minutes a cell for all 10,000). Every table also prints, for
+each method against RTN, the images only one of the two gets right and the exact two-sided sign-test p-value of that
+split (McNemar's exact test). --out writes the rows after every cell, each with its per-image predictions, so a long
+run's finished cells survive it and can be paired later.
 
 Usage: bench/quality.py [--limit N | --eval-images N] [--out results.json] [--gptq [--calibration-data [NPZ] | --calibration-seed S]
        [--[no-]act-order] [--[no-]sequential]] [--settings B:G,...] [--methods M,...] [--sensitivity]   (run scripts/build.sh and scripts/demo.sh
@@ -126,6 +128,14 @@ def sensitivity(limit):
             print(f"| {label} | {100 * r['accuracy']:.1f} | {100 * agree:.1f} | {kl:.4f} |", flush=True)
 
 
+def save(path, base, rows, predictions):
+    """The rows so far, each with its per-image predictions (for pairing methods later), written atomically."""
+    cells = [dict(r, predictions=predictions[(r["bits"], r["group"], r["method"])].tolist()) for r in rows]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dict(f32_accuracy=base["accuracy"], n=base["n"], rows=cells)) + "\n")
+    tmp.replace(path)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--limit", type=int, default=0)
@@ -188,12 +198,12 @@ def main():
                            calibration=str(a.calibration_data) if a.calibration_data else ("synthetic" if a.gptq else None), accuracy=r["accuracy"], agreement=agree, kl=kl,
                            sqnr_db=float(sqnr), quantize_seconds=report["seconds"])
                 rows.append(row)
+                if a.out:  # after every cell, so a long run's finished cells survive an interruption
+                    save(a.out, base, rows, predictions)
                 print(f"W{bits} g{group} {method:3s}{label}: accuracy {r['accuracy']:.4f} (F32 {base['accuracy']:.4f}, "
                       f"{100 * (r['accuracy'] - base['accuracy']):+.1f} pt), agreement {agree:.4f}, KL {kl:.4f}, "
                       f"mean SQNR {sqnr:.2f} dB", flush=True)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-    if a.out:
-        a.out.write_text(json.dumps(dict(f32_accuracy=base["accuracy"], n=base["n"], rows=rows), indent=2) + "\n")
     print("\n| setting | " + " | ".join(f"{m.upper()}{label} acc / agree / KL" for m in methods) + " |")
     print("|---|" + "---|" * len(methods))
     for bits, group in settings:
