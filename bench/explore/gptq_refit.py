@@ -23,13 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hqq_output_error as base  # noqa: E402
 
 
-def damped(gram):
-    h = gram.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1
-    return h + 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
-
-
 def gptq(w, gram, bits, group, rule=None, fixed=None):
     """GPTQ in act-order; the group parameters from `rule` at first touch, or `fixed` (scales, biases)."""
     cols, n = w.shape[1], 2**bits - 1
@@ -55,7 +48,7 @@ def gptq(w, gram, bits, group, rule=None, fixed=None):
 
 def refit(w, gram, codes, scales, biases, group):
     cols, groups = w.shape[1], w.shape[1] // group
-    h = damped(gram)
+    h = base.damped(gram)
     member = np.zeros((cols, groups))
     member[np.arange(cols), np.arange(cols) // group] = 1
     scales, biases = scales.copy(), biases.copy()

@@ -196,14 +196,19 @@ def quantize_plain(w, rule, bits, group):
     return out
 
 
-def act_order_factor(gram):
-    """GPTQ's visiting order (descending diagonal), its inverse, and U with (P(H + 1 % damping)P^T)^-1 = U^T U."""
+def damped(gram):
+    """GPTQ's damped Gram: a dead input gets a unit diagonal, then 1 % of the mean diagonal is added."""
     h = gram.copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1
+    return h + 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+
+
+def act_order_factor(gram):
+    """GPTQ's visiting order (descending diagonal), its inverse, and U with (P·damped(H)·P^T)^-1 = U^T U."""
+    h = damped(gram)
     order = np.argsort(-np.diag(h), kind="stable")
     h = h[np.ix_(order, order)]
-    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
     return order, np.argsort(order), np.linalg.cholesky(np.linalg.inv(h)).T
 
 
