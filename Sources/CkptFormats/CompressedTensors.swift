@@ -52,6 +52,18 @@ public enum CompressedTensors {
             guard let shape = entry(module + ".weight_shape") else { throw missing(".weight_shape") }
             let zeroPoint = entry(module + ".weight_zero_point")
             let declared = try declaredWeights(quantizationConfig, module: module, configPath: configPath)
+            // Float codes (FP8/FP4 schemes) have other formats; decoding them as integers would give wrong values.
+            switch declared?["type"] {
+            case nil, .string("int")?: break
+            case .string(let type)?:
+                throw CkptError(
+                    .unsupportedDType, "config.json declares weights of type '\(type)': pack-quantized codes are integers (type \"int\")",
+                    path: packed.path, tensor: packed.name)
+            default: throw contradicts("gives weights.type that is not a string")
+            }
+            if let bits = declared?["num_bits"], bits.unsignedInteger == nil {
+                throw contradicts("gives weights.num_bits that is not a non-negative integer")
+            }
             // Activation-order groups: column j belongs to group g_idx[j], not j / group_size. compressed-tensors
             // 0.20 no longer decodes them either; decoding them as contiguous groups would give wrong values.
             let actorder = declared?["actorder"]
@@ -159,9 +171,10 @@ public enum CompressedTensors {
         if legacyPacking && 32 % bits != 0 {
             throw fail("written by compressed-tensors < 0.17.0, whose \(bits)-bit packing (whole codes per word) is not supported")
         }
-        guard scale.dtype.isConvertibleFloat, scale.shape.rank == 2, scale.shape.dims[0] == rows,
+        // The scale's dtype is the dequantized weight's, so it must be one ckpt can write (not F8).
+        guard DTypeConversion.targets.contains(scale.dtype), scale.shape.rank == 2, scale.shape.dims[0] == rows,
               scale.shape.dims[1] >= 1, cols % scale.shape.dims[1] == 0 else {
-            throw fail("weight_scale \(scale.dtype.name) \(scale.shape) must be floating [\(rows), groups] with groups dividing \(cols)")
+            throw fail("weight_scale \(scale.dtype.name) \(scale.shape) must be F32, F16, BF16 or F64 [\(rows), groups] with groups dividing \(cols)")
         }
         let groups = scale.shape.dims[1], groupSize = cols / groups
         if let zeroPoint {

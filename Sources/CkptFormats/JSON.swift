@@ -56,9 +56,11 @@ public indirect enum JSONValue: Equatable, Sendable {
         return members.first { !seen.insert(NameKey($0.key)).inserted }?.key
     }
 
+    /// Keys compare byte for byte, as JSON parsers in Python do: Swift's `==` would equate canonically
+    /// equivalent spellings ("café" NFC and NFD), so one module's entry could answer for another's.
     public subscript(key: String) -> JSONValue? {
         guard case .object(let members) = self else { return nil }
-        return members.last(where: { $0.key == key })?.value
+        return members.last(where: { $0.key.utf8.elementsEqual(key.utf8) })?.value
     }
 }
 

@@ -111,8 +111,9 @@ public enum MLXQuantized {
         guard packed.shape.rank >= 2, scales.shape.rank == packed.shape.rank, biases.shape == scales.shape else {
             throw fail("weight \(packed.shape), scales \(scales.shape) and biases \(biases.shape) must have the same rank ≥ 2")
         }
-        guard scales.dtype.isConvertibleFloat, biases.dtype == scales.dtype else {
-            throw fail("scales (\(scales.dtype.name)) and biases (\(biases.dtype.name)) must share one floating dtype")
+        // The scales' dtype is the dequantized weight's, so it must be one ckpt can write (not F8).
+        guard DTypeConversion.targets.contains(scales.dtype), biases.dtype == scales.dtype else {
+            throw fail("scales (\(scales.dtype.name)) and biases (\(biases.dtype.name)) must share one dtype of F32, F16, BF16 or F64")
         }
         let packedCols = packed.shape.dims.last!, scaleCols = scales.shape.dims.last!
         let rows = packed.shape.elements / max(packedCols, 1)

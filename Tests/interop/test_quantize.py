@@ -1423,6 +1423,62 @@ def test_packed_module_and_plain_tensor_of_one_name(sources, tmp_path):
     assert_same_array(got[nfd + ".weight"], plain, name=nfd)
 
 
+def test_mlx_module_overrides_compare_names_byte_for_byte(tmp_path):
+    """config.json's per-module entry is looked up byte for byte, as Python's dict does: with "café" (NFC)
+    overridden to 8-bit g32, "cafe\u0301" (NFD) keeps the 4-bit g64 default. Both pairs give the same tensor shapes,
+    so the NFD module used to decode silently as 8-bit g32."""
+    import mlx.core as mx
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    rng = np.random.default_rng(11)
+    w8, w4 = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((4, 128)).astype(np.float32)
+    q8, s8, b8 = mx.quantize(mx.array(w8), group_size=32, bits=8)
+    q4, s4, b4 = mx.quantize(mx.array(w4), group_size=64, bits=4)
+    assert q8.shape == q4.shape and s8.shape == s4.shape  # only the config can tell them apart
+    folder = tmp_path / "mlx"
+    folder.mkdir()
+    save_file({nfc + ".weight": np.array(q8), nfc + ".scales": np.array(s8), nfc + ".biases": np.array(b8),
+               nfd + ".weight": np.array(q4), nfd + ".scales": np.array(s4), nfd + ".biases": np.array(b4)},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64, nfc: {"bits": 8, "group_size": 32}}}))
+    got = readback(folder, tmp_path)
+    assert_same_array(got[nfc + ".weight"], np.array(mx.dequantize(q8, s8, b8, group_size=32, bits=8)), name=nfc)
+    assert_same_array(got[nfd + ".weight"], np.array(mx.dequantize(q4, s4, b4, group_size=64, bits=4)), name=nfd)
+
+
+def _safetensors_with_data(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file from raw (dtype, shape, bytes): dtypes numpy cannot hold, such as F8_E4M3."""
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(data for _, _, data in tensors.values()))
+
+
+@pytest.mark.parametrize("layout", ["mlx", "ct"])
+def test_f8_scales_are_refused(tmp_path, layout):
+    """The scales' dtype is the decoded weight's, and ckpt writes no F8: F8_E4M3 scales trapped (SIGILL) in the
+    F32 → F8 conversion and left a temp file behind. Now an error naming the tensor, and nothing written."""
+    folder = tmp_path / layout
+    folder.mkdir()
+    one_f8 = bytes([0x38])  # 1.0 in E4M3
+    if layout == "mlx":
+        _safetensors_with_data(folder / "model.safetensors", {
+            "m.weight": ("U32", [1, 4], bytes(16)), "m.scales": ("F8_E4M3", [1, 1], one_f8), "m.biases": ("F8_E4M3", [1, 1], one_f8)})
+        (folder / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 32}}))
+        name = "m.weight"
+    else:
+        _safetensors_with_data(folder / "model.safetensors", {
+            "m.weight_packed": ("I32", [1, 4], bytes(16)), "m.weight_scale": ("F8_E4M3", [1, 1], one_f8),
+            "m.weight_shape": ("I64", [2], struct.pack("<qq", 1, 32))})
+        name = "m.weight_packed"
+    for command in (["inspect", folder], ["diff", folder, folder], ["convert", folder, tmp_path / "x.safetensors"]):
+        proc = run_ckpt(*command, check=None)
+        assert_refused(proc, 2, names=(name, str(folder / "model.safetensors")), out=tmp_path / "x.safetensors")
+        assert "F8_E4M3" in proc.stderr, proc.stderr
+
+
 def test_compressed_tensors_config_must_match_the_tensors(sources, tmp_path):
     """config.json's declared group size, strategy and symmetry are checked against the tensors (compressed-tensors'
     own decompressor fails on a group size that disagrees); activation-order groups (weight_g_idx) are refused
@@ -1453,6 +1509,8 @@ def test_compressed_tensors_config_must_match_the_tensors(sources, tmp_path):
     refused(with_weights(strategy="channel", group_size=None), says="per-channel")
     refused(with_weights(symmetric=True), says="symmetric")  # zero points present, config says symmetric
     refused(with_weights(actorder="group"), says="weight_g_idx")
+    refused(with_weights(type="float"), says="type 'float'")  # FP8/FP4 codes: decoding them as ints is wrong
+    refused(with_weights(num_bits="4"), says="num_bits")
     refused(config, {**state, module + ".weight_g_idx": np.zeros(state[module + ".weight_shape"][1], np.int32)}, says="weight_g_idx",
             module_named=module)
     # several groups: an asymmetric one for Linear, a symmetric one for some other module by pattern; the module
