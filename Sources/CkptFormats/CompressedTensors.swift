@@ -171,8 +171,7 @@ public enum CompressedTensors {
         if legacyPacking && 32 % bits != 0 {
             throw fail("written by compressed-tensors < 0.17.0, whose \(bits)-bit packing (whole codes per word) is not supported")
         }
-        // The scale's dtype is the dequantized weight's, so it must be one ckpt can write (not F8).
-        guard DTypeConversion.targets.contains(scale.dtype), scale.shape.rank == 2, scale.shape.dims[0] == rows,
+        guard QuantizedDecoding.canDecode(into: scale.dtype), scale.shape.rank == 2, scale.shape.dims[0] == rows,
               scale.shape.dims[1] >= 1, cols % scale.shape.dims[1] == 0 else {
             throw fail("weight_scale \(scale.dtype.name) \(scale.shape) must be F32, F16, BF16 or F64 [\(rows), groups] with groups dividing \(cols)")
         }

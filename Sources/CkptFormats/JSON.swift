@@ -56,11 +56,12 @@ public indirect enum JSONValue: Equatable, Sendable {
         return members.first { !seen.insert(NameKey($0.key)).inserted }?.key
     }
 
-    /// Keys compare byte for byte, as JSON parsers in Python do: Swift's `==` would equate canonically
+    /// Keys compare as ``NameKey``s (byte for byte, as Python's dict does): Swift's `==` would equate canonically
     /// equivalent spellings ("café" NFC and NFD), so one module's entry could answer for another's.
     public subscript(key: String) -> JSONValue? {
         guard case .object(let members) = self else { return nil }
-        return members.last(where: { $0.key.utf8.elementsEqual(key.utf8) })?.value
+        let wanted = NameKey(key)
+        return members.last(where: { NameKey($0.key) == wanted })?.value
     }
 }
 

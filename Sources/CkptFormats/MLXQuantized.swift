@@ -111,8 +111,7 @@ public enum MLXQuantized {
         guard packed.shape.rank >= 2, scales.shape.rank == packed.shape.rank, biases.shape == scales.shape else {
             throw fail("weight \(packed.shape), scales \(scales.shape) and biases \(biases.shape) must have the same rank ≥ 2")
         }
-        // The scales' dtype is the dequantized weight's, so it must be one ckpt can write (not F8).
-        guard DTypeConversion.targets.contains(scales.dtype), biases.dtype == scales.dtype else {
+        guard QuantizedDecoding.canDecode(into: scales.dtype), biases.dtype == scales.dtype else {
             throw fail("scales (\(scales.dtype.name)) and biases (\(biases.dtype.name)) must share one dtype of F32, F16, BF16 or F64")
         }
         let packedCols = packed.shape.dims.last!, scaleCols = scales.shape.dims.last!
@@ -170,6 +169,10 @@ public enum MLXQuantized {
 /// Shared by the quantized-layout readers: dequantizes row by row (in parallel) into a new F32 buffer, then
 /// converts to the logical dtype when that is narrower.
 enum QuantizedDecoding {
+    /// Whether ``decode(rows:cols:outputType:name:row:)`` can produce `type`. The readers decode into the scales'
+    /// dtype, so they check it with this before building an entry: an F8 scale must be refused, not converted to.
+    static func canDecode(into type: DType) -> Bool { DTypeConversion.targets.contains(type) }
+
     static func decode(
         rows: Int, cols: Int, outputType: DType, name: String,
         row body: @Sendable (Int, UnsafeMutablePointer<Float>) -> Void
