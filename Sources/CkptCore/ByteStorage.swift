@@ -21,10 +21,10 @@ public final class ByteStorage: @unchecked Sendable {
     }
 
     /// An owned, uninitialised buffer of `count` bytes, filled by `initialize` before it is shared.
-    public init<E: Error>(
-        uninitializedCount count: Int, initialize: (UnsafeMutableRawBufferPointer) throws(E) -> Void
-    ) throws(E) {
-        let pointer = LargeAllocation.allocate(count)
+    public init(
+        uninitializedCount count: Int, initialize: (UnsafeMutableRawBufferPointer) throws(CkptError) -> Void
+    ) throws(CkptError) {
+        let pointer = try LargeAllocation.allocate(count)
         do {
             try initialize(UnsafeMutableRawBufferPointer(start: pointer, count: count))
         } catch {
@@ -39,16 +39,16 @@ public final class ByteStorage: @unchecked Sendable {
     }
 
     /// An owned copy of `bytes` (used for small in-memory inputs, e.g. fuzzing and tests).
-    public convenience init(copying bytes: UnsafeRawBufferPointer) {
-        self.init(uninitializedCount: bytes.count) { (buffer: UnsafeMutableRawBufferPointer) in
+    public convenience init(copying bytes: UnsafeRawBufferPointer) throws(CkptError) {
+        try self.init(uninitializedCount: bytes.count) { (buffer: UnsafeMutableRawBufferPointer) in
             if let source = bytes.baseAddress, bytes.count > 0 {
                 buffer.baseAddress!.copyMemory(from: source, byteCount: bytes.count)
             }
         }
     }
 
-    public convenience init(copying bytes: [UInt8]) {
-        self.init(copying: bytes.withUnsafeBytes { UnsafeRawBufferPointer(start: $0.baseAddress, count: $0.count) })
+    public convenience init(copying bytes: [UInt8]) throws(CkptError) {
+        try self.init(copying: bytes.withUnsafeBytes { UnsafeRawBufferPointer(start: $0.baseAddress, count: $0.count) })
     }
 
     deinit {

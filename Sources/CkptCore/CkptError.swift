@@ -34,6 +34,8 @@ public struct CkptError: Error, CustomStringConvertible, Sendable, Equatable {
         case invalidArgument
         case sameInputOutput
         case tooLarge
+        /// A FIFO, device, socket or directory where a file is read.
+        case notRegularFile
         // Adapter merging.
         case adapterConfig
         case pickleRefused

@@ -12,14 +12,17 @@ import Musl
 public enum LargeAllocation {
     public static let threshold = 1 << 20
 
-    /// Allocates `count` bytes, 64-byte aligned (page-aligned when mapped).
-    public static func allocate(_ count: Int) -> UnsafeMutableRawPointer {
+    /// Allocates `count` bytes, 64-byte aligned (page-aligned when mapped). A request the system refuses is a
+    /// `tooLarge` error, never a trap: sizes often come from files or flags, and callers check them against
+    /// their budgets first, but the last word is the kernel's.
+    public static func allocate(_ count: Int) throws(CkptError) -> UnsafeMutableRawPointer {
+        guard count >= 0 else { throw CkptError(.overflow, "negative allocation size \(count)") }
         if count < threshold {
             return UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 64)
         }
         let pointer = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         guard let pointer, pointer != MAP_FAILED else {
-            fatalError("out of memory: cannot map \(count) bytes (\(errnoText()))")
+            throw CkptError(.tooLarge, "out of memory: cannot allocate \(count) bytes", cause: errnoText())
         }
         return pointer
     }

@@ -13,8 +13,11 @@ public struct MappedFile: ~Copyable {
     /// Kept open for `pread`: small reads that should not map pages (see ``read(_:)``).
     private let descriptor: Int32
 
+    /// Maps the regular file at `path` (symlinks followed). Anything else is refused before a byte is read: a
+    /// FIFO or a terminal would block, a device has no size to map, a directory is not a file. The file is opened
+    /// with `O_NONBLOCK`, so opening a FIFO that no one writes does not hang either.
     public init(path: String) throws(CkptError) {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         guard fd >= 0 else {
             let code = errno
             throw CkptError(code == ENOENT ? .notFound : .io, "cannot open for reading", path: path, cause: errnoText(code))
@@ -25,9 +28,10 @@ public struct MappedFile: ~Copyable {
             close(fd)
             throw CkptError(.io, "cannot stat", path: path, cause: cause)
         }
-        if (info.st_mode & S_IFMT) == S_IFDIR {
+        let kind = FileIdentity.Kind(mode: info.st_mode)
+        guard kind == .regularFile else {
             close(fd)
-            throw CkptError(.invalidArgument, "is a directory, not a file", path: path)
+            throw CkptError(.notRegularFile, "is \(kind.rawValue), not a regular file", path: path)
         }
         let size = Int(info.st_size)
         var mapped: UnsafeRawPointer? = nil

@@ -25,15 +25,21 @@ public struct OutputFile: ~Copyable {
             if existing.isDirectory {
                 throw CkptError(.invalidArgument, "output path is a directory", path: path)
             }
+            // The rename at commit would replace a FIFO, a device node (/dev/null as root) or a socket.
+            if !existing.isRegularFile {
+                throw CkptError(.invalidArgument, "output path exists and is not a regular file (\(existing.kind))", path: path)
+            }
             if inputs.contains(where: { $0.sameFile(as: existing) }) {
                 throw CkptError(.sameInputOutput, "output would overwrite an input file", path: path)
             }
         }
+        let buffer = try LargeAllocation.allocate(OutputFile.bufferCapacity)
         let directory = FilePaths.directory(of: path)
         let template = FilePaths.join(directory, "." + FilePaths.fileName(of: path) + ".ckpt-tmp-XXXXXX")
         var templateBytes = Array(template.utf8CString)
         let descriptor = templateBytes.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard descriptor >= 0 else {
+            LargeAllocation.deallocate(buffer, count: OutputFile.bufferCapacity)
             throw CkptError(.io, "cannot create a temporary file in the output folder", path: path, cause: errnoText())
         }
         _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
@@ -43,7 +49,7 @@ public struct OutputFile: ~Copyable {
         self.path = path
         self.temporaryPath = temporary
         self.fd = descriptor
-        self.buffer = LargeAllocation.allocate(OutputFile.bufferCapacity)
+        self.buffer = buffer
     }
 
     deinit {

@@ -3,12 +3,27 @@
 public struct Shape: Hashable, Sendable, CustomStringConvertible {
     public let dims: [Int]
 
+    /// The largest product of the non-zero dimensions a shape may have: 2⁵⁶ elements, so any stride of any
+    /// dtype fits in an `Int` even when counted in bits (2⁵⁶ × 64 bits = 2⁶² bits).
+    public static let maximumSpan = 1 << 56
+
+    /// A shape whose every partial product (any run of dimensions, any stride) fits in an `Int`.
+    ///
+    /// Zero dimensions are skipped when the span is checked, as numpy does when it creates an array: `[0, 2⁴⁰, 2⁴⁰]`
+    /// has no elements but a row stride of 2⁸⁰, and code that multiplies the trailing dimensions (a matrix's
+    /// column count, a rank check) would overflow. Such shapes are refused here, once, for every format.
     public init(_ dims: [Int]) throws(CkptError) {
-        for d in dims where d < 0 {
-            throw CkptError(.invalidHeader, "negative dimension \(d) in shape \(dims)")
+        var span = 1
+        for d in dims {
+            if d < 0 { throw CkptError(.invalidHeader, "negative dimension \(d) in shape \(dims)") }
+            if d == 0 { continue }
+            let (product, overflow) = span.multipliedReportingOverflow(by: d)
+            if overflow || product > Shape.maximumSpan {
+                throw CkptError(.overflow, "shape \(dims) spans more than 2^56 elements (the product of its non-zero dimensions overflows the stride arithmetic)")
+            }
+            span = product
         }
         self.dims = dims
-        _ = try elementCount()
     }
 
     public var rank: Int { dims.count }

@@ -22,18 +22,51 @@ public enum MonotonicClock {
 
 /// Facts about a path, used to refuse overwriting an input and to tell files from folders.
 public struct FileIdentity: Equatable, Sendable {
+    /// What a path names, from `st_mode`.
+    public enum Kind: String, Sendable {
+        case regularFile = "a regular file"
+        case directory = "a directory"
+        case fifo = "a FIFO"
+        case characterDevice = "a character device"
+        case blockDevice = "a block device"
+        case socket = "a socket"
+        case symbolicLink = "a symbolic link"
+        case other = "not a file"
+
+        init(mode: mode_t) {
+            switch mode & S_IFMT {
+            case S_IFREG: self = .regularFile
+            case S_IFDIR: self = .directory
+            case S_IFIFO: self = .fifo
+            case S_IFCHR: self = .characterDevice
+            case S_IFBLK: self = .blockDevice
+            case S_IFSOCK: self = .socket
+            case S_IFLNK: self = .symbolicLink
+            default: self = .other
+            }
+        }
+    }
+
     public let device: UInt64
     public let inode: UInt64
-    public let isDirectory: Bool
+    public let kind: Kind
     public let size: Int
+
+    public var isDirectory: Bool { kind == .directory }
+    public var isRegularFile: Bool { kind == .regularFile }
 
     /// Identity of `path` following symlinks, or nil if nothing exists there.
     public static func of(_ path: String) -> FileIdentity? {
         var info = stat()
         guard stat(path, &info) == 0 else { return nil }
-        return FileIdentity(
-            device: UInt64(info.st_dev), inode: UInt64(info.st_ino),
-            isDirectory: (info.st_mode & S_IFMT) == S_IFDIR, size: Int(info.st_size))
+        return FileIdentity(info)
+    }
+
+    init(_ info: stat) {
+        device = UInt64(info.st_dev)
+        inode = UInt64(info.st_ino)
+        kind = Kind(mode: info.st_mode)
+        size = Int(info.st_size)
     }
 
     public func sameFile(as other: FileIdentity) -> Bool { device == other.device && inode == other.inode }

@@ -133,12 +133,10 @@ extension GGUF {
                 // Streaming to a sink: buffers of our own, sized for this tensor.
                 let elements = min(sliceElements, max(entry.shape.elements, type.blockSize))
                 let outputBytes = elements / type.blockSize * type.bytesPerBlock
-                let output = LargeAllocation.allocate(outputBytes)
-                let staging = LargeAllocation.allocate(elements * 4).assumingMemoryBound(to: Float.self)
-                defer {
-                    LargeAllocation.deallocate(output, count: outputBytes)
-                    LargeAllocation.deallocate(UnsafeMutableRawPointer(staging), count: elements * 4)
-                }
+                let output = try LargeAllocation.allocate(outputBytes)
+                defer { LargeAllocation.deallocate(output, count: outputBytes) }
+                let staging = try LargeAllocation.allocate(elements * 4).assumingMemoryBound(to: Float.self)
+                defer { LargeAllocation.deallocate(UnsafeMutableRawPointer(staging), count: elements * 4) }
                 var total = GGMLQuants.Measurement()
                 var offset = 0
                 try entry.forEachF32Chunk(elements: sliceElements, staging: staging) { (floats: UnsafePointer<Float>, count: Int) throws(CkptError) in

@@ -258,7 +258,7 @@ public enum GGUF {
                 storedBytes: info.byteCount, storedTensors: [info.name])
             tensors.append(try TensorEntry(name: info.name, dtype: .f32, shape: info.shape, path: path, quantization: quantization) {
                 () throws(CkptError) -> TensorBytes in
-                let decoded = ByteStorage(uninitializedCount: count * 4) { (output: UnsafeMutableRawBufferPointer) in
+                let decoded = try ByteStorage(uninitializedCount: count * 4) { (output: UnsafeMutableRawBufferPointer) in
                     guard count > 0 else { return }
                     bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
                         GGMLQuants.dequantizeParallel(

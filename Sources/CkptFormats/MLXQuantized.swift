@@ -178,7 +178,7 @@ enum QuantizedDecoding {
         row body: @Sendable (Int, UnsafeMutablePointer<Float>) -> Void
     ) throws(CkptError) -> TensorBytes {
         let count = rows * cols
-        let f32 = ByteStorage(uninitializedCount: count * 4) { (buffer: UnsafeMutableRawBufferPointer) in
+        let f32 = try ByteStorage(uninitializedCount: count * 4) { (buffer: UnsafeMutableRawBufferPointer) in
             nonisolated(unsafe) let base = buffer.baseAddress!.assumingMemoryBound(to: Float.self)
             Parallel.forEachChunk(count: rows, minimumChunk: max(1, 65536 / max(cols, 1))) { range in
                 for r in range { body(r, base + r * cols) }
@@ -186,7 +186,7 @@ enum QuantizedDecoding {
         }
         if outputType == .f32 { return TensorBytes(storage: f32) }
         let width = outputType.byteWidth!
-        let converted = ByteStorage(uninitializedCount: count * width) { (buffer: UnsafeMutableRawBufferPointer) in
+        let converted = try ByteStorage(uninitializedCount: count * width) { (buffer: UnsafeMutableRawBufferPointer) in
             f32.withUnsafeBytes { source in
                 DTypeConversion.convertParallel(from: .f32, to: outputType, count: count, source: source.baseAddress!, destination: buffer.baseAddress!)
             }

@@ -54,7 +54,7 @@ extension NPZ {
             var crc: UInt32 = 0
             var size = 0
             if compress {
-                let deflater = ParallelDeflater()
+                let deflater = try ParallelDeflater()
                 let emit: OutputTensor.Sink = { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
                     crc = CRC32.checksum(chunk, continuing: crc)
                     size += chunk.count

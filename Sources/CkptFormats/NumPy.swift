@@ -231,8 +231,8 @@ struct NpyLayout: Sendable {
         let width = dtype.byteWidth!
         // Complex values swap each real/imaginary half separately.
         let swapUnit = (dtype == .c64 || dtype == .c128) ? width / 2 : width
-        let storage = bytes.withUnsafeBytes { source in
-            ByteStorage(uninitializedCount: bytes.count) { destination in
+        let storage = try bytes.withUnsafeBytes { (source: UnsafeRawBufferPointer) throws(CkptError) in
+            try ByteStorage(uninitializedCount: bytes.count) { destination in
                 if fortranOrder && shape.dims.filter({ $0 > 1 }).count > 1 {
                     NpyLayout.fortranToC(source, destination, dims: shape.dims, width: width)
                 } else {

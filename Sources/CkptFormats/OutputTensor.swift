@@ -79,7 +79,7 @@ public struct OutputTensor: Sendable {
         let inWidth = source.byteWidth!, outWidth = target.byteWidth!
         let count = bytes.count / inWidth
         let capacity = max(1, min(count, chunkBytes / max(inWidth, outWidth))) * outWidth
-        let buffer = LargeAllocation.allocate(capacity)
+        let buffer = try LargeAllocation.allocate(capacity)
         defer { LargeAllocation.deallocate(buffer, count: capacity) }
         var start = 0
         while start < count {
@@ -119,7 +119,7 @@ public struct OutputTensor: Sendable {
     private static func streamConverted(_ entry: TensorEntry, to target: DType, _ sink: Sink) throws(CkptError) {
         let inWidth = entry.dtype.byteWidth!, outWidth = target.byteWidth!
         let capacity = max(1, min(entry.byteCount, chunkBytes) / inWidth) * outWidth
-        let buffer = LargeAllocation.allocate(capacity)
+        let buffer = try LargeAllocation.allocate(capacity)
         defer { LargeAllocation.deallocate(buffer, count: capacity) }
         try entry.forEachChunk(maxBytes: chunkBytes) { (chunk: UnsafeRawBufferPointer) throws(CkptError) in
             let n = chunk.count / inWidth

@@ -61,19 +61,31 @@ public enum PNG {
         var summary: String { "\(width)×\(height), \(bitDepth)-bit \(colorName)\(interlaced ? ", Adam7" : "")" }
     }
 
-    /// Decodes the PNG file at `path`, which is memory-mapped for the duration of the call.
-    public static func decode(path: String) throws(CkptError) -> DecodedImage {
+    /// Decodes the PNG file at `path`, which is memory-mapped for the duration of the call. The caller's limits
+    /// (at most ``maximumDimension`` and ``maximumPixels``) are checked from IHDR before anything is inflated.
+    public static func decode(
+        path: String, maximumSide: Int = maximumDimension, maximumPixels: Int = maximumPixels
+    ) throws(CkptError) -> DecodedImage {
         let storage: ByteStorage
         do { storage = try ByteStorage(mapping: path) } catch { throw error.at(path: path) }
         return try storage.withUnsafeBytes { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
-            try decode(bytes: bytes, path: path)
+            try decode(bytes: bytes, path: path, maximumSide: maximumSide, maximumPixels: maximumPixels)
         }
     }
 
     /// Decodes a PNG held in memory; `path` names it in errors.
-    public static func decode(bytes: UnsafeRawBufferPointer, path: String) throws(CkptError) -> DecodedImage {
-        do {
+    public static func decode(
+        bytes: UnsafeRawBufferPointer, path: String, maximumSide: Int = maximumDimension, maximumPixels: Int = maximumPixels
+    ) throws(CkptError) -> DecodedImage {
+        do throws(CkptError) {
             let layout = try readChunks(bytes)
+            let header = layout.header
+            guard header.width <= maximumSide, header.height <= maximumSide else {
+                throw CkptError(.tooLarge, "image is \(header.width)×\(header.height); at most \(maximumSide) per side")
+            }
+            guard header.width * header.height <= maximumPixels else {
+                throw CkptError(.tooLarge, "image is \(header.width)×\(header.height) = \(header.width * header.height) pixels; at most \(maximumPixels)")
+            }
             return try decodePixels(bytes, layout)
         } catch {
             throw error.at(path: path)

@@ -28,13 +28,17 @@ enum ParallelFileWriter {
         private var outputPointer: UnsafeMutableRawPointer?
 
         var staging: UnsafeMutablePointer<Float> {
-            if stagingPointer == nil { stagingPointer = LargeAllocation.allocate(Self.stagingElements * 4) }
-            return stagingPointer!.assumingMemoryBound(to: Float.self)
+            get throws(CkptError) {
+                if stagingPointer == nil { stagingPointer = try LargeAllocation.allocate(Self.stagingElements * 4) }
+                return stagingPointer!.assumingMemoryBound(to: Float.self)
+            }
         }
 
         var output: UnsafeMutableRawPointer {
-            if outputPointer == nil { outputPointer = LargeAllocation.allocate(Self.outputBytes) }
-            return outputPointer!
+            get throws(CkptError) {
+                if outputPointer == nil { outputPointer = try LargeAllocation.allocate(Self.outputBytes) }
+                return outputPointer!
+            }
         }
 
         deinit {

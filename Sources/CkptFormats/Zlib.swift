@@ -24,10 +24,16 @@ final class ParallelDeflater {
     private var outputBound: Int { blockSize + blockSize / 1000 + 1024 }
     private let outputs: UnsafeMutableRawPointer
 
-    init(level: Int32 = Z_DEFAULT_COMPRESSION) {
+    init(level: Int32 = Z_DEFAULT_COMPRESSION) throws(CkptError) {
         self.level = level
-        pending = LargeAllocation.allocate(blockSize * batchBlocks)
-        outputs = LargeAllocation.allocate((blockSize + blockSize / 1000 + 1024) * batchBlocks)
+        let pending = try LargeAllocation.allocate(blockSize * batchBlocks)
+        do {
+            outputs = try LargeAllocation.allocate((blockSize + blockSize / 1000 + 1024) * batchBlocks)
+        } catch {
+            LargeAllocation.deallocate(pending, count: blockSize * batchBlocks)
+            throw error
+        }
+        self.pending = pending
     }
 
     deinit {

@@ -14,6 +14,12 @@ public struct Evaluation: Sendable {
     /// `labels` must lie in 0..<classes.
     public init(logits: [Float], labels: [Int], classes: Int, source: String) throws(CkptError) {
         precondition(logits.count == labels.count * classes)
+        guard !labels.isEmpty else {
+            throw CkptError(.invalidData, "no images to evaluate: an accuracy of 0 of 0 images means nothing", path: source)
+        }
+        try MemoryBudget.require(
+            try CheckedSize.product([classes, classes, MemoryLayout<Int>.stride], "confusion matrix"),
+            for: "the \(classes) × \(classes) confusion matrix", path: source)
         count = labels.count
         self.classes = classes
         var confusion = [[Int]](repeating: [Int](repeating: 0, count: classes), count: classes)

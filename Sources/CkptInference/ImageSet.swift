@@ -13,10 +13,18 @@ import CkptFormats
 /// multiple of both sides with the same factor (28 → 224 repeats each pixel 8×8), otherwise bilinear
 /// (half-pixel centres, `align_corners=False`, edge-clamped, no antialiasing) on u/255; grey replicated to every
 /// channel; then x = (u/255 − mean[c]) / std[c] in F32.
+///
+/// Memory: one image in flight per worker, not the whole set. PNG files are checked from their header when the set
+/// is loaded (size, channels) and decoded only when an image is filled; arrays stay where the reader put them (a
+/// view of the mapped file when stored uncompressed) and each image is converted from its own slice.
 public struct ImageSet: Sendable {
     enum Pixels: Sendable {
-        case bytes([UInt8], height: Int, width: Int, channels: Int)
-        case normalised([Float], height: Int, width: Int, channels: Int)
+        /// A PNG file, validated from its header; decoded when filled.
+        case png(height: Int, width: Int, channels: Int)
+        /// uint8 HWC images, one after the other.
+        case bytes(TensorBytes, height: Int, width: Int, channels: Int)
+        /// Normalised float CHW images of `dtype`, one after the other.
+        case normalised(TensorBytes, dtype: DType, height: Int, width: Int, channels: Int)
     }
 
     struct Group: Sendable {
@@ -40,6 +48,9 @@ public struct ImageSet: Sendable {
 
     /// Largest image side accepted from a file (the preprocessing buffers scale with it).
     public static let maximumSide = 8192
+    /// Largest PNG accepted, in pixels (16 Mi: 4096², or 8192 × 2048): bounds one decoded image to
+    /// 16 Mi × 8 bytes of 16-bit RGBA samples plus its 8-bit copy, checked from the header before decoding.
+    public static let maximumPNGPixels = 16 << 20
 
     /// The images of `paths` in order. Labels (for `eval`) must come from a single file; with `ignoringLabels`
     /// (calibration) any file's labels are dropped.
@@ -56,16 +67,21 @@ public struct ImageSet: Sendable {
             groups.append(group)
         }
         guard !groups.isEmpty else { throw CkptError(.invalidArgument, "no images given") }
+        if let empty = groups.first(where: { $0.count == 0 }) {
+            throw CkptError(.invalidData, "holds no images (an empty array)", path: empty.source)
+        }
         return ImageSet(groups: groups, labels: labels)
     }
 
     static func loadOne(_ path: String) throws(CkptError) -> (Group, [Int]?) {
         if FilePaths.fileExtension(of: path) == "png" {
-            let image = try PNG.decode(path: path)
-            guard image.width <= maximumSide, image.height <= maximumSide else {
-                throw CkptError(.tooLarge, "image is \(image.width)×\(image.height); at most \(maximumSide) per side", path: path)
+            // The header only: limits are checked before any pixel is inflated.
+            let storage = try ByteStorage(mapping: path)
+            let header = try storage.withUnsafeBytes { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
+                try PNG.header(bytes: bytes, path: path)
             }
-            return (Group(pixels: .bytes(image.pixels, height: image.height, width: image.width, channels: image.channels), count: 1, source: path), nil)
+            try checkPNG(header, path: path)
+            return (Group(pixels: .png(height: header.height, width: header.width, channels: header.outputChannels), count: 1, source: path), nil)
         }
         let checkpoint = try Checkpoint.open(path)
         let imagesEntry: TensorEntry
@@ -94,10 +110,7 @@ public struct ImageSet: Sendable {
             guard h > 0, w > 0, h <= maximumSide, w <= maximumSide else {
                 throw CkptError(.invalidData, "image sides must be 1…\(maximumSide), found \(imagesEntry.shape)", path: path, tensor: imagesEntry.name)
             }
-            let bytes = try imagesEntry.load()
-            let copy: [UInt8] = bytes.withUnsafeBytes { Array($0) }
-            bytes.doneReading()
-            pixels = .bytes(copy, height: h, width: w, channels: c)
+            pixels = .bytes(try imagesEntry.load(), height: h, width: w, channels: c)
             count = n
         case .f32, .f16, .bf16, .f64:
             var n = 1
@@ -107,8 +120,7 @@ public struct ImageSet: Sendable {
                 throw CkptError(.invalidData, "float images must be normalised [N,C,H,W] or [C,H,W], found \(imagesEntry.shape)",
                     path: path, tensor: imagesEntry.name)
             }
-            let values = try FloatBuffer(entry: imagesEntry).values
-            pixels = .normalised(values, height: chw[1], width: chw[2], channels: chw[0])
+            pixels = .normalised(try imagesEntry.load(), dtype: imagesEntry.dtype, height: chw[1], width: chw[2], channels: chw[0])
             count = n
         default:
             throw CkptError(.unsupportedDType, "images must be uint8 (raw pixels) or float (normalised), found \(imagesEntry.dtype.name)",
@@ -145,23 +157,60 @@ public struct ImageSet: Sendable {
         while i >= groups[groupIndex].count { i -= groups[groupIndex].count; groupIndex += 1 }
         let group = groups[groupIndex]
         let channels = config.channels
+        func checkChannels(_ c: Int) throws(CkptError) {
+            guard c == 1 || c == channels else {
+                throw CkptError(.invalidData, "image has \(c) channels; the model takes \(channels) (grey images are replicated)", path: group.source)
+            }
+        }
         switch group.pixels {
-        case .normalised(let values, let h, let w, let c):
+        case .normalised(let bytes, let dtype, let h, let w, let c):
             guard h == size, w == size, c == channels else {
                 throw CkptError(.invalidData, "normalised float images are used as given and must be [\(channels), \(size), \(size)], found [\(c), \(h), \(w)]",
                     path: group.source)
             }
-            let n = c * h * w
-            values.withUnsafeBufferPointer { out.update(from: $0.baseAddress! + i * n, count: n) }
-        case .bytes(let bytes, let h, let w, let c):
-            guard c == 1 || c == channels else {
-                throw CkptError(.invalidData, "image has \(c) channels; the model takes \(channels) (grey images are replicated)", path: group.source)
+            let n = c * h * w, width = dtype.byteWidth!
+            let slice = (i * n * width)..<((i + 1) * n * width)
+            var bad: Int? = nil
+            bytes.withUnsafeBytes { raw in
+                DTypeConversion.convert(from: dtype, to: .f32, count: n, source: raw.baseAddress! + slice.lowerBound, destination: out)
+                bad = (0..<n).first { !out[$0].isFinite }
             }
-            bytes.withUnsafeBufferPointer { buffer in
-                let image = buffer.baseAddress! + i * h * w * c
+            bytes.storage.doneReading(bytes.range.lowerBound + slice.lowerBound..<bytes.range.lowerBound + slice.upperBound)
+            if let bad {
+                throw CkptError(.nonFinite, "pixel \(bad) of image \(i) is \(out[bad]); normalised images must be finite", path: group.source)
+            }
+        case .bytes(let bytes, let h, let w, let c):
+            try checkChannels(c)
+            let n = h * w * c
+            bytes.withUnsafeBytes { raw in
+                let image = raw.baseAddress!.assumingMemoryBound(to: UInt8.self) + i * n
                 Self.resizeNormalise(image, height: h, width: w, channels: c, size: size, mean: config.mean, std: config.std,
                     modelChannels: channels, into: out)
             }
+            bytes.storage.doneReading(bytes.range.lowerBound + i * n..<bytes.range.lowerBound + (i + 1) * n)
+        case .png(let h, let w, let c):
+            try checkChannels(c)
+            let image = try PNG.decode(path: group.source, maximumSide: Self.maximumSide, maximumPixels: Self.maximumPNGPixels)
+            // The file was validated from its header at load; it must not have changed since.
+            guard image.height == h, image.width == w, image.channels == c else {
+                throw CkptError(.invalidData, "PNG changed while it was being read (now \(image.width)×\(image.height))", path: group.source)
+            }
+            image.pixels.withUnsafeBufferPointer { buffer in
+                Self.resizeNormalise(buffer.baseAddress!, height: h, width: w, channels: c, size: size, mean: config.mean, std: config.std,
+                    modelChannels: channels, into: out)
+            }
+        }
+    }
+
+    /// The PNG limits of `run`, `eval` and calibration, from the header alone.
+    static func checkPNG(_ header: PNG.Header, path: String) throws(CkptError) {
+        guard header.width <= maximumSide, header.height <= maximumSide else {
+            throw CkptError(.tooLarge, "image is \(header.width)×\(header.height); at most \(maximumSide) per side", path: path)
+        }
+        guard header.width * header.height <= maximumPNGPixels else {
+            throw CkptError(
+                .tooLarge, "image is \(header.width)×\(header.height) = \(header.width * header.height) pixels; at most \(maximumPNGPixels) (16 Mi)",
+                path: path)
         }
     }
 

@@ -153,7 +153,7 @@ extension ViTEngine {
         quantize: (LinearLayer, LinearInputGram) throws(CkptError) -> [Float]?
     ) throws(CkptError) {
         let c = model.config, d = c.dim, t = tokens
-        let states = FloatBuffer(count: count * t * d)
+        let states = try FloatBuffer(count: count * t * d)
         let imageFloats = c.channels * imageSize * imageSize
         try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
             for i in 0..<n { try fill(first + i, ws.images.pointer + i * imageFloats) }

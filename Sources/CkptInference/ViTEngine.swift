@@ -30,16 +30,21 @@ public final class ViTEngine: Sendable {
         grid = size / config.patchSize
         tokens = grid * grid + 1
         self.microBatch = max(1, microBatch)
+        // Refused here, before any image is read, when even one image's workspace does not fit (the attention scores
+        // alone are tokens² floats: 4.4 TB for a patch-4 model at 4096 px). `forEachMicroBatch` fits the rest.
+        try MemoryBudget.require(
+            try Workspace.bytes(config: config, imageSize: size, images: 1),
+            for: "the forward pass of one image at \(size)×\(size) px (\(tokens) tokens)", path: model.path)
         let d = config.dim
         let stored = config.positionGrid
         let patchOffset = config.positionIncludesClassToken ? d : 0
         let resized = PositionEmbedding.resize(model.positions.pointer + patchOffset, gridHeight: stored.height, gridWidth: stored.width,
             dim: d, toHeight: grid, toWidth: grid)
-        patchPositions = FloatBuffer(resized)
+        patchPositions = try FloatBuffer(resized)
         for g in 0..<(grid * grid) {
             for c in 0..<d { patchPositions.pointer[g * d + c] += model.patchBias.pointer[c] }
         }
-        classRow = FloatBuffer(count: d)
+        classRow = try FloatBuffer(count: d)
         for c in 0..<d {
             classRow.pointer[c] = model.classToken.pointer[c] + (config.positionIncludesClassToken ? model.positions.pointer[c] : 0)
         }
@@ -50,18 +55,41 @@ public final class ViTEngine: Sendable {
         let capacity: Int  // images
         let x, h, qkv, attention, hidden, scores, patches, images: FloatBuffer
 
-        init(engine: ViTEngine, images: Int) {
-            let c = engine.model.config
-            let rows = images * engine.tokens
+        init(engine: ViTEngine, images: Int) throws(CkptError) {
+            let f = try Self.floats(config: engine.model.config, imageSize: engine.imageSize, images: images)
             capacity = images
-            x = FloatBuffer(count: rows * c.dim)
-            h = FloatBuffer(count: rows * c.dim)
-            qkv = FloatBuffer(count: rows * 3 * c.dim)
-            attention = FloatBuffer(count: rows * c.dim)
-            hidden = FloatBuffer(count: rows * c.mlpDim)
-            scores = FloatBuffer(count: engine.tokens * engine.tokens)
-            patches = FloatBuffer(count: images * engine.grid * engine.grid * c.channels * c.patchSize * c.patchSize)
-            self.images = FloatBuffer(count: images * c.channels * engine.imageSize * engine.imageSize)
+            x = try FloatBuffer(count: f.x)
+            h = try FloatBuffer(count: f.x)
+            qkv = try FloatBuffer(count: f.qkv)
+            attention = try FloatBuffer(count: f.x)
+            hidden = try FloatBuffer(count: f.hidden)
+            scores = try FloatBuffer(count: f.scores)
+            patches = try FloatBuffer(count: f.patches)
+            self.images = try FloatBuffer(count: f.images)
+        }
+
+        /// The float count of each buffer, overflow-checked (the sizes come from the model file and the flags).
+        static func floats(config c: ViTConfig, imageSize: Int, images: Int) throws(CkptError)
+            -> (x: Int, qkv: Int, hidden: Int, scores: Int, patches: Int, images: Int)
+        {
+            let what = "forward-pass buffers at \(imageSize) px"
+            let grid = imageSize / max(c.patchSize, 1)
+            let tokens = try CheckedSize.sum([try CheckedSize.product([grid, grid], what), 1], what)
+            let rows = try CheckedSize.product([images, tokens], what)
+            return (
+                x: try CheckedSize.product([rows, c.dim], what),
+                qkv: try CheckedSize.product([rows, 3, c.dim], what),
+                hidden: try CheckedSize.product([rows, c.mlpDim], what),
+                scores: try CheckedSize.product([tokens, tokens], what),
+                patches: try CheckedSize.product([images, grid, grid, c.channels, c.patchSize, c.patchSize], what),
+                images: try CheckedSize.product([images, c.channels, imageSize, imageSize], what))
+        }
+
+        /// Bytes of one workspace for `images` images.
+        static func bytes(config: ViTConfig, imageSize: Int, images: Int) throws(CkptError) -> Int {
+            let f = try floats(config: config, imageSize: imageSize, images: images)
+            let what = "forward-pass buffers at \(imageSize) px"
+            return try CheckedSize.product([try CheckedSize.sum([f.x, f.x, f.x, f.qkv, f.hidden, f.scores, f.patches, f.images], what), 4], what)
         }
     }
 
@@ -80,7 +108,9 @@ public final class ViTEngine: Sendable {
     ) throws(CkptError) -> [Float] {
         let d = model.config.dim
         guard count > 0 else { return [] }
-        let output = FloatBuffer(count: count * d)
+        let outputBytes = try CheckedSize.product([count, d, 4], "features of \(count) images")
+        try MemoryBudget.require(outputBytes, for: "the features of \(count) images", path: model.path)
+        let output = try FloatBuffer(count: count * d)
         let imageFloats = model.config.channels * imageSize * imageSize
         try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
             for i in 0..<n { try fill(first + i, ws.images.pointer + i * imageFloats) }
@@ -95,26 +125,44 @@ public final class ViTEngine: Sendable {
     func forEachMicroBatch(count: Int, _ body: @Sendable (Int, Int, Workspace) throws(CkptError) -> Void) throws(CkptError) {
         guard count > 0 else { return }
         let batches = (count + microBatch - 1) / microBatch
-        let workers = min(Parallel.coreCount, batches)
+        var workers = min(Parallel.coreCount, batches)
         // Even split when there are few images, so two cores get equal work.
-        let perBatch = min(microBatch, (count + workers - 1) / workers)
+        var perBatch = min(microBatch, (count + workers - 1) / workers)
+        // Smaller micro-batches, then fewer workers, when the workspaces would not fit in memory (large inputs).
+        let budget = MemoryBudget.available()
+        func plan() throws(CkptError) -> Int {
+            try CheckedSize.product(
+                [try Workspace.bytes(config: model.config, imageSize: imageSize, images: perBatch), workers], "workspace")
+        }
+        while perBatch > 1, try plan() > budget { perBatch = (perBatch + 1) / 2 }
+        while workers > 1, try plan() > budget { workers -= 1 }
+        try MemoryBudget.require(
+            try plan(), for: "\(workers) forward-pass workspace\(workers == 1 ? "" : "s") of \(perBatch) image\(perBatch == 1 ? "" : "s") at \(imageSize) px",
+            path: model.path)
         let batchCount = (count + perBatch - 1) / perBatch
+        let (workerCount, batchSize) = (workers, perBatch)
         let failure = Mutex<CkptError?>(nil)  // the first error any worker throws
         let previousThreads = openblas_get_num_threads()
-        openblas_set_num_threads(workers == 1 ? Int32(Parallel.coreCount) : 1)
+        openblas_set_num_threads(workerCount == 1 ? Int32(Parallel.coreCount) : 1)
         defer { openblas_set_num_threads(previousThreads) }
-        DispatchQueue.concurrentPerform(iterations: workers) { worker in
-            let workspace = Workspace(engine: self, images: perBatch)
+        DispatchQueue.concurrentPerform(iterations: workerCount) { worker in
+            let workspace: Workspace
+            do throws(CkptError) {
+                workspace = try Workspace(engine: self, images: batchSize)
+            } catch {
+                failure.withLock { if $0 == nil { $0 = error } }
+                return
+            }
             var batch = worker
             while batch < batchCount, failure.withLock({ $0 == nil }) {
-                let first = batch * perBatch
+                let first = batch * batchSize
                 do throws(CkptError) {
-                    try body(first, min(perBatch, count - first), workspace)
+                    try body(first, min(batchSize, count - first), workspace)
                 } catch {
                     failure.withLock { if $0 == nil { $0 = error } }
                     return
                 }
-                batch += workers
+                batch += workerCount
             }
         }
         if let error = failure.withLock({ $0 }) { throw error }

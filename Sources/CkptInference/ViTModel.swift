@@ -7,15 +7,15 @@ final class FloatBuffer: @unchecked Sendable {
     let pointer: UnsafeMutablePointer<Float>
     let count: Int
 
-    init(count: Int) {
+    init(count: Int) throws(CkptError) {
         self.count = count
-        let raw = LargeAllocation.allocate(max(count, 1) * MemoryLayout<Float>.stride)
+        let raw = try LargeAllocation.allocate(max(count, 1) * MemoryLayout<Float>.stride)
         pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
         pointer.initialize(repeating: 0, count: max(count, 1))
     }
 
-    convenience init(_ values: [Float]) {
-        self.init(count: values.count)
+    convenience init(_ values: [Float]) throws(CkptError) {
+        try self.init(count: values.count)
         values.withUnsafeBufferPointer { pointer.update(from: $0.baseAddress!, count: values.count) }
     }
 
@@ -25,7 +25,7 @@ final class FloatBuffer: @unchecked Sendable {
             throw CkptError(.unsupportedDType, "\(entry.dtype.name) tensor cannot be used as a model weight (floating tensors only)",
                 path: entry.path, tensor: entry.name)
         }
-        self.init(count: entry.shape.elements)
+        try self.init(count: entry.shape.elements)
         let count = entry.shape.elements
         let destination = pointer
         try entry.decodeFloats(into: destination)
@@ -106,7 +106,7 @@ public struct LinearHead: Sendable {
             throw CkptError(.invalidMetadata, "metadata \"labels\" names \(labels.count) classes but the head has \(classes)", path: weight.path)
         }
         self.weight = try FloatBuffer(entry: weight)
-        self.bias = try bias.map { (b: TensorEntry) throws(CkptError) in try FloatBuffer(entry: b) } ?? FloatBuffer(count: classes)
+        if let bias { self.bias = try FloatBuffer(entry: bias) } else { self.bias = try FloatBuffer(count: classes) }
         self.labels = labels
         self.source = source
     }
@@ -114,7 +114,9 @@ public struct LinearHead: Sendable {
     public func label(_ index: Int) -> String { labels?[index] ?? String(index) }
 
     /// logits [n × classes] for features [n × D].
-    public func logits(_ features: [Float], count n: Int) -> [Float] {
+    public func logits(_ features: [Float], count n: Int) throws(CkptError) -> [Float] {
+        let bytes = try CheckedSize.product([n, classes, 4], "logits of \(n) images")
+        try MemoryBudget.require(bytes, for: "the logits of \(n) images × \(classes) classes", path: source)
         var out = [Float](repeating: 0, count: n * classes)
         guard n > 0 else { return out }
         features.withUnsafeBufferPointer { f in
@@ -158,7 +160,7 @@ public final class ViTModel: Sendable {
         self.config = config
         let d = config.dim
         patchWeight = try FloatBuffer(entry: roles.require(.patchProjection, .weight))
-        patchBias = try roles.optional(.patchProjection, .bias).map { (e: TensorEntry) throws(CkptError) in try FloatBuffer(entry: e) } ?? FloatBuffer(count: d)
+        if let entry = roles.optional(.patchProjection, .bias) { patchBias = try FloatBuffer(entry: entry) } else { patchBias = try FloatBuffer(count: d) }
         classToken = try FloatBuffer(entry: roles.require(.classToken, .value))
         positions = try FloatBuffer(entry: roles.require(.positionEmbedding, .value))
         finalNormWeight = try FloatBuffer(entry: roles.require(.finalNorm, .weight))
@@ -328,7 +330,7 @@ struct RoleTable {
     func block(_ i: Int, config: ViTConfig) throws(CkptError) -> ViTBlock {
         let d = config.dim, m = config.mlpDim
         func vector(_ role: ViTName.Role, _ parameter: ViTName.Parameter, _ n: Int, defaultZero: Bool = false) throws(CkptError) -> FloatBuffer {
-            if defaultZero, optional(role, parameter) == nil { return FloatBuffer(count: n) }
+            if defaultZero, optional(role, parameter) == nil { return try FloatBuffer(count: n) }
             return try FloatBuffer(entry: require(role, parameter, shape: [n]))
         }
         let qkvWeight: FloatBuffer, qkvBias: FloatBuffer
@@ -336,8 +338,8 @@ struct RoleTable {
             qkvWeight = try FloatBuffer(entry: require(.qkv(i), .weight, shape: [3 * d, d]))
             qkvBias = try vector(.qkv(i), .bias, 3 * d, defaultZero: true)
         } else {
-            qkvWeight = FloatBuffer(count: 3 * d * d)
-            qkvBias = FloatBuffer(count: 3 * d)
+            qkvWeight = try FloatBuffer(count: 3 * d * d)
+            qkvBias = try FloatBuffer(count: 3 * d)
             for (part, role) in [ViTName.Role.query(i), .key(i), .value(i)].enumerated() {
                 let w = try FloatBuffer(entry: require(role, .weight, shape: [d, d]))
                 (qkvWeight.pointer + part * d * d).update(from: w.pointer, count: d * d)

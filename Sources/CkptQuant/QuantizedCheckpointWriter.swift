@@ -151,7 +151,7 @@ public enum QuantizedCheckpointWriter {
             return OutputTensorGroup(parts: parts) { (sink: Sink) throws(CkptError) in
                 try [Int64(rows), Int64(cols)].withBytes { (raw: UnsafeRawBufferPointer) throws(CkptError) in try sink(2, raw) }
                 // Every row's zero codes are needed before the first packed word: kept (one byte per group) until the end.
-                let zeroCodes = quantizer.buffer(.zeroCodes, zeroPoints ? rows * groups : 0, as: UInt8.self)
+                let zeroCodes = try quantizer.buffer(.zeroCodes, zeroPoints ? rows * groups : 0, as: UInt8.self)
                 measured(try quantizer.quantize(item, settings: settings, compensation: gptq, output: .packed) { (chunk: StreamingQuantizer.Chunk) throws(CkptError) in
                     try sink(0, UnsafeRawBufferPointer(start: chunk.words!, count: chunk.rows.count * wordsPerRow * 4))
                     try quantizer.converted(chunk.scales, count: chunk.rows.count * groups, to: scaleType) { (bytes: UnsafeRawBufferPointer) throws(CkptError) in
@@ -163,8 +163,8 @@ public enum QuantizedCheckpointWriter {
                     }
                 })
                 guard zeroPoints else { return }
-                let packed = quantizer.buffer(.zeroWords, zpWords * groups + zpWords, as: UInt32.self)
-                let column = quantizer.buffer(.zeroColumn, rows, as: UInt8.self)
+                let packed = try quantizer.buffer(.zeroWords, zpWords * groups + zpWords, as: UInt32.self)
+                let column = try quantizer.buffer(.zeroColumn, rows, as: UInt8.self)
                 let words = packed + zpWords * groups
                 for g in 0..<groups {
                     for r in 0..<rows { column[r] = zeroCodes[r * groups + g] }

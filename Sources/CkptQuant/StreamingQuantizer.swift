@@ -50,13 +50,16 @@ final class StreamingQuantizer: @unchecked Sendable {
 
     /// A reused buffer of at least `count` elements, grown (contents dropped) when too small. Pointers from an
     /// earlier call for the same buffer are invalid after a call that grows it.
-    func buffer<T>(_ which: Buffer, _ count: Int, as type: T.Type) -> UnsafeMutablePointer<T> {
+    func buffer<T>(_ which: Buffer, _ count: Int, as type: T.Type) throws(CkptError) -> UnsafeMutablePointer<T> {
         let bytes = max(1, count) * MemoryLayout<T>.stride
         if let current = buffers[which.rawValue], current.bytes >= bytes {
             return current.pointer.assumingMemoryBound(to: T.self)
         }
-        if let current = buffers[which.rawValue] { LargeAllocation.deallocate(current.pointer, count: current.bytes) }
-        let pointer = LargeAllocation.allocate(bytes)
+        if let current = buffers[which.rawValue] {
+            LargeAllocation.deallocate(current.pointer, count: current.bytes)
+            buffers[which.rawValue] = nil
+        }
+        let pointer = try LargeAllocation.allocate(bytes)
         buffers[which.rawValue] = (pointer, bytes)
         return pointer.bindMemory(to: T.self, capacity: max(1, count))
     }
@@ -72,15 +75,15 @@ final class StreamingQuantizer: @unchecked Sendable {
         let groups = cols / groupSize
         let wordsPerRow = BitPacking.wordCount(codes: cols, bits: settings.bits)
         let chunkRows = max(1, min(rows, Self.chunkElements / cols))
-        let staging = buffer(.staging, chunkRows * cols, as: Float.self)
-        nonisolated(unsafe) let words = output == .packed ? buffer(.words, chunkRows * wordsPerRow, as: UInt32.self) : nil
-        nonisolated(unsafe) let values = output == .dequantized ? buffer(.values, chunkRows * cols, as: Float.self) : nil
-        nonisolated(unsafe) let scales = buffer(.scales, chunkRows * groups, as: Float.self)
-        nonisolated(unsafe) let offsets = buffer(.offsets, chunkRows * groups, as: Float.self)
-        nonisolated(unsafe) let signal = buffer(.signal, chunkRows, as: Double.self)
-        nonisolated(unsafe) let error = buffer(.error, chunkRows, as: Double.self)
-        nonisolated(unsafe) let largest = buffer(.largest, chunkRows, as: Float.self)
-        nonisolated(unsafe) let bad = buffer(.bad, chunkRows, as: Bool.self)
+        let staging = try buffer(.staging, chunkRows * cols, as: Float.self)
+        nonisolated(unsafe) let words = output == .packed ? try buffer(.words, chunkRows * wordsPerRow, as: UInt32.self) : nil
+        nonisolated(unsafe) let values = output == .dequantized ? try buffer(.values, chunkRows * cols, as: Float.self) : nil
+        nonisolated(unsafe) let scales = try buffer(.scales, chunkRows * groups, as: Float.self)
+        nonisolated(unsafe) let offsets = try buffer(.offsets, chunkRows * groups, as: Float.self)
+        nonisolated(unsafe) let signal = try buffer(.signal, chunkRows, as: Double.self)
+        nonisolated(unsafe) let error = try buffer(.error, chunkRows, as: Double.self)
+        nonisolated(unsafe) let largest = try buffer(.largest, chunkRows, as: Float.self)
+        nonisolated(unsafe) let bad = try buffer(.bad, chunkRows, as: Bool.self)
         let quantizer = GroupQuantizer(settings)
         let minimumRows = QuantizedMatrix.minimumRows(cols: cols, method: settings.method)
         var total = Statistics()
@@ -150,7 +153,7 @@ final class StreamingQuantizer: @unchecked Sendable {
     ) throws(CkptError) -> Statistics {
         let (rows, cols) = (item.rows, item.cols)
         let wordsPerRow = BitPacking.wordCount(codes: cols, bits: settings.bits)
-        let weights = buffer(.staging, rows * cols, as: Float.self)
+        let weights = try buffer(.staging, rows * cols, as: Float.self)
         let matrix: CompensatedMatrix
         switch compensation {
         case .factor(let gptq):
@@ -160,9 +163,9 @@ final class StreamingQuantizer: @unchecked Sendable {
             try QuantizationPlan.loadFinite(item, into: weights)
             matrix = quantized
         }
-        let values = buffer(.values, rows * cols, as: Float.self)
+        let values = try buffer(.values, rows * cols, as: Float.self)
         matrix.dequantize(into: values, rounded: false)
-        let words = output == .packed ? buffer(.words, rows * wordsPerRow, as: UInt32.self) : nil
+        let words = output == .packed ? try buffer(.words, rows * wordsPerRow, as: UInt32.self) : nil
         let quantizer = GroupQuantizer(settings)
         var total = Statistics()
         for k in 0..<rows * cols {
@@ -204,7 +207,7 @@ final class StreamingQuantizer: @unchecked Sendable {
             return
         }
         let width = dtype.byteWidth!
-        let out = buffer(.converted, count * width, as: UInt8.self)
+        let out = try buffer(.converted, count * width, as: UInt8.self)
         DTypeConversion.convertParallel(from: .f32, to: dtype, count: count, source: values, destination: out)
         try body(UnsafeRawBufferPointer(start: out, count: count * width))
     }

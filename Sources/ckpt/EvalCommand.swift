@@ -40,6 +40,9 @@ struct EvalCommand: ParsableCommand {
 
     func run() throws {
         try runReportingErrors {
+            // The data first (headers and array shapes only): a bad or empty file fails before the model loads.
+            let set = try ImageSet.load([data])
+            guard let allLabels = set.labels else { throw CkptError(.missingTensor, "no array \"labels\"", path: data) }
             let engine = try modelOptions.load(model)
             let config = engine.model.config
             guard let headModel = try head.map({ (path: String) throws(CkptError) in try LinearHead.load(path) }) ?? engine.model.head else {
@@ -48,12 +51,10 @@ struct EvalCommand: ParsableCommand {
             guard headModel.width == config.dim else {
                 throw CkptError(.shapeMismatch, "head width \(headModel.width) ≠ model width \(config.dim)", path: headModel.source)
             }
-            let set = try ImageSet.load([data])
-            guard let allLabels = set.labels else { throw CkptError(.missingTensor, "no array \"labels\"", path: data) }
             let n = min(limit ?? set.count, set.count)
             let labels = Array(allLabels.prefix(n))
             let timed = try TimedFeatures(engine: engine, images: set, limit: n)
-            let logits = headModel.logits(timed.features, count: n)
+            let logits = try headModel.logits(timed.features, count: n)
             let evaluation = try Evaluation(logits: logits, labels: labels, classes: headModel.classes, source: data)
 
             var comparison: ReferenceComparison? = nil
@@ -64,7 +65,7 @@ struct EvalCommand: ParsableCommand {
                     throw CkptError(.shapeMismatch, "reference width \(referenceEngine.model.config.dim) ≠ model width \(config.dim)", path: reference)
                 }
                 let referenceFeatures = try TimedFeatures(engine: referenceEngine, images: set, limit: n).features
-                let referenceLogits = headModel.logits(referenceFeatures, count: n)
+                let referenceLogits = try headModel.logits(referenceFeatures, count: n)
                 referenceEvaluation = try Evaluation(logits: referenceLogits, labels: labels, classes: headModel.classes, source: data)
                 comparison = ReferenceComparison(logits: logits, referenceLogits: referenceLogits, features: timed.features,
                     referenceFeatures: referenceFeatures, count: n, classes: headModel.classes, dim: config.dim)

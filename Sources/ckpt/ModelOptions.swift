@@ -68,22 +68,33 @@ extension Substring {
 
 /// Where `run` and `eval` write what the model computed.
 struct SaveOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Write the final-norm CLS features [N, D] as F32 .npy.", valueName: "FILE"))
+    @Option(help: ArgumentHelp("Write the final-norm CLS features [N, D] as F32: .npy, or tensor \"features\" of a .npz/.safetensors.", valueName: "FILE"))
     var saveFeatures: String?
 
-    @Option(help: ArgumentHelp("Write the logits [N, classes] as F32 .npy (needs a head).", valueName: "FILE"))
+    @Option(help: ArgumentHelp("Write the logits [N, classes] as F32 (needs a head): .npy, or tensor \"logits\" of a .npz/.safetensors.", valueName: "FILE"))
     var saveLogits: String?
 
+    /// The formats an array can be saved in, named by the file's extension.
+    enum FileFormat: String, CaseIterable { case npy, npz, safetensors }
+
+    static func format(of path: String) throws -> FileFormat {
+        guard let format = FileFormat(rawValue: FilePaths.fileExtension(of: path)) else {
+            throw ValidationError("\(path): cannot tell the format from the name; use .npy, .npz or .safetensors")
+        }
+        return format
+    }
+
     func check(inputs: [String?]) throws {
-        for out in [saveFeatures, saveLogits].compactMap({ $0 }) where inputs.contains(out) {
-            throw ValidationError("\(out): an output must not overwrite an input")
+        for out in [saveFeatures, saveLogits].compactMap({ $0 }) {
+            if inputs.contains(out) { throw ValidationError("\(out): an output must not overwrite an input") }
+            _ = try Self.format(of: out)
         }
         if let saveFeatures, saveFeatures == saveLogits { throw ValidationError("--save-features and --save-logits name the same file") }
     }
 
-    func write(features: [Float], logits: [Float]?, count n: Int, dim: Int, classes: Int?, inputs: [String]) throws(CkptError) {
-        if let saveFeatures { try saveFloats(features, shape: [n, dim], to: saveFeatures, inputs: inputs) }
-        if let saveLogits, let logits, let classes { try saveFloats(logits, shape: [n, classes], to: saveLogits, inputs: inputs) }
+    func write(features: [Float], logits: [Float]?, count n: Int, dim: Int, classes: Int?, inputs: [String]) throws {
+        if let saveFeatures { try saveFloats(features, name: "features", shape: [n, dim], to: saveFeatures, inputs: inputs) }
+        if let saveLogits, let logits, let classes { try saveFloats(logits, name: "logits", shape: [n, classes], to: saveLogits, inputs: inputs) }
     }
 }
 
@@ -100,12 +111,18 @@ struct TimedFeatures {
     }
 }
 
-/// Writes F32 values as a C-order .npy (atomically).
-func saveFloats(_ values: [Float], shape: [Int], to path: String, inputs: [String]) throws(CkptError) {
+/// Writes F32 values atomically in the format the file name asks for: a C-order .npy, or one tensor `name` of a
+/// .npz or .safetensors.
+func saveFloats(_ values: [Float], name: String, shape: [Int], to path: String, inputs: [String]) throws {
     var bytes = [UInt8](repeating: 0, count: values.count * 4)
     values.withUnsafeBytes { raw in bytes.withUnsafeMutableBytes { $0.copyMemory(from: raw) } }
-    let tensor = try OutputTensor.bytes(name: "values", dtype: .f32, shape: try Shape(shape), bytes)
-    try NumPy.write(tensor, to: path, inputs: inputs.compactMap { FileIdentity.of($0) })
+    let tensor = try OutputTensor.bytes(name: name, dtype: .f32, shape: try Shape(shape), bytes)
+    let identities = inputs.compactMap { FileIdentity.of($0) }
+    switch try SaveOptions.format(of: path) {
+    case .npy: try NumPy.write(tensor, to: path, inputs: identities)
+    case .npz: try NPZ.write([tensor], to: path, compress: false, inputs: identities)
+    case .safetensors: try SafeTensors.write([tensor], metadata: [:], to: path, inputs: identities)
+    }
 }
 
 func describe(_ config: ViTConfig, size: Int) -> String {

@@ -40,6 +40,8 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         try runReportingErrors {
+            // The images first (PNG headers, array shapes): a bad file fails before the model loads.
+            let set = try ImageSet.load(images)
             let engine = try modelOptions.load(model)
             let config = engine.model.config
             let headModel = try head.map { (path: String) throws(CkptError) in try LinearHead.load(path) } ?? engine.model.head
@@ -49,10 +51,9 @@ struct RunCommand: ParsableCommand {
             if save.saveLogits != nil && headModel == nil {
                 throw CkptError(.invalidArgument, "--save-logits needs a head (--head, or a model with its own)", path: model)
             }
-            let set = try ImageSet.load(images)
             let timed = try TimedFeatures(engine: engine, images: set)
             let n = set.count
-            let logits = headModel.map { $0.logits(timed.features, count: n) }
+            let logits = try headModel.map { (head: LinearHead) throws(CkptError) in try head.logits(timed.features, count: n) }
             try save.write(features: timed.features, logits: logits, count: n, dim: config.dim, classes: headModel?.classes,
                 inputs: images + [model] + [head].compactMap { $0 })
             let k = min(topK, headModel?.classes ?? 1)
