@@ -402,11 +402,6 @@ public struct ConfigObject: Sendable {
         CkptError(code ?? self.code, "key '\(keyPath(key))': \(rule)", path: path)
     }
 
-    /// An error about this object itself (its own key path).
-    public func error(_ rule: String, code: CkptError.Code? = nil) -> CkptError {
-        CkptError(code ?? self.code, keyPath.isEmpty ? rule : "key '\(keyPath)': \(rule)", path: path)
-    }
-
     /// The members of this object, in file order.
     public var members: [(key: String, value: JSONValue)] {
         if case .object(let members) = value { return members }
