@@ -78,12 +78,14 @@ public struct CkptError: Error, CustomStringConvertible, Sendable, Equatable {
         return copy
     }
 
+    /// The one-line form shown to users. Paths, names and messages come from files, so control and bidi
+    /// characters are shown escaped (``TerminalText/escaped(_:)``): a description never carries raw ESC or NUL.
     public var description: String {
         var text = ""
-        if let path { text += "\(path): " }
-        if let tensor { text += "tensor '\(tensor)': " }
-        text += message
-        if let cause { text += " (\(cause))" }
+        if let path { text += "\(TerminalText.escaped(path)): " }
+        if let tensor { text += "tensor '\(TerminalText.escaped(tensor))': " }
+        text += TerminalText.escaped(message)
+        if let cause { text += " (\(TerminalText.escaped(cause)))" }
         text += " [\(code.rawValue)]"
         return text
     }

@@ -131,8 +131,10 @@ public enum FilePaths {
 
 /// Unbuffered writes to file descriptor 2 (no shared `FILE*`, so safe from any thread).
 public enum StandardError {
+    /// Writes `text` to stderr with control and bidi characters escaped (``TerminalText/sanitized(_:keeping:)``),
+    /// except the line breaks, tabs and carriage returns (progress lines) the writers put there themselves.
     public static func write(_ text: String) {
-        var bytes = Array(text.utf8)
+        var bytes = Array(TerminalText.sanitized(text, keeping: ["\n", "\t", "\r"]).utf8)
         bytes.withUnsafeMutableBytes { raw in
             var done = 0
             while done < raw.count {

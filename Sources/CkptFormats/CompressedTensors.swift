@@ -21,23 +21,23 @@ public enum CompressedTensors {
             return String(entry.name.dropLast(".weight_packed".count))
         }
         guard !modules.isEmpty else { return checkpoint }
-        let quantizationConfig = config?["quantization_config"]
+        let quantizationConfig = try config.flatMap { (json: JSONValue) throws(CkptError) -> ConfigObject? in
+            try ConfigObject(file: json, path: configPath, code: .invalidMetadata, name: "config.json").object("quantization_config", nullable: true)
+        }
         if let quantizationConfig {
-            if case .string(let method)? = quantizationConfig["quant_method"], method != "compressed-tensors" {
-                throw CkptError(.invalidMetadata, "quantization_config.quant_method is '\(method)', expected compressed-tensors", path: configPath)
+            if let method = try quantizationConfig.string("quant_method"), method != "compressed-tensors" {
+                throw quantizationConfig.error("quant_method", "is '\(method)', expected compressed-tensors")
             }
-            if case .string(let format)? = quantizationConfig["format"], format != Self.format, format != "mixed-precision" {
-                throw CkptError(.unsupportedDType, "compressed-tensors format '\(format)' is not supported (pack-quantized only)", path: configPath)
+            if let format = try quantizationConfig.string("format", nullable: true), format != Self.format, format != "mixed-precision" {
+                throw quantizationConfig.error("format", "'\(format)' is not supported (pack-quantized only)", code: .unsupportedDType)
             }
         }
-        let legacyPacking: Bool
-        if case .string(let version)? = quantizationConfig?["version"] {
-            let parts = version.split(whereSeparator: { !$0.isNumber }).prefix(3).map { Int($0) ?? 0 }
-            let v = (parts.count > 0 ? parts[0] : 0, parts.count > 1 ? parts[1] : 0, parts.count > 2 ? parts[2] : 0)
-            legacyPacking = v < densePackingVersion
-        } else {
-            legacyPacking = false
-        }
+        _ = try quantizationConfig?.strings("ignore", nullable: true)
+        let legacyPacking = try quantizationConfig.flatMap { (q: ConfigObject) throws(CkptError) -> (Int, Int, Int)? in try version(q) }
+            .map { $0 < densePackingVersion } ?? false
+        // Errors in the groups' arguments are reported at the first quantized module (and name config.json and the key).
+        let groups: [ConfigGroup]
+        do { groups = try configGroups(quantizationConfig) } catch { throw configError(error, decoding: entry(modules[0] + ".weight_packed")!) }
         var replaced: [NameKey: TensorEntry] = [:]
         var consumed = Set<NameKey>()
         for module in modules {
@@ -51,23 +51,16 @@ public enum CompressedTensors {
             guard let scale = entry(module + ".weight_scale") else { throw missing(".weight_scale") }
             guard let shape = entry(module + ".weight_shape") else { throw missing(".weight_shape") }
             let zeroPoint = entry(module + ".weight_zero_point")
-            let declared = try declaredWeights(quantizationConfig, module: module, configPath: configPath)
+            let declared = try declaredWeights(groups, module: module, configPath: configPath)
             // Float codes (FP8/FP4 schemes) have other formats; decoding them as integers would give wrong values.
-            switch declared?["type"] {
-            case nil, .string("int")?: break
-            case .string(let type)?:
+            if let type = declared?.type, type != "int" {
                 throw CkptError(
                     .unsupportedDType, "config.json declares weights of type '\(type)': pack-quantized codes are integers (type \"int\")",
                     path: packed.path, tensor: packed.name)
-            default: throw contradicts("gives weights.type that is not a string")
-            }
-            if let bits = declared?["num_bits"], bits.unsignedInteger == nil {
-                throw contradicts("gives weights.num_bits that is not a non-negative integer")
             }
             // Activation-order groups: column j belongs to group g_idx[j], not j / group_size. compressed-tensors
             // 0.20 no longer decodes them either; decoding them as contiguous groups would give wrong values.
-            let actorder = declared?["actorder"]
-            if entry(module + ".weight_g_idx") != nil || actorder == .string("group") || actorder == .bool(true) {
+            if entry(module + ".weight_g_idx") != nil || declared?.activationOrder == true {
                 throw CkptError(
                     .unsupportedDType,
                     "activation-order groups (\(module).weight_g_idx, actorder \"group\") are not supported: columns would need regrouping",
@@ -75,30 +68,32 @@ public enum CompressedTensors {
             }
             // An asymmetric scheme without its zero points would silently decode as symmetric (wrong values), and
             // compressed-tensors ignores the zero points of a symmetric one.
-            if zeroPoint == nil, declared?["symmetric"] == .bool(false) {
+            if zeroPoint == nil, declared?.symmetric == false {
                 throw CkptError(
                     .missingTensor, "config.json declares asymmetric weights, but there is no \(module).weight_zero_point",
                     path: packed.path, tensor: packed.name)
             }
-            if let zeroPoint, declared?["symmetric"] == .bool(true) {
+            if let zeroPoint, declared?.symmetric == true {
                 throw contradicts("declares symmetric weights, but \(zeroPoint.name) is present")
             }
             let entry = try dequantizedEntry(
                 packed: packed, scale: scale, shapeEntry: shape, zeroPoint: zeroPoint, legacyPacking: legacyPacking,
-                declaredBits: declared?["num_bits"]?.unsignedInteger.map { Int(clamping: $0) })
+                declaredBits: declared?.bits)
             // The declared strategy and group size must be the ones the scales have.
             let groupSize = entry.quantization?.groupSize
-            switch declared?["strategy"] {
-            case .string("channel")?:
+            switch declared?.strategy {
+            case "channel"?:
                 guard groupSize == nil else { throw contradicts("declares per-channel weights, but \(scale.name) \(scale.shape) has groups of \(groupSize!)") }
-            case .string("group")?:
-                guard let declaredSize = declared?["group_size"]?.unsignedInteger else { throw contradicts("declares group strategy without an integer group_size") }
-                guard groupSize.map(UInt64.init) ?? UInt64(entry.shape.dims[1]) == declaredSize else {
+            case "group"?:
+                guard let declaredSize = declared?.groupSize else {
+                    throw configError(declared!.object.error("group_size", "strategy 'group' needs an integer group_size"), decoding: packed)
+                }
+                guard groupSize ?? entry.shape.dims[1] == declaredSize else {
                     throw contradicts("declares groups of \(declaredSize), but \(scale.name) \(scale.shape) gives groups of \(groupSize ?? entry.shape.dims[1])")
                 }
-            case .string(let strategy)?:
-                throw CkptError(.unsupportedDType, "weight strategy '\(strategy)' is not supported (channel or group)", path: configPath, tensor: packed.name)
-            default:
+            case let strategy?:
+                throw configError(declared!.object.error("strategy", "'\(strategy)' is not supported (channel or group)", code: .unsupportedDType), decoding: packed)
+            case nil:
                 break
             }
             replaced[NameKey(packed.name)] = entry
@@ -107,30 +102,82 @@ public enum CompressedTensors {
         return checkpoint.replacing(replaced, dropping: consumed)
     }
 
+    /// A config.json error met while decoding `packed`: reported at the tensor, the config file and key in the message.
+    static func configError(_ error: CkptError, decoding packed: TensorEntry) -> CkptError {
+        CkptError(error.code, "\(error.path ?? "config.json"): \(error.message)", path: packed.path, tensor: packed.name, cause: error.cause)
+    }
+
+    /// `quantization_config.version`, as compressed-tensors' `__version__` writes it (`0.20.0`, `0.9.4.a20250326`).
+    static func version(_ config: ConfigObject) throws(CkptError) -> (Int, Int, Int)? {
+        try config.version("version", nullable: true).map { ($0[0], $0[1], $0[2]) }
+    }
+
+    /// The `weights` arguments of one config group that ckpt checks against the tensors.
+    struct DeclaredWeights {
+        var object: ConfigObject
+        var type: String?
+        var bits: Int?
+        var symmetric: Bool?
+        var strategy: String?
+        var groupSize: Int?
+        var activationOrder: Bool
+    }
+
+    /// One config group: its `targets` and (when not null) its `weights`.
+    struct ConfigGroup {
+        var name: String
+        var targets: [String]
+        var weights: DeclaredWeights?
+    }
+
+    /// `quantization_config.config_groups`: an object of groups, each an object whose `targets` is a list of
+    /// strings and whose `weights` is null or an object of correctly typed arguments.
+    static func configGroups(_ config: ConfigObject?) throws(CkptError) -> [ConfigGroup] {
+        guard let groups = try config?.object("config_groups", nullable: true) else { return [] }
+        var result: [ConfigGroup] = []
+        for (name, group) in try groups.objectMembers() {
+            var weights: DeclaredWeights? = nil
+            if let object = try group.object("weights", nullable: true) {
+                let actorder: Bool
+                switch object.value["actorder"] {
+                case nil, .null?: actorder = false
+                case .bool(let flag)?: actorder = flag
+                case .string(let text)?:
+                    guard ["group", "weight", "static", "dynamic"].contains(text) else {
+                        throw object.error("actorder", "'\(text)' is not an activation ordering (group, weight, static, dynamic)")
+                    }
+                    actorder = text == "group"
+                case let other?: throw object.error("actorder", "expected a string, a boolean or null, found \(other.typeName)")
+                }
+                weights = DeclaredWeights(
+                    object: object, type: try object.string("type"), bits: try object.integer("num_bits", in: 1...8),
+                    symmetric: try object.bool("symmetric"), strategy: try object.string("strategy", nullable: true),
+                    groupSize: try object.integer("group_size", in: -1...Int.max, nullable: true), activationOrder: actorder)
+            }
+            result.append(ConfigGroup(name: name, targets: try group.strings("targets", nullable: true) ?? [], weights: weights))
+        }
+        return result
+    }
+
     /// The `weights` arguments of the config group that covers `module`, matched as compressed-tensors matches
     /// targets: the module's own name first, then a `re:` pattern matching from the start of the name, then the
     /// class `Linear` (every pack-quantized weight is a Linear's); the only group when there is one. Nil when no
     /// group's targets say.
-    private static func declaredWeights(_ config: JSONValue?, module: String, configPath: String?) throws(CkptError) -> JSONValue? {
-        guard case .object(let groups)? = config?["config_groups"] else { return nil }
-        if groups.count == 1 { return groups.first!.value["weights"] }
-        func targets(_ group: JSONValue) -> [String] {
-            guard case .array(let values)? = group["targets"] else { return [] }
-            return values.compactMap { if case .string(let s) = $0 { s } else { nil } }
-        }
-        if let named = groups.first(where: { targets($0.value).contains { NameKey($0) == NameKey(module) } }) {
-            return named.value["weights"]
+    private static func declaredWeights(_ groups: [ConfigGroup], module: String, configPath: String?) throws(CkptError) -> DeclaredWeights? {
+        if groups.count == 1 { return groups[0].weights }
+        if let named = groups.first(where: { $0.targets.contains { NameKey($0) == NameKey(module) } }) {
+            return named.weights
         }
         for group in groups {
-            for target in targets(group.value) where target.hasPrefix("re:") {
+            for target in group.targets where target.hasPrefix("re:") {
                 let pattern = String(target.dropFirst(3))
                 guard let regex = try? Regex(pattern) else {
-                    throw CkptError(.invalidMetadata, "config group '\(group.key)' has a target pattern Swift cannot compile: \(pattern)", path: configPath)
+                    throw CkptError(.invalidMetadata, "config group '\(group.name)' has a target pattern Swift cannot compile: \(pattern)", path: configPath)
                 }
-                if (try? regex.prefixMatch(in: module)) != nil { return group.value["weights"] }
+                if (try? regex.prefixMatch(in: module)) != nil { return group.weights }
             }
         }
-        return groups.first(where: { targets($0.value).contains("Linear") })?.value["weights"]
+        return groups.first(where: { $0.targets.contains("Linear") })?.weights
     }
 
     private static func dequantizedEntry(

@@ -366,3 +366,194 @@ public enum JSONWriter {
         return String((0..<4).reversed().map { digits[Int((value >> (UInt32($0) * 4)) & 0xF)] })
     }
 }
+
+/// Typed reads of one JSON object of a configuration file (config.json, adapter_config.json, an index…).
+///
+/// The rule for every reader: an absent key keeps its default (the accessor returns nil), and so does `null`
+/// where `nullable` says the upstream library accepts it; a key that is present with the wrong type or an invalid
+/// value is an error with `code`, naming the file and the dotted key path (`key 'quantization.mode': expected a
+/// string, found number`). No lookup silently falls back to a default.
+public struct ConfigObject: Sendable {
+    public let value: JSONValue
+    /// The file the object comes from.
+    public let path: String?
+    /// The object's dotted key path in the file ("" for the top level).
+    public let keyPath: String
+    public let code: CkptError.Code
+
+    /// The top level of a configuration file, which must be an object. `name` is how messages name the file.
+    public init(file json: JSONValue, path: String?, code: CkptError.Code, name: String = "the file") throws(CkptError) {
+        guard case .object = json else { throw CkptError(code, "\(name) is a JSON \(json.typeName), expected an object", path: path) }
+        self.init(json, path: path, keyPath: "", code: code)
+    }
+
+    init(_ value: JSONValue, path: String?, keyPath: String, code: CkptError.Code) {
+        self.value = value
+        self.path = path
+        self.keyPath = keyPath
+        self.code = code
+    }
+
+    /// The dotted path of `key` in this object.
+    public func keyPath(_ key: String) -> String { keyPath.isEmpty ? key : keyPath + "." + key }
+
+    /// An error about `key` of this object: `key 'a.b': <rule>`.
+    public func error(_ key: String, _ rule: String, code: CkptError.Code? = nil) -> CkptError {
+        CkptError(code ?? self.code, "key '\(keyPath(key))': \(rule)", path: path)
+    }
+
+    /// The members of this object, in file order.
+    public var members: [(key: String, value: JSONValue)] {
+        if case .object(let members) = value { return members }
+        return []
+    }
+
+    /// The value of `key`: nil when absent, or null and `nullable`; null otherwise is the wrong type.
+    public func raw(_ key: String, nullable: Bool = false, expected: String) throws(CkptError) -> JSONValue? {
+        switch value[key] {
+        case nil: return nil
+        case .null?: if nullable { return nil }; throw error(key, "expected \(expected), found null")
+        case let found?: return found
+        }
+    }
+
+    private func wrongType(_ key: String, _ expected: String, _ found: JSONValue) -> CkptError {
+        error(key, "expected \(expected), found \(found.typeName)")
+    }
+
+    public func string(_ key: String, nullable: Bool = false) throws(CkptError) -> String? {
+        guard let found = try raw(key, nullable: nullable, expected: "a string") else { return nil }
+        return try string(member: key, found)
+    }
+
+    /// `value`, the value of this object's member `key` (taken from ``members``), as a string.
+    public func string(member key: String, _ value: JSONValue) throws(CkptError) -> String {
+        guard case .string(let text) = value else { throw wrongType(key, "a string", value) }
+        return text
+    }
+
+    /// A string that must be one of `allowed`.
+    public func string(_ key: String, oneOf allowed: [String], nullable: Bool = false) throws(CkptError) -> String? {
+        guard let text = try string(key, nullable: nullable) else { return nil }
+        guard allowed.contains(text) else {
+            throw error(key, "'\(text)' is not one of \(allowed.map { "'\($0)'" }.joined(separator: ", "))")
+        }
+        return text
+    }
+
+    public func bool(_ key: String, nullable: Bool = false) throws(CkptError) -> Bool? {
+        guard let found = try raw(key, nullable: nullable, expected: "true or false") else { return nil }
+        guard case .bool(let flag) = found else { throw wrongType(key, "true or false", found) }
+        return flag
+    }
+
+    /// An integer written without fraction or exponent, within `range`.
+    public func integer(_ key: String, in range: ClosedRange<Int> = 0...Int.max, nullable: Bool = false) throws(CkptError) -> Int? {
+        guard let found = try raw(key, nullable: nullable, expected: "an integer") else { return nil }
+        guard case .number(let text) = found else { throw wrongType(key, "an integer", found) }
+        guard let n = Int(text) else { throw error(key, "expected an integer, found \(text)") }
+        guard range.contains(n) else {
+            throw error(key, range.upperBound == .max ? "\(n) is less than \(range.lowerBound)" : "\(n) is not in \(range.lowerBound)…\(range.upperBound)")
+        }
+        return n
+    }
+
+    /// A finite number within `range`.
+    public func number(_ key: String, in range: ClosedRange<Double> = -Double.greatestFiniteMagnitude...Double.greatestFiniteMagnitude,
+                       nullable: Bool = false) throws(CkptError) -> Double? {
+        guard let found = try raw(key, nullable: nullable, expected: "a number") else { return nil }
+        return try Self.number(found, at: keyPath(key), in: range, path: path, code: code)
+    }
+
+    public func object(_ key: String, nullable: Bool = false) throws(CkptError) -> ConfigObject? {
+        guard let found = try raw(key, nullable: nullable, expected: "an object") else { return nil }
+        guard case .object = found else { throw wrongType(key, "an object", found) }
+        return ConfigObject(found, path: path, keyPath: keyPath(key), code: code)
+    }
+
+    public func array(_ key: String, nullable: Bool = false) throws(CkptError) -> [JSONValue]? {
+        guard let found = try raw(key, nullable: nullable, expected: "an array") else { return nil }
+        guard case .array(let items) = found else { throw wrongType(key, "an array", found) }
+        return items
+    }
+
+    /// An array whose every element is a string.
+    public func strings(_ key: String, nullable: Bool = false) throws(CkptError) -> [String]? {
+        guard let items = try array(key, nullable: nullable) else { return nil }
+        var result: [String] = []
+        for (i, item) in items.enumerated() {
+            guard case .string(let text) = item else { throw error("\(key)[\(i)]", "expected a string, found \(item.typeName)") }
+            result.append(text)
+        }
+        return result
+    }
+
+    /// An array of finite numbers (with `count` elements, when given).
+    public func numbers(_ key: String, count: Int? = nil, nullable: Bool = false) throws(CkptError) -> [Double]? {
+        guard let items = try array(key, nullable: nullable) else { return nil }
+        if let count, items.count != count { throw error(key, "expected \(count) numbers, found \(items.count)") }
+        var result: [Double] = []
+        for (i, item) in items.enumerated() {
+            result.append(try Self.number(item, at: keyPath("\(key)[\(i)]"), path: path, code: code))
+        }
+        return result
+    }
+
+    /// A string or an array of strings (Python's `Union[str, list[str]]`, as PEFT's `target_modules`), as an array.
+    public func stringOrStrings(_ key: String, nullable: Bool = false) throws(CkptError) -> [String]? {
+        guard let found = try raw(key, nullable: nullable, expected: "a string or an array of strings") else { return nil }
+        switch found {
+        case .string(let text): return [text]
+        case .array: return try strings(key)
+        default: throw wrongType(key, "a string or an array of strings", found)
+        }
+    }
+
+    /// A release number such as `0.20.0`, `0.13.3.dev0` or `1.2+local`: a string starting with `major.minor`
+    /// and optionally `.patch` (ASCII digits); what follows (a PEP 440 pre/dev/local suffix) is ignored.
+    /// Returns `[major, minor, patch]` (patch 0 when absent).
+    public func version(_ key: String, nullable: Bool = false) throws(CkptError) -> [Int]? {
+        guard let text = try string(key, nullable: nullable) else { return nil }
+        var parts: [Int] = []
+        var rest = Substring(text)
+        while parts.count < 3 {
+            let digits = rest.prefix { $0.isASCII && $0.isNumber }
+            guard !digits.isEmpty, digits.count <= 9, let n = Int(digits) else { break }
+            parts.append(n)
+            rest = rest.dropFirst(digits.count)
+            guard rest.first == ".", rest.dropFirst().first.map({ $0.isASCII && $0.isNumber }) == true else { break }
+            rest = rest.dropFirst()
+        }
+        guard parts.count >= 2 else { throw error(key, "'\(text)' is not a version number (major.minor[.patch])") }
+        return parts.count == 2 ? parts + [0] : parts
+    }
+
+    /// Each member of this object as `(key, value)` with the value required to be an object.
+    public func objectMembers() throws(CkptError) -> [(key: String, value: ConfigObject)] {
+        var result: [(key: String, value: ConfigObject)] = []
+        for (key, member) in members {
+            guard case .object = member else { throw wrongType(key, "an object", member) }
+            result.append((key, ConfigObject(member, path: path, keyPath: keyPath(key), code: code)))
+        }
+        return result
+    }
+
+    static func number(
+        _ value: JSONValue, at keyPath: String,
+        in range: ClosedRange<Double> = -Double.greatestFiniteMagnitude...Double.greatestFiniteMagnitude, path: String?, code: CkptError.Code
+    ) throws(CkptError) -> Double {
+        guard case .number(let text) = value else {
+            throw CkptError(code, "key '\(keyPath)': expected a number, found \(value.typeName)", path: path)
+        }
+        guard let n = Double(text), n.isFinite else { throw CkptError(code, "key '\(keyPath)': \(text) is not a finite number", path: path) }
+        guard range.contains(n) else {
+            throw CkptError(code, "key '\(keyPath)': \(text) is not in \(compact(range.lowerBound))…\(compact(range.upperBound))", path: path)
+        }
+        return n
+    }
+
+    /// A bound as people write it: `16777216`, not `16777216.0`.
+    private static func compact(_ x: Double) -> String {
+        x == x.rounded() && abs(x) < 1e15 ? String(Int(x)) : "\(x)"
+    }
+}

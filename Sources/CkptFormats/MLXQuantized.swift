@@ -25,8 +25,8 @@ public enum MLXQuantized {
     static func resolve(_ checkpoint: Checkpoint, config: JSONValue?, configPath: String?) throws(CkptError) -> Checkpoint {
         let byName = checkpoint.tensorsByName()
         func entry(_ name: String) -> TensorEntry? { byName[NameKey(name)] }
-        let block = config?["quantization"] ?? config?["quantization_config"]
-        let declared: Bool = if case .object? = config?["quantization"] { true } else { false }
+        let block = try quantizationBlock(config, configPath: configPath)
+        let declared = block?.keyPath == "quantization"
         var modules: [String] = []
         var seen = Set<NameKey>()
         for tensor in checkpoint.tensors {
@@ -68,21 +68,39 @@ public enum MLXQuantized {
         return checkpoint.replacing(replaced, dropping: consumed)
     }
 
+    /// config.json's `quantization` block (mlx-lm writes it, and the same dict as `quantization_config` for
+    /// transformers), when there is one. Either key, when present, must be an object (or null).
+    static func quantizationBlock(_ config: JSONValue?, configPath: String?) throws(CkptError) -> ConfigObject? {
+        guard let config else { return nil }
+        let file = try ConfigObject(file: config, path: configPath, code: .invalidMetadata, name: "config.json")
+        let quantization = try file.object("quantization", nullable: true)
+        let quantizationConfig = try file.object("quantization_config", nullable: true)
+        return quantization ?? quantizationConfig
+    }
+
     private static func parametersFor(
-        _ module: String, block: JSONValue?, packed: TensorEntry, scales: TensorEntry, configPath: String?
+        _ module: String, block: ConfigObject?, packed: TensorEntry, scales: TensorEntry, configPath: String?
     ) throws(CkptError) -> Parameters {
-        func read(_ object: JSONValue?) throws(CkptError) -> Parameters? {
-            guard let object, case .object = object else { return nil }
-            guard let g = object["group_size"]?.unsignedInteger, let b = object["bits"]?.unsignedInteger else {
-                throw CkptError(.invalidMetadata, "quantization entry needs integer group_size and bits", path: configPath, tensor: module)
+        /// group_size and bits (both required) and mode (a string, default "affine") of a quantization entry.
+        func read(_ entry: ConfigObject) throws(CkptError) -> Parameters {
+            guard let g = try entry.integer("group_size") else { throw entry.error("group_size", "is missing (an integer)").at(tensor: module) }
+            guard let b = try entry.integer("bits") else { throw entry.error("bits", "is missing (an integer)").at(tensor: module) }
+            if let mode = try entry.string("mode"), mode != "affine" {
+                let known = ["mxfp4", "mxfp8", "nvfp4"].contains(mode) ? "is not supported (affine only)" : "is not an MLX quantization mode"
+                throw entry.error("mode", "'\(mode)' \(known)", code: .unsupportedDType).at(tensor: module)
             }
-            if case .string(let mode)? = object["mode"], mode != "affine" {
-                throw CkptError(.unsupportedDType, "MLX quantization mode '\(mode)' is not supported (affine only)", path: configPath, tensor: module)
-            }
-            return Parameters(groupSize: Int(clamping: g), bits: Int(clamping: b))
+            return Parameters(groupSize: g, bits: b)
         }
-        if let parameters = try read(block?[module]) { return parameters }
-        if let parameters = try read(block) { return parameters }
+        if let block {
+            // A per-module entry is an object of its own parameters, or a boolean (mlx-lm's class predicate: the
+            // module takes the block's defaults).
+            switch block.value[module] {
+            case nil, .bool?: break
+            case .object?: if let entry = try block.object(module) { return try read(entry) }
+            case let other?: throw block.error(module, "expected an object or a boolean, found \(other.typeName)").at(tensor: module)
+            }
+            return try read(block)
+        }
         // No configuration: cols = packedCols*32/bits and cols = scaleCols*group; accept a unique solution.
         let packedCols = packed.shape.dims.last ?? 0, scaleCols = scales.shape.dims.last ?? 0
         var fits: [Parameters] = []

@@ -18,7 +18,7 @@ public final class ProgressReporter: @unchecked Sendable {
     }
 
     init(label: String, totalBytes: Int, totalTensors: Int) {
-        self.label = label
+        self.label = TerminalText.escaped(label)
         self.totalBytes = totalBytes
         self.totalTensors = totalTensors
     }

@@ -40,23 +40,23 @@ public enum ShardedSafeTensors {
         } catch {
             throw error.at(path: indexPath)
         }
-        guard case .object = json else {
-            throw CkptError(.shardIndex, "index is a JSON \(json.typeName), expected an object", path: indexPath)
-        }
+        let index = try ConfigObject(file: json, path: indexPath, code: .shardIndex, name: "the index")
         if let key = json.repeatedKey {
             throw CkptError(.shardIndex, "key '\(key)' appears twice in the index", path: indexPath)
         }
-        guard case .object(let weightMap)? = json["weight_map"] else {
-            throw CkptError(.shardIndex, "index has no 'weight_map' object", path: indexPath)
+        guard let weightMap = try index.object("weight_map") else { throw index.error("weight_map", "is missing (an object of tensor → shard file)") }
+        // metadata.total_size is informational (loaders ignore it, and producers that count shared storage once
+        // legitimately disagree with the sum of tensor bytes), but a present value must have its type.
+        if let metadata = try index.object("metadata", nullable: true) {
+            _ = try metadata.number("total_size", in: 0...Double.greatestFiniteMagnitude, nullable: true)
         }
         var shardOf: [NameKey: String] = [:]
         var shardOrder: [String] = []
-        for (tensor, value) in weightMap {
-            guard case .string(let shard) = value else {
-                throw CkptError(.shardIndex, "weight_map value is not a file name", path: indexPath, tensor: tensor)
-            }
+        for (tensor, value) in weightMap.members {
+            let shard: String
+            do { shard = try weightMap.string(member: tensor, value) } catch { throw error.at(tensor: tensor) }
             guard !shard.contains("/"), shard != "..", shard != ".", !shard.isEmpty, !shard.utf8.contains(0) else {
-                throw CkptError(.shardIndex, "shard name '\(shard)' must be a plain file name next to the index", path: indexPath, tensor: tensor)
+                throw weightMap.error(tensor, "shard name '\(shard)' must be a plain file name next to the index").at(tensor: tensor)
             }
             guard shardOf.updateValue(shard, forKey: NameKey(tensor)) == nil else {
                 throw CkptError(.duplicateName, "tensor listed twice in weight_map", path: indexPath, tensor: tensor)
@@ -92,8 +92,6 @@ public enum ShardedSafeTensors {
         for (tensor, shard) in shardOf where !found.contains(tensor) {
             throw CkptError(.shardIndex, "index places the tensor in \(shard), which does not hold it", path: indexPath, tensor: String(decoding: tensor.utf8, as: UTF8.self))
         }
-        // metadata.total_size is informational: loaders ignore it, and producers that count shared storage once
-        // legitimately disagree with the sum of tensor bytes.
         return Checkpoint(format: .shardedSafetensors, path: indexPath, metadata: metadata, tensors: tensors, files: files)
     }
 

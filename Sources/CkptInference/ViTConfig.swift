@@ -85,23 +85,17 @@ public struct ViTConfig: Sendable, Equatable {
         note("mean", "default (ImageNet)")
         note("std", "default (ImageNet)")
 
-        if let hf = hfConfig {
-            guard case .string(let type)? = hf["model_type"] else {
-                throw CkptError(.modelConfig, "config.json has no string \"model_type\"", path: configPath)
-            }
+        if let hf = try hfConfig.map({ (json: JSONValue) throws(CkptError) in
+            try ConfigObject(file: json, path: configPath, code: .modelConfig, name: "config.json")
+        }) {
+            guard let type = try hf.string("model_type") else { throw hf.error("model_type", "is missing (a string: vit or dinov2)") }
             guard type == "vit" || type == "dinov2" else {
                 throw CkptError(.modelConfig, "model_type \"\(type)\" is not supported (vit, dinov2)", path: configPath)
             }
             modelType = type
             note("model_type", "config.json")
             if type == "vit" { mean = [0.5, 0.5, 0.5]; std = [0.5, 0.5, 0.5]; note("mean", "default (vit: 0.5)"); note("std", "default (vit: 0.5)") }
-            func integer(_ key: String) throws(CkptError) -> Int? {
-                guard let value = hf[key] else { return nil }
-                guard let n = value.unsignedInteger, n > 0, n < 1 << 20 else {
-                    throw CkptError(.modelConfig, "\"\(key)\" must be a positive integer, found \(value)", path: configPath)
-                }
-                return Int(n)
-            }
+            func integer(_ key: String) throws(CkptError) -> Int? { try hf.integer(key, in: 1...(1 << 20 - 1)) }
             func check(_ key: String, _ value: Int?, _ actual: Int) throws(CkptError) {
                 if let value, value != actual {
                     throw CkptError(.modelConfig, "\"\(key)\" is \(value) but the weights say \(actual)", path: configPath)
@@ -115,38 +109,30 @@ public struct ViTConfig: Sendable, Equatable {
             if let ratio = try integer("mlp_ratio") { try check("mlp_ratio × hidden_size", ratio * shapes.dim, shapes.mlpDim) }
             if let n = try integer("num_attention_heads") { heads = n; note("heads", "config.json") }
             if let n = try integer("image_size") { imageSize = n; note("image_size", "config.json") }
-            if let value = hf["layer_norm_eps"] {
-                guard case .number(let text) = value, let e = Double(text), e > 0, e < 1 else {
-                    throw CkptError(.modelConfig, "\"layer_norm_eps\" must be a number in (0, 1), found \(value)", path: configPath)
-                }
+            if let e = try hf.number("layer_norm_eps") {
+                guard e > 0, e < 1 else { throw hf.error("layer_norm_eps", "\(e) is not in (0, 1)") }
                 eps = Float(e)
                 note("eps", "config.json")
             }
-            if case .string(let act)? = hf["hidden_act"], act != "gelu" {
+            if let act = try hf.string("hidden_act"), act != "gelu" {
                 throw CkptError(.modelConfig, "hidden_act \"\(act)\" is not supported (the exact-erf \"gelu\" only)", path: configPath)
             }
-            if case .bool(true)? = hf["use_swiglu_ffn"] {
+            if try hf.bool("use_swiglu_ffn") == true {
                 throw CkptError(.modelConfig, "use_swiglu_ffn is not supported (DINOv2 g/14's SwiGLU MLP)", path: configPath)
             }
+            // Read by transformers, fixed in ckpt's engine: type-checked so a malformed file is not half-read.
+            _ = try hf.bool("qkv_bias")
+            _ = try hf.number("layerscale_value")
         }
         if let pre = preprocessor {
             let prePath = FilePaths.join(folder!, "preprocessor_config.json")
+            let object = try ConfigObject(file: pre, path: prePath, code: .modelConfig, name: "preprocessor_config.json")
             func triple(_ key: String) throws(CkptError) -> [Float]? {
-                guard let value = pre[key] else { return nil }
-                guard case .array(let items) = value, items.count == shapes.channels else {
-                    throw CkptError(.modelConfig, "\"\(key)\" must be an array of \(shapes.channels) numbers", path: prePath)
-                }
-                var out: [Float] = []
-                for item in items {
-                    guard case .number(let text) = item, let v = Double(text) else {
-                        throw CkptError(.modelConfig, "\"\(key)\" must be an array of \(shapes.channels) numbers", path: prePath)
-                    }
-                    out.append(Float(v))
-                }
-                return out
+                try object.numbers(key, count: shapes.channels, nullable: true)?.map { Float($0) }
             }
             if let m = try triple("image_mean") { mean = m; note("mean", "preprocessor_config.json") }
             if let s = try triple("image_std") { std = s; note("std", "preprocessor_config.json") }
+            _ = try object.bool("do_normalize", nullable: true)
         }
         if let h = overrides.heads { heads = h; note("heads", "flag") }
         if let e = overrides.eps { eps = e; note("eps", "flag") }

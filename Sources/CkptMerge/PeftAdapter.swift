@@ -128,7 +128,7 @@ public struct PeftAdapter: Sendable {
             throw CkptError(.adapterConfig, "adapter_config.json is not valid JSON", path: path, cause: error.message)
         }
         func fail(_ message: String, _ code: CkptError.Code = .adapterConfig) -> CkptError { CkptError(code, message, path: path) }
-        guard case .object = json else { throw fail("adapter_config.json is a JSON \(json.typeName), expected an object") }
+        let config = try ConfigObject(file: json, path: path, code: .adapterConfig, name: "adapter_config.json")
         if let key = json.repeatedKey { throw fail("key '\(key)' appears twice") }
         func isSet(_ key: String) -> Bool {
             switch json[key] {
@@ -138,7 +138,7 @@ public struct PeftAdapter: Sendable {
             default: return true
             }
         }
-        guard case .string(let type)? = json["peft_type"] else { throw fail("'peft_type' is missing") }
+        guard let type = try config.string("peft_type") else { throw config.error("peft_type", "is missing") }
         guard type == "LORA" else {
             throw fail(
                 "peft_type \(type) is not a LoRA adapter: ckpt merges LoRA and DoRA. "
@@ -154,7 +154,10 @@ public struct PeftAdapter: Sendable {
         where isSet(key) {
             throw fail("'\(key)' is set: that LoRA variant has its own forward and no plain-weight merge in ckpt", .notMergeable)
         }
-        if case .string(let initValue)? = json["init_lora_weights"] {
+        // init_lora_weights: `bool | str` in LoraConfig (true, false, "gaussian", "pissa", …).
+        switch json["init_lora_weights"] {
+        case nil, .bool?: break
+        case .string(let initValue)?:
             let lowered = initValue.lowercased()
             if baseMutatingInits.contains(where: { lowered.hasPrefix($0) }) {
                 throw fail(
@@ -162,75 +165,49 @@ public struct PeftAdapter: Sendable {
                         + "residual base. Re-save it with PEFT's path_initial_model_for_weight_conversion (which turns it into a plain LoRA), "
                         + "then merge", .notMergeable)
             }
+        case let other?: throw config.error("init_lora_weights", "expected true, false or a string, found \(other.typeName)")
         }
-        func number(_ key: String, default value: Double? = nil) throws(CkptError) -> Double {
-            switch json[key] {
-            case .number(let text)?:
-                guard let parsed = Double(text), parsed.isFinite else { throw fail("'\(key)' is not a finite number") }
-                return parsed
-            case nil, .null?:
-                if let value { return value }
-                throw fail("'\(key)' is missing")
-            default:
-                throw fail("'\(key)' must be a number")
+        /// rank_pattern / alpha_pattern: null or an object of key → number within `range`, no key twice.
+        func pattern(_ key: String, integers: Bool) throws(CkptError) -> [(key: String, value: Double)] {
+            guard let object = try config.object(key, nullable: true) else { return [] }
+            if let repeated = object.value.repeatedKey { throw object.error(repeated, "appears twice") }
+            var result: [(key: String, value: Double)] = []
+            for (name, _) in object.members {
+                let value = integers
+                    ? Double(try object.integer(name, in: 1...Int(Self.maximumRank))!)
+                    : try object.number(name, in: -Self.maximumRank...Self.maximumRank)!
+                result.append((name, value))
             }
+            return result
         }
-        func flag(_ key: String) throws(CkptError) -> Bool {
-            switch json[key] {
-            case .bool(let value)?: return value
-            case nil, .null?: return false
-            default: throw fail("'\(key)' must be true or false")
-            }
-        }
-        func pattern(_ key: String) throws(CkptError) -> [(key: String, value: Double)] {
-            switch json[key] {
-            case .object(let members)?:
-                if let repeated = json[key]!.repeatedKey { throw fail("'\(key)' lists '\(repeated)' twice") }
-                var result: [(key: String, value: Double)] = []
-                for (name, value) in members {
-                    guard case .number(let text) = value, let parsed = Double(text), parsed.isFinite, abs(parsed) <= Self.maximumRank else {
-                        throw fail("'\(key)' value for '\(name)' must be a number of magnitude at most \(Int(Self.maximumRank))")
-                    }
-                    result.append((name, parsed))
-                }
-                return result
-            case nil, .null?: return []
-            default: throw fail("'\(key)' must be an object")
-            }
-        }
-        let rank = try number("r", default: 8)
-        guard rank >= 1, rank <= Self.maximumRank, rank == rank.rounded() else {
-            throw fail("'r' must be a positive integer of at most \(Int(Self.maximumRank))")
-        }
-        for (name, value) in try pattern("rank_pattern") where value < 1 || value != value.rounded() {
-            throw fail("rank_pattern value for '\(name)' must be a positive integer")
-        }
-        var modules: [String] = []
-        switch json["modules_to_save"] {
+        // Field types (LoraConfig's annotations): a present value of another type is an error, never a default.
+        _ = try config.integer("r", in: 1...Int(Self.maximumRank))
+        let alpha = try config.number("lora_alpha") ?? 8
+        let flags = (
+            rsLoRA: try config.bool("use_rslora", nullable: true) ?? false, dora: try config.bool("use_dora", nullable: true) ?? false,
+            fanInFanOut: try config.bool("fan_in_fan_out", nullable: true) ?? false)
+        _ = try config.bool("lora_bias", nullable: true)
+        let rankPattern = try pattern("rank_pattern", integers: true)
+        let alphaPattern = try pattern("alpha_pattern", integers: false)
+        let modules = try config.strings("modules_to_save", nullable: true) ?? []
+        let bias = try config.string("bias", oneOf: ["none", "all", "lora_only"], nullable: true) ?? "none"
+        let version = try config.version("peft_version", nullable: true)
+        // Read by PEFT but not by ckpt (the tensors decide what is merged); type-checked all the same.
+        for key in ["target_modules", "exclude_modules", "layers_pattern"] { _ = try config.stringOrStrings(key, nullable: true) }
+        switch json["layers_to_transform"] {
+        case nil, .null?: break
+        case .number?: _ = try config.integer("layers_to_transform")
         case .array(let items)?:
-            for item in items {
-                guard case .string(let name) = item else { throw fail("'modules_to_save' must list module names") }
-                modules.append(name)
+            for (i, item) in items.enumerated() where item.unsignedInteger == nil {
+                throw config.error("layers_to_transform[\(i)]", "expected a layer index (an integer ≥ 0), found \(item.typeName == "number" ? "\(item)" : item.typeName)")
             }
-        case nil, .null?: break
-        default: throw fail("'modules_to_save' must be a list")
+        case let other?: throw config.error("layers_to_transform", "expected an integer or an array of integers, found \(other.typeName)")
         }
-        var bias = "none"
-        switch json["bias"] {
-        case .string(let value)?: bias = value
-        case nil, .null?: break
-        default: throw fail("'bias' must be a string")
-        }
-        var version: [Int]? = nil
-        if case .string(let text)? = json["peft_version"] {
-            version = text.split(separator: ".").prefix(2).map { Int($0.prefix { $0.isNumber }) ?? 0 }
-        }
-        guard ["none", "all", "lora_only"].contains(bias) else { throw fail("'bias' must be none, all or lora_only, not '\(bias)'") }
-        _ = try flag("lora_bias")
+        _ = try config.number("lora_dropout", in: 0...1, nullable: true)
         return PeftLoraConfig(
-            alpha: try number("lora_alpha", default: 8), useRSLoRA: try flag("use_rslora"), useDoRA: try flag("use_dora"),
-            fanInFanOut: try flag("fan_in_fan_out"), bias: bias, rankPattern: try pattern("rank_pattern"),
-            alphaPattern: try pattern("alpha_pattern"), modulesToSave: modules, patternRules: PeftLoraConfig.PatternRules(peftVersion: version))
+            alpha: alpha, useRSLoRA: flags.rsLoRA, useDoRA: flags.dora, fanInFanOut: flags.fanInFanOut, bias: bias,
+            rankPattern: rankPattern, alphaPattern: alphaPattern, modulesToSave: modules,
+            patternRules: PeftLoraConfig.PatternRules(peftVersion: version.map { Array($0.prefix(2)) }))
     }
 }
 

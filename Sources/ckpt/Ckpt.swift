@@ -27,8 +27,18 @@ func runReportingErrors(_ body: () throws -> Void) throws {
     }
 }
 
+/// Writes a line to stderr. Names in `text` should already be ``TerminalText/escaped(_:)``; any control or bidi
+/// character left is escaped here all the same, so no file can reach the terminal through an error or a note.
 func printError(_ text: String) {
-    StandardError.write(text + "\n")
+    StandardError.write(TerminalText.sanitized(text) + "\n")
+}
+
+/// Every report the CLI prints goes through here (it shadows `Swift.print` in this module): control and bidi
+/// characters other than the line breaks and tabs the CLI writes itself are escaped (JSON-compatibly, so `--json`
+/// output still parses to the exact names). Names interpolated into text reports are escaped where they are
+/// formatted; this is the safety net for any that are not.
+func print(_ text: String) {
+    Swift.print(TerminalText.sanitized(text))
 }
 
 #if canImport(Glibc)

@@ -52,7 +52,7 @@ struct ConvertCommand: ParsableCommand {
             let inputs = checkpoint.files.compactMap(FileIdentity.of)
             // OutputFile refuses any output that is one of these files (sameInputOutput) before writing a byte.
             if let skipped = checkpoint.metadata["skipped_members"], checkpoint.format == .npz {
-                printError("ckpt: note: \(input): members that are not arrays were not converted: \(skipped)")
+                printError("ckpt: note: \(TerminalText.escaped(input)): members that are not arrays were not converted: \(TerminalText.escaped(skipped))")
             }
             var tensors = try checkpoint.tensors.map { (entry: TensorEntry) throws(CkptError) in
                 try OutputTensor.from(entry, convertingTo: target)
@@ -60,7 +60,7 @@ struct ConvertCommand: ParsableCommand {
             if let scheme = try renameTarget() {
                 let renamed = try ViTRenamer.rename(checkpoint, to: scheme, dtype: target)
                 tensors = renamed.tensors
-                for note in renamed.notes { printError("ckpt: note: \(note)") }
+                for note in renamed.notes { printError("ckpt: note: \(TerminalText.escaped(note))") }
             }
             // String metadata only travels between safetensors files (npy/npz have nowhere to keep it), and from a
             // GGUF input to a GGUF output, which keeps its general.architecture.

@@ -67,8 +67,8 @@ struct DiffCommand: ParsableCommand {
             return [t.name, types, number(t.maxAbsError, "%.3e"), number(t.relativeError, "%.3e"), number(t.cosine, "%.6f"), number(t.sqnrDB, "%.1f"), status]
         }
         var lines = [Formatting.table(["name", "dtype", "max_abs", "rel_err", "cosine", "sqnr_db", ""], rows, rightAligned: [2, 3, 4, 5])]
-        if !result.onlyInA.isEmpty { lines.append("only in \(a): " + result.onlyInA.joined(separator: ", ")) }
-        if !result.onlyInB.isEmpty { lines.append("only in \(b): " + result.onlyInB.joined(separator: ", ")) }
+        if !result.onlyInA.isEmpty { lines.append("only in \(TerminalText.escaped(a)): " + result.onlyInA.map(TerminalText.escaped).joined(separator: ", ")) }
+        if !result.onlyInB.isEmpty { lines.append("only in \(TerminalText.escaped(b)): " + result.onlyInB.map(TerminalText.escaped).joined(separator: ", ")) }
         let differing = result.tensors.filter { !$0.isEqual(tolerance: tolerance) }.count
         lines.append(
             "\(result.tensors.count) tensors compared, \(differing) differ beyond tolerance \(tolerance), "

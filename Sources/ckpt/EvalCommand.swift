@@ -91,8 +91,8 @@ struct EvalCommand: ParsableCommand {
                 print(out)
                 return
             }
-            print("model: \(model) (\(describe(config, size: engine.imageSize)))")
-            print("data: \(data), \(n) images; head: \(headModel.source) (\(headModel.classes) classes)")
+            print("model: \(TerminalText.escaped(model)) (\(describe(config, size: engine.imageSize)))")
+            print("data: \(TerminalText.escaped(data)), \(n) images; head: \(TerminalText.escaped(headModel.source)) (\(headModel.classes) classes)")
             print("top-1 accuracy: \(Formatting.printf("%.4f", evaluation.accuracy)) (\(evaluation.correct)/\(n))")
             print("confusion (rows: true class, columns: predicted):")
             let names = (0..<headModel.classes).map { headModel.label($0) }
@@ -100,7 +100,7 @@ struct EvalCommand: ParsableCommand {
             let rows = evaluation.confusion.enumerated().map { [ "\($0.offset) \(names[$0.offset])" ] + $0.element.map(String.init) }
             print(Formatting.table(header, rows, rightAligned: Set(1...headModel.classes)))
             if let comparison, let referenceEvaluation, let reference {
-                print("reference \(reference): accuracy \(Formatting.printf("%.4f", referenceEvaluation.accuracy)); "
+                print("reference \(TerminalText.escaped(reference)): accuracy \(Formatting.printf("%.4f", referenceEvaluation.accuracy)); "
                     + "top-1 agreement \(Formatting.printf("%.4f", comparison.agreement)) (\(comparison.agreeing)/\(n)), "
                     + "logit KL mean \(Formatting.printf("%.3g", comparison.meanKL)) max \(Formatting.printf("%.3g", comparison.maxKL)), "
                     + "CLS cosine mean \(Formatting.printf("%.6f", comparison.meanCosine)) min \(Formatting.printf("%.6f", comparison.minCosine))")

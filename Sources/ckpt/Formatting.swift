@@ -30,8 +30,10 @@ enum Formatting {
 
     static func shape(_ shape: Shape) -> String { shape.description }
 
-    /// Left-aligned columns; numeric columns (indices in `rightAligned`) aligned right.
-    static func table(_ header: [String], _ rows: [[String]], rightAligned: Set<Int> = []) -> String {
+    /// Left-aligned columns; numeric columns (indices in `rightAligned`) aligned right. Cells are shown
+    /// ``TerminalText/escaped(_:)`` (names come from files; a tab or line break in one would break the table).
+    static func table(_ header: [String], _ cells: [[String]], rightAligned: Set<Int> = []) -> String {
+        let rows = cells.map { $0.map(TerminalText.escaped) }
         var widths = header.map(\.count)
         for row in rows {
             for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) }

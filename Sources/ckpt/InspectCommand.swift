@@ -43,13 +43,13 @@ struct InspectCommand: ParsableCommand {
 
     static func table(_ checkpoint: Checkpoint) -> String {
         var lines: [String] = []
-        lines.append("file:     \(checkpoint.path)")
+        lines.append("file:     \(TerminalText.escaped(checkpoint.path))")
         lines.append("format:   \(checkpoint.format.rawValue)" + (checkpoint.files.count > 2 ? " (\(checkpoint.files.count - 1) shards)" : ""))
         if checkpoint.metadata.isEmpty {
             lines.append("metadata: (none)")
         } else {
             lines.append("metadata:")
-            for key in checkpoint.metadata.keys.sorted() { lines.append("  \(key): \(checkpoint.metadata[key]!)") }
+            for key in checkpoint.metadata.keys.sorted() { lines.append("  \(TerminalText.escaped(key)): \(TerminalText.escaped(checkpoint.metadata[key]!))") }
         }
         var byType: [DType: Int] = [:]
         for t in checkpoint.tensors { byType[t.dtype, default: 0] += 1 }

@@ -96,7 +96,7 @@ struct MergeCommand: ParsableCommand {
             } else {
                 // The full plan for --dry-run; a one-line summary once written.
                 print(dryRun ? MergeReport.table(plan, output: nil) : MergeReport.summary(plan, output: output))
-                for note in plan.notes { printError("ckpt: note: \(note)") }
+                for note in plan.notes { printError("ckpt: note: \(TerminalText.escaped(note))") }
             }
         }
     }
@@ -104,6 +104,7 @@ struct MergeCommand: ParsableCommand {
 
 /// The plan as a table or JSON.
 enum MergeReport {
+    /// Tab-separated: names are shown ``TerminalText/escaped(_:)``, so a tab inside one cannot shift the columns.
     static func table(_ plan: MergePlan, output: String?) -> String {
         var lines = ["target\trule\tscaling\trank\tweight\tsource"]
         for entry in plan.entries {
@@ -113,9 +114,9 @@ enum MergeReport {
                 [
                     target, entry.rule, entry.scaling.map(MergePlanEntry.format) ?? "-", entry.rank.map(String.init) ?? "-", entry.weight.map(MergePlanEntry.format) ?? "-",
                     entry.sourceTensors.first.map { "\(FilePaths.fileName(of: entry.source)):\($0)" } ?? entry.source,
-                ].joined(separator: "\t"))
+                ].map(TerminalText.escaped).joined(separator: "\t"))
         }
-        let written = output.map { "wrote \($0): " } ?? "dry run, nothing written: "
+        let written = output.map { "wrote \(TerminalText.escaped($0)): " } ?? "dry run, nothing written: "
         lines.append("\(written)\(plan.outputNames.count) tensors, \(plan.changedTensorCount) changed by \(plan.entries.count) plan entries")
         return lines.joined(separator: "\n")
     }
@@ -124,7 +125,7 @@ enum MergeReport {
         var counts: [String: Int] = [:]
         for entry in plan.entries { counts[entry.rule, default: 0] += 1 }
         let rules = counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
-        return "wrote \(output): \(plan.outputNames.count) tensors, \(plan.changedTensorCount) changed (\(rules.isEmpty ? "no adapter changes" : rules))"
+        return "wrote \(TerminalText.escaped(output)): \(plan.outputNames.count) tensors, \(plan.changedTensorCount) changed (\(rules.isEmpty ? "no adapter changes" : rules))"
     }
 
     static func json(_ plan: MergePlan, output: String?) -> String {

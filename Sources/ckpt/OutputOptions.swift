@@ -81,7 +81,8 @@ struct OutputOptions: ParsableArguments {
             let foreign = tensors.filter { !NumPy.hasNativeDescr($0.dtype) }
             for dtype in Set(foreign.map(\.dtype)).sorted(by: { $0.rawValue < $1.rawValue }) {
                 let names = foreign.filter { $0.dtype == dtype }.map(\.name)
-                let which = names.count == 1 ? "'\(names[0])'" : "\(names.count) tensors ('\(names[0])', …)"
+                let first = TerminalText.escaped(names[0])
+                let which = names.count == 1 ? "'\(first)'" : "\(names.count) tensors ('\(first)', …)"
                 printError("ckpt: note: \(which) (\(dtype.name)) stored with descr '\(try NumPy.descr(for: dtype))' and recorded in \(NPZ.dtypeManifestName); numpy users view them with ml_dtypes")
             }
         case .gguf:

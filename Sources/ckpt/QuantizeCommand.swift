@@ -293,11 +293,11 @@ struct QuantizeCommand: ParsableCommand {
             + Formatting.printf("%.2f", report.seconds) + " s"
         if let used {
             out += "\nGPTQ calibration: \(used) " + (calibrationData.isEmpty ? "synthetic smooth-noise images (seed \(calibrationSeed))"
-                : "images from " + calibrationData.joined(separator: ", "))
+                : "images from " + calibrationData.map(TerminalText.escaped).joined(separator: ", "))
             let passes = [actOrder ? "act-order" : nil, sequential ? "sequential" : nil].compactMap { $0 }
             if !passes.isEmpty { out += "; " + passes.joined(separator: ", ") }
         }
-        out += "\nwrote \(output)"
+        out += "\nwrote \(TerminalText.escaped(output))"
         return out
     }
 

@@ -77,17 +77,17 @@ struct RunCommand: ParsableCommand {
                 print(out + "]}")
                 return
             }
-            print("model: \(model) (\(describe(config, size: engine.imageSize)))")
+            print("model: \(TerminalText.escaped(model)) (\(describe(config, size: engine.imageSize)))")
             for i in 0..<n {
                 if let logits, let headModel {
                     let top = Evaluation.topK(logits, row: i, width: headModel.classes, k: k)
-                    let text = top.map { "\(headModel.label($0.index)) \(Formatting.printf("%.4f", $0.probability))" }.joined(separator: ", ")
-                    print("\(set.name(i)): \(text)")
+                    let text = top.map { "\(TerminalText.escaped(headModel.label($0.index))) \(Formatting.printf("%.4f", $0.probability))" }.joined(separator: ", ")
+                    print("\(TerminalText.escaped(set.name(i))): \(text)")
                 } else {
                     let row = Array(timed.features[(i * config.dim)..<((i + 1) * config.dim)])
                     let norm = row.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
                     let first = row.prefix(6).map { Formatting.printf("%.5f", Double($0)) }.joined(separator: ", ")
-                    print("\(set.name(i)): CLS [\(config.dim)] norm \(Formatting.printf("%.4f", norm)) [\(first), …]")
+                    print("\(TerminalText.escaped(set.name(i))): CLS [\(config.dim)] norm \(Formatting.printf("%.4f", norm)) [\(first), …]")
                 }
             }
             print("\(n) image\(n == 1 ? "" : "s") in \(Formatting.printf("%.3f", timed.seconds)) s (\(Formatting.printf("%.1f", Double(n) / max(timed.seconds, 1e-9))) images/s)")

@@ -246,4 +246,52 @@ struct CLITests {
         #expect(try CLI.run(["convert", v4, dir + "/v4.safetensors", "--rename", "hf-to-timm"]).status == 0)
         #expect(try CLI.run(["diff", timm, dir + "/v4.safetensors"]).status == 0)
     }
+
+    /// A name carrying an OSC title sequence, a colour sequence, NUL and a right-to-left override.
+    static let hostileName = "w\u{1b}]0;pwned\u{07}\u{1b}[31m\u{0}\u{202e}gpj.exe"
+
+    static func rawControls(_ text: String) -> [UInt32] {
+        text.unicodeScalars.map(\.value).filter { [0x1b, 0x00, 0x07, 0x202e].contains($0) }
+    }
+
+    @Test("names and metadata from a file reach the terminal escaped: inspect, diff and errors; --json keeps them exact")
+    func terminalInjection() throws {
+        let dir = CLI.temporaryDirectory()
+        let file = dir + "/hostile.safetensors"
+        let tensor = try OutputTensor.bytes(name: Self.hostileName, dtype: .f32, shape: Shape([1]), [0, 0, 128, 63])
+        try SafeTensors.write([tensor], metadata: ["note": Self.hostileName], to: file)
+        let escapedForm = "w\\x1b]0;pwned\\x07\\x1b[31m\\x00\\u202egpj.exe"
+
+        let table = try CLI.run(["inspect", file])
+        #expect(table.status == 0, "\(table.stderr)")
+        #expect(Self.rawControls(table.stdout).isEmpty, "raw control characters on stdout: \(Self.rawControls(table.stdout))")
+        #expect(table.stdout.contains("note: " + escapedForm), "\(table.stdout)")
+        #expect(table.stdout.contains(escapedForm + "  F32"), "the table shows the escaped name: \(table.stdout)")
+
+        let json = try CLI.run(["inspect", file, "--json"])
+        #expect(json.status == 0)
+        #expect(Self.rawControls(json.stdout).isEmpty)
+        let parsed = try JSONParser.parse(json.stdout)
+        #expect(parsed["metadata"]?["note"] == .string(Self.hostileName))
+        guard case .array(let tensors)? = parsed["tensors"] else { Issue.record("no tensors"); return }
+        #expect(tensors.first?["name"] == .string(Self.hostileName), "--json carries the exact original name")
+
+        let diff = try CLI.run(["diff", file, CLI.fixture("safetensors/no_metadata.safetensors")])
+        #expect(diff.status == 1)
+        #expect(Self.rawControls(diff.stdout).isEmpty && diff.stdout.contains(escapedForm), "\(diff.stdout)")
+
+        // An error naming a hostile tensor in a file whose own name holds a colour sequence.
+        let badPath = dir + "/bad\u{1b}[31m.safetensors"
+        var header = "{" + JSONWriter.quoted(Self.hostileName) + ": {\"dtype\": \"X9\", \"shape\": [1], \"data_offsets\": [0, 4]}}"
+        header += String(repeating: " ", count: (8 - header.utf8.count % 8) % 8)
+        var bytes: [UInt8] = []
+        withUnsafeBytes(of: UInt64(header.utf8.count).littleEndian) { bytes += $0 }
+        var output = try OutputFile(path: badPath)
+        try output.write(bytes + Array(header.utf8) + [0, 0, 0, 0])
+        try output.commit()
+        let failure = try CLI.run(["inspect", badPath])
+        #expect(failure.status == 2)
+        #expect(Self.rawControls(failure.stderr).isEmpty, "raw control characters on stderr: \(Self.rawControls(failure.stderr))")
+        #expect(failure.stderr.contains("bad\\x1b[31m.safetensors") && failure.stderr.contains(escapedForm), "\(failure.stderr)")
+    }
 }
