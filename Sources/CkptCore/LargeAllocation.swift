@@ -20,6 +20,9 @@ public enum LargeAllocation {
         if count < threshold {
             return UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 64)
         }
+        // The kernel overcommits: a mapping larger than memory succeeds and the process is killed when it is
+        // touched. Every large buffer is checked against the budget first.
+        try MemoryBudget.require(count, for: "a buffer")
         let pointer = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         guard let pointer, pointer != MAP_FAILED else {
             throw CkptError(.tooLarge, "out of memory: cannot allocate \(count) bytes", cause: errnoText())

@@ -294,7 +294,8 @@ extension GGUF {
             for dim in tensor.shape.dims.reversed() { append(UInt64(dim), to: &out) }
             append(tensor.type.rawValue, to: &out)
             append(UInt64(offset), to: &out)
-            guard let next = aligned(offset + tensor.byteCount, alignment) else {
+            let (end, overflow) = offset.addingReportingOverflow(tensor.byteCount)
+            guard !overflow, let next = aligned(end, alignment) else {
                 throw CkptError(.overflow, "data offset overflows", tensor: tensor.name)
             }
             offset = next

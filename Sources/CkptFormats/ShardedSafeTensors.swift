@@ -106,7 +106,7 @@ public enum ShardedSafeTensors {
                 shards.append([tensor])
                 continue
             }
-            if currentSize + tensor.byteCount > maximumShardBytes {
+            if tensor.byteCount > maximumShardBytes - currentSize {
                 shards.append(current)
                 current = []
                 currentSize = 0

@@ -168,6 +168,8 @@ public struct ViTConfig: Sendable, Equatable {
 
 /// What the tensor shapes alone say about the architecture.
 struct ViTShapes: Sendable {
+    /// The largest width, MLP width, channel count or patch side accepted from a file (2^20).
+    static let maximumSize = 1 << 20
     var naming: String  // "timm" or "hf"
     var dim: Int
     var depth: Int

@@ -48,6 +48,14 @@ extension ViTEngine {
         let c = model.config
         let widths: [LinearInput: Int] = [.attention: c.dim, .projection: c.dim, .mlp: c.dim, .mlpHidden: c.mlpDim]
         let sites = LinearInput.allCases
+        // Planned before anything is allocated: every accumulator (F64) plus a scratch matrix (F32) per core.
+        var perBlock = 0
+        for site in sites { perBlock = try CheckedSize.sum([perBlock, try CheckedSize.product([widths[site]!, widths[site]!], "Gram matrices")], "Gram matrices") }
+        let accumulatorBytes = try CheckedSize.product([model.blocks.count, perBlock, 8], "Gram matrices")
+        let scratchBytes = try CheckedSize.product([c.mlpDim, c.mlpDim, 4, Parallel.coreCount], "Gram matrices")
+        try MemoryBudget.require(
+            try CheckedSize.sum([accumulatorBytes, scratchBytes], "Gram matrices"),
+            for: "the input Gram matrices of \(model.blocks.count) blocks (D=\(c.dim), MLP \(c.mlpDim))", path: model.path)
         // One accumulator per (block, input): upper triangles, in F64 so many micro-batches add up exactly enough.
         let sums = Mutex((0..<(model.blocks.count * sites.count)).map { k in Accumulator(width: widths[sites[k % sites.count]]!) })
         _ = try features(count: count, fill: fill) { block, input, x, rows, width in
@@ -153,7 +161,7 @@ extension ViTEngine {
         quantize: (LinearLayer, LinearInputGram) throws(CkptError) -> [Float]?
     ) throws(CkptError) {
         let c = model.config, d = c.dim, t = tokens
-        let states = try FloatBuffer(count: count * t * d)
+        let states = try FloatBuffer(count: try CheckedSize.product([count, t, d], "residual stream of \(count) images"))
         let imageFloats = c.channels * imageSize * imageSize
         try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
             for i in 0..<n { try fill(first + i, ws.images.pointer + i * imageFloats) }

@@ -294,6 +294,10 @@ struct RoleTable {
         guard dims.count == 4, dims[2] == dims[3], dims[0] > 0, dims[1] > 0, dims[2] > 0 else {
             throw CkptError(.shapeMismatch, "patch projection must be [D, C, p, p], found \(patch.shape)", path: patch.path, tensor: patch.name)
         }
+        // Widths, channels and patch sizes enter BLAS as 32-bit ints and their squares size buffers.
+        guard dims.allSatisfy({ $0 <= ViTShapes.maximumSize }) else {
+            throw CkptError(.tooLarge, "patch projection \(patch.shape): each size must be at most \(ViTShapes.maximumSize)", path: patch.path, tensor: patch.name)
+        }
         let d = dims[0]
         let cls = try require(.classToken, .value)
         guard cls.shape.elements == d else {
@@ -301,11 +305,12 @@ struct RoleTable {
         }
         let pos = try require(.positionEmbedding, .value)
         let pdims = pos.shape.dims
-        guard pdims.count >= 2, pdims.last == d, pos.shape.elements % d == 0 else {
+        guard pdims.count >= 2, pdims.last == d, pos.shape.elements % d == 0, pos.shape.elements >= d else {
             throw CkptError(.shapeMismatch, "position embedding must be [1, tokens, \(d)], found \(pos.shape)", path: pos.path, tensor: pos.name)
         }
         let tokens = pos.shape.elements / d
         func squareRoot(_ n: Int) -> Int? {
+            guard n > 0 else { return nil }
             var r = Int(Double(n).squareRoot())
             while r * r > n { r -= 1 }
             while (r + 1) * (r + 1) <= n { r += 1 }
@@ -319,7 +324,7 @@ struct RoleTable {
         }
         guard layers > 0 else { throw CkptError(.missingTensor, "the model has no transformer blocks", path: path) }
         let fc1 = try require(.fc1(0), .weight)
-        guard fc1.shape.dims.count == 2, fc1.shape.dims[1] == d, fc1.shape.dims[0] > 0 else {
+        guard fc1.shape.dims.count == 2, fc1.shape.dims[1] == d, fc1.shape.dims[0] > 0, fc1.shape.dims[0] <= ViTShapes.maximumSize else {
             throw CkptError(.shapeMismatch, "fc1 must be [hidden, \(d)], found \(fc1.shape)", path: fc1.path, tensor: fc1.name)
         }
         return ViTShapes(naming: naming, dim: d, depth: layers, mlpDim: fc1.shape.dims[0], patchSize: dims[2], channels: dims[1],

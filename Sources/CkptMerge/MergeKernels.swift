@@ -16,8 +16,12 @@ struct FloatMatrix: Sendable {
         self.shape = shape
     }
 
-    static func zeros(_ shape: Shape) -> FloatMatrix {
-        FloatMatrix(values: [Float](repeating: 0, count: shape.elements), shape: shape)
+    /// A zero matrix; its size is checked against the memory budget first (merge arithmetic is F32 whatever
+    /// the stored dtype, so an F8 tensor quadruples here).
+    static func zeros(_ shape: Shape, tensor: String? = nil, path: String? = nil) throws(CkptError) -> FloatMatrix {
+        try MemoryBudget.require(
+            try CheckedSize.product([shape.elements, 4], "F32 copy"), for: "an F32 copy of \(shape)", path: path)
+        return FloatMatrix(values: [Float](repeating: 0, count: shape.elements), shape: shape)
     }
 }
 
@@ -27,7 +31,7 @@ extension TensorEntry {
         guard dtype.isConvertibleFloat else {
             throw CkptError(.unsupportedDType, "\(dtype.name) tensor cannot take part in a merge (floating tensors only)", path: path, tensor: name)
         }
-        var values = [Float](repeating: 0, count: shape.elements)
+        var values = try FloatMatrix.zeros(shape, path: path).values
         try values.withUnsafeMutableBufferPointer { (out: inout UnsafeMutableBufferPointer<Float>) throws(CkptError) in
             guard let base = out.baseAddress else { return }
             try decodeFloats(into: base)

@@ -129,10 +129,14 @@ struct PlannedTensor: Sendable {
         if let base, base.shape == shape {
             merged = try base.floatMatrix()
         } else {
-            merged = .zeros(shape)
+            merged = try .zeros(shape)
         }
         // Only replacements and DoRA read the original after changes begin; keep a copy just for them.
-        let original: FloatMatrix? = contributions.contains(where: \.needsOriginal) ? FloatMatrix(values: merged.values, shape: shape) : nil
+        let needsOriginal = contributions.contains(where: \.needsOriginal)
+        if needsOriginal {
+            try MemoryBudget.require(try CheckedSize.product([shape.elements, 4], "F32 copy"), for: "a second F32 copy of \(shape)", path: base?.path)
+        }
+        let original: FloatMatrix? = needsOriginal ? FloatMatrix(values: merged.values, shape: shape) : nil
         for contribution in contributions {
             do {
                 try contribution.accumulate(into: &merged, original: original)
@@ -321,6 +325,10 @@ enum LowRankFactors {
             CkptError(.shapeMismatch, "LoRA A \(a) and B \(b) do not fit the target \(target): \(rule)", path: aEntry.path, tensor: aEntry.name)
         }
         guard a.rank >= 2, b.rank >= 2, let rank = a.dims.first, rank > 0 else { throw mismatch("factors must be matrices") }
+        // The products run through 32-bit BLAS sizes.
+        guard (a.dims + b.dims + target.dims).allSatisfy({ $0 <= Int(Int32.max) }) else {
+            throw CkptError(.tooLarge, "LoRA A \(a), B \(b), target \(target): a size over 2^31 − 1", path: aEntry.path, tensor: aEntry.name)
+        }
         let aColumns = a.dims.dropFirst().reduce(1, *), bColumns = b.dims.dropFirst().reduce(1, *)
         if layout == .conv, target.rank == 4, a.rank == 4, a.dims[1] != target.dims[1] {
             throw CkptError(

@@ -51,8 +51,8 @@ extension MergePlanner {
                 let tucker = FacTTucker(factors: factors, core: core, p: p, block: slot)
                 try addFacT(block, "attn.qkv", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.qkv() }
                 try addFacT(block, "attn.proj", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.proj() }
-                try addFacT(block, "mlp.fc1", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.fc1() }
-                try addFacT(block, "mlp.fc2", u: u, path: file.path, tensors: [core.name, p.name]) { () throws(CkptError) in try tucker.fc2() }
+                try addFacT(block, "mlp.fc1", u: u, path: file.path, tensors: [core.name, p.name], mlpChunks: 4) { () throws(CkptError) in try tucker.fc1() }
+                try addFacT(block, "mlp.fc2", u: u, path: file.path, tensors: [core.name, p.name], mlpChunks: 4) { () throws(CkptError) in try tucker.fc2() }
             }
         } else {
             for block in blocks {
@@ -78,8 +78,8 @@ extension MergePlanner {
                 let tt = FacTTensorTrain(factors: factors, sq: s[0], sk: s[1], sv: s[2], sp: s[3], s1: s[4], s2: s[5])
                 try addFacT(block, "attn.qkv", u: u, path: file.path, tensors: Array(names[0..<3])) { () throws(CkptError) in try tt.qkv() }
                 try addFacT(block, "attn.proj", u: u, path: file.path, tensors: [names[3]]) { () throws(CkptError) in try tt.proj() }
-                try addFacT(block, "mlp.fc1", u: u, path: file.path, tensors: [names[4]]) { () throws(CkptError) in try tt.fc1() }
-                try addFacT(block, "mlp.fc2", u: u, path: file.path, tensors: [names[5]]) { () throws(CkptError) in try tt.fc2() }
+                try addFacT(block, "mlp.fc1", u: u, path: file.path, tensors: [names[4]], mlpChunks: s[4].shape.dims[0] / rank) { () throws(CkptError) in try tt.fc1() }
+                try addFacT(block, "mlp.fc2", u: u, path: file.path, tensors: [names[5]], mlpChunks: s[4].shape.dims[0] / rank) { () throws(CkptError) in try tt.fc2() }
             }
         }
         let leftover = byName.keys.filter { !used.contains($0) }.sorted()
@@ -100,8 +100,11 @@ extension MergePlanner {
         return found
     }
 
+    /// `mlpChunks` is k of the MLP deltas ([k·D, D] for fc1, [D, k·D] for fc2): the target must have exactly that
+    /// size, checked here, before a delta is computed (a core of 2^20 chunks would otherwise build terabytes).
     private mutating func addFacT(
-        _ block: Int, _ module: String, u: TensorEntry, path: String, tensors: [String], _ compute: @escaping @Sendable () throws(CkptError) -> FloatMatrix
+        _ block: Int, _ module: String, u: TensorEntry, path: String, tensors: [String], mlpChunks: Int = 0,
+        _ compute: @escaping @Sendable () throws(CkptError) -> FloatMatrix
     ) throws(CkptError) {
         let name = "blocks.\(block).\(module).weight"
         // The delta's logical shape follows from U [d, D] and the module: check it against the base before writing.
@@ -113,7 +116,8 @@ extension MergePlanner {
                 let expectedColumns = module == "mlp.fc2" ? columns : width
                 let fits = shape.rank == 2 && columns == expectedColumns && (module != "mlp.fc2" || (columns % width == 0 && rows == width))
                     && (module != "attn.qkv" || placement.sourceRows != nil || placement.targetRows != nil || rows == 3 * width)
-                    && (module != "attn.proj" || rows == width) && (module != "mlp.fc1" || rows % width == 0)
+                    && (module != "attn.proj" || rows == width) && (module != "mlp.fc1" || rows == mlpChunks * width)
+                    && (module != "mlp.fc2" || columns == mlpChunks * width)
                 guard fits else {
                     throw CkptError(
                         .shapeMismatch, "FacT works on D = \(width) (FacTu's input size), but '\(placement.target)' has shape \(shape)",
@@ -138,8 +142,8 @@ struct FacTFactors: Sendable {
     /// scale · V · S · U for a core S [d, d].
     func sandwich(_ s: FloatMatrix) throws(CkptError) -> FloatMatrix {
         let u = try self.u.floatMatrix(), v = try self.v.floatMatrix()
-        let su = MatrixMath.product(s, u)
-        return MatrixMath.product(v, su, alpha: Float(scale))
+        let su = try MatrixMath.product(s, u)
+        return try MatrixMath.product(v, su, alpha: Float(scale))
     }
 }
 
@@ -151,7 +155,7 @@ struct FacTTensorTrain: Sendable {
 
     func qkv() throws(CkptError) -> FloatMatrix {
         let q = try factors.sandwich(sq.floatMatrix()), k = try factors.sandwich(sk.floatMatrix()), v = try factors.sandwich(sv.floatMatrix())
-        return MatrixMath.stackRows([q, k, v])
+        return try MatrixMath.stackRows([q, k, v])
     }
 
     func proj() throws(CkptError) -> FloatMatrix { try factors.sandwich(sp.floatMatrix()) }
@@ -161,8 +165,8 @@ struct FacTTensorTrain: Sendable {
         let core = try s1.floatMatrix(), d = core.columns
         guard core.rows % d == 0 else { throw CkptError(.shapeMismatch, "fc1_FacTs \(core.shape) must be [k·d, d]", tensor: s1.name) }
         var chunks: [FloatMatrix] = []
-        for j in 0..<core.rows / d { chunks.append(try factors.sandwich(MatrixMath.rows(core, j * d..<(j + 1) * d))) }
-        return MatrixMath.stackRows(chunks)
+        for j in 0..<core.rows / d { chunks.append(try factors.sandwich(try MatrixMath.rows(core, j * d..<(j + 1) * d))) }
+        return try MatrixMath.stackRows(chunks)
     }
 
     /// fc2 input j·D + c goes through chunk j of S2's columns.
@@ -170,8 +174,8 @@ struct FacTTensorTrain: Sendable {
         let core = try s2.floatMatrix(), d = core.rows
         guard core.columns % d == 0 else { throw CkptError(.shapeMismatch, "fc2_FacTs \(core.shape) must be [d, k·d]", tensor: s2.name) }
         var chunks: [FloatMatrix] = []
-        for j in 0..<core.columns / d { chunks.append(try factors.sandwich(MatrixMath.columns(core, j * d..<(j + 1) * d))) }
-        return MatrixMath.stackColumns(chunks)
+        for j in 0..<core.columns / d { chunks.append(try factors.sandwich(try MatrixMath.columns(core, j * d..<(j + 1) * d))) }
+        return try MatrixMath.stackColumns(chunks)
     }
 }
 
@@ -187,7 +191,7 @@ struct FacTTucker: Sendable {
     func slice(_ column: Int) throws(CkptError) -> FloatMatrix {
         let c = try core.floatMatrix(), p = try self.p.floatMatrix()
         let d = p.rows, columns = p.columns
-        var result = FloatMatrix.zeros(try Shape([d, d]))
+        var result = try FloatMatrix.zeros(try Shape([d, d]))
         for a in 0..<d {
             for b in 0..<d {
                 var sum: Float = 0
@@ -198,9 +202,9 @@ struct FacTTucker: Sendable {
         return result
     }
 
-    func attention(_ j: Int) throws(CkptError) -> FloatMatrix { try factors.sandwich(MatrixMath.transpose(slice(12 * block + j))) }
+    func attention(_ j: Int) throws(CkptError) -> FloatMatrix { try factors.sandwich(try MatrixMath.transpose(slice(12 * block + j))) }
 
-    func qkv() throws(CkptError) -> FloatMatrix { MatrixMath.stackRows([try attention(0), try attention(1), try attention(2)]) }
+    func qkv() throws(CkptError) -> FloatMatrix { try MatrixMath.stackRows([try attention(0), try attention(1), try attention(2)]) }
     func proj() throws(CkptError) -> FloatMatrix { try attention(3) }
 
     /// M = Cm[:, :, first..<first+4].reshape(d, 4d) row-major: M[a, b·4 + j] = C_{first+j}[a, b].
@@ -208,7 +212,7 @@ struct FacTTucker: Sendable {
         var slices: [FloatMatrix] = []
         for j in 0..<4 { slices.append(try slice(12 * block + 4 + first + j)) }
         let d = slices[0].rows
-        var m = FloatMatrix.zeros(try Shape([d, 4 * d]))
+        var m = try FloatMatrix.zeros(try Shape([d, 4 * d]))
         for a in 0..<d {
             for b in 0..<d {
                 for j in 0..<4 { m.values[a * 4 * d + b * 4 + j] = slices[j].values[a * d + b] }
@@ -220,23 +224,23 @@ struct FacTTucker: Sendable {
     func fc1() throws(CkptError) -> FloatMatrix {
         let m = try interleaved(first: 0), d = m.rows
         var chunks: [FloatMatrix] = []
-        for p in 0..<4 { chunks.append(try factors.sandwich(MatrixMath.transpose(MatrixMath.columns(m, p * d..<(p + 1) * d)))) }
-        return MatrixMath.stackRows(chunks)
+        for p in 0..<4 { chunks.append(try factors.sandwich(try MatrixMath.transpose(try MatrixMath.columns(m, p * d..<(p + 1) * d)))) }
+        return try MatrixMath.stackRows(chunks)
     }
 
     func fc2() throws(CkptError) -> FloatMatrix {
         let m = try interleaved(first: 4), d = m.rows
         var chunks: [FloatMatrix] = []
-        for p in 0..<4 { chunks.append(try factors.sandwich(MatrixMath.columns(m, p * d..<(p + 1) * d))) }
-        return MatrixMath.stackColumns(chunks)
+        for p in 0..<4 { chunks.append(try factors.sandwich(try MatrixMath.columns(m, p * d..<(p + 1) * d))) }
+        return try MatrixMath.stackColumns(chunks)
     }
 }
 
 /// Small dense helpers for factor products (row-major F32).
 enum MatrixMath {
-    static func product(_ a: FloatMatrix, _ b: FloatMatrix, alpha: Float = 1) -> FloatMatrix {
+    static func product(_ a: FloatMatrix, _ b: FloatMatrix, alpha: Float = 1) throws(CkptError) -> FloatMatrix {
         precondition(a.columns == b.rows)
-        var c = FloatMatrix.zeros(try! Shape([a.rows, b.columns]))
+        var c = try FloatMatrix.zeros(try Shape([a.rows, b.columns]))
         a.values.withUnsafeBufferPointer { ap in
             b.values.withUnsafeBufferPointer { bp in
                 c.values.withUnsafeMutableBufferPointer { cp in
@@ -249,29 +253,29 @@ enum MatrixMath {
         return c
     }
 
-    static func transpose(_ m: FloatMatrix) -> FloatMatrix {
-        var t = FloatMatrix.zeros(try! Shape([m.columns, m.rows]))
+    static func transpose(_ m: FloatMatrix) throws(CkptError) -> FloatMatrix {
+        var t = try FloatMatrix.zeros(try Shape([m.columns, m.rows]))
         for r in 0..<m.rows { for c in 0..<m.columns { t.values[c * m.rows + r] = m.values[r * m.columns + c] } }
         return t
     }
 
-    static func rows(_ m: FloatMatrix, _ range: Range<Int>) -> FloatMatrix {
-        FloatMatrix(values: Array(m.values[range.lowerBound * m.columns..<range.upperBound * m.columns]), shape: try! Shape([range.count, m.columns]))
+    static func rows(_ m: FloatMatrix, _ range: Range<Int>) throws(CkptError) -> FloatMatrix {
+        FloatMatrix(values: Array(m.values[range.lowerBound * m.columns..<range.upperBound * m.columns]), shape: try Shape([range.count, m.columns]))
     }
 
-    static func columns(_ m: FloatMatrix, _ range: Range<Int>) -> FloatMatrix {
-        var result = FloatMatrix.zeros(try! Shape([m.rows, range.count]))
+    static func columns(_ m: FloatMatrix, _ range: Range<Int>) throws(CkptError) -> FloatMatrix {
+        var result = try FloatMatrix.zeros(try Shape([m.rows, range.count]))
         for r in 0..<m.rows { for (k, c) in range.enumerated() { result.values[r * range.count + k] = m.values[r * m.columns + c] } }
         return result
     }
 
-    static func stackRows(_ parts: [FloatMatrix]) -> FloatMatrix {
-        FloatMatrix(values: parts.flatMap(\.values), shape: try! Shape([parts.reduce(0) { $0 + $1.rows }, parts[0].columns]))
+    static func stackRows(_ parts: [FloatMatrix]) throws(CkptError) -> FloatMatrix {
+        FloatMatrix(values: parts.flatMap(\.values), shape: try Shape([try CheckedSize.sum(parts.map(\.rows), "stacked rows"), parts[0].columns]))
     }
 
-    static func stackColumns(_ parts: [FloatMatrix]) -> FloatMatrix {
-        let rows = parts[0].rows, total = parts.reduce(0) { $0 + $1.columns }
-        var result = FloatMatrix.zeros(try! Shape([rows, total]))
+    static func stackColumns(_ parts: [FloatMatrix]) throws(CkptError) -> FloatMatrix {
+        let rows = parts[0].rows, total = try CheckedSize.sum(parts.map(\.columns), "stacked columns")
+        var result = try FloatMatrix.zeros(try Shape([rows, total]))
         var offset = 0
         for part in parts {
             for r in 0..<rows { for c in 0..<part.columns { result.values[r * total + offset + c] = part.values[r * part.columns + c] } }

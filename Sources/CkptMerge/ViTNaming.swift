@@ -84,6 +84,9 @@ public struct ViTName: Hashable, Sendable, CustomStringConvertible {
         prefix.split(separator: ".").allSatisfy { wrapperSegments.contains(String($0)) }
     }
 
+    /// The most transformer blocks a name may number (indices 0 ..< 2^20); larger indices are not ViT names.
+    public static let maximumBlocks = 1 << 20
+
     /// Parses a full tensor name; nil when it is not a recognised ViT tensor (a BERT name, an adapter key…).
     public static func parse(_ name: String) -> ViTName? {
         let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
@@ -92,7 +95,8 @@ public struct ViTName: Hashable, Sendable, CustomStringConvertible {
         for container in containers {
             guard parts.count > container.count + 1 else { continue }
             for start in 0...(parts.count - container.count - 1) where Array(parts[start..<start + container.count]) == container {
-                guard let index = Int(parts[start + container.count]), index >= 0,
+                // Block indices are bounded (2^20 blocks) so `index + 1` layer counts cannot overflow.
+                guard let index = Int(parts[start + container.count]), index >= 0, index < ViTName.maximumBlocks,
                     String(index) == parts[start + container.count]
                 else { continue }
                 let rest = parts[(start + container.count + 1)...].joined(separator: ".")

@@ -49,10 +49,11 @@ public enum ViTRenamer {
                 // Fuse at the query's position; key and value are consumed here.
                 guard let k = byKey[ViTName.Key(role: .key(layer), parameter: name.parameter)],
                     let v = byKey[ViTName.Key(role: .value(layer), parameter: name.parameter)],
-                    k.dtype == entry.dtype, v.dtype == entry.dtype, k.shape == entry.shape, v.shape == entry.shape
+                    k.dtype == entry.dtype, v.dtype == entry.dtype, k.shape == entry.shape, v.shape == entry.shape,
+                    entry.shape.rank >= 1
                 else {
                     throw CkptError(
-                        .invalidArgument, "timm fuses q, k and v into attn.qkv, but the matching key/value tensor is missing or differs",
+                        .invalidArgument, "timm fuses q, k and v into attn.qkv, but the matching key/value tensor is missing or differs (or q is a scalar)",
                         path: checkpoint.path, tensor: entry.name)
                 }
                 var dims = entry.shape.dims

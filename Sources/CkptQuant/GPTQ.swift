@@ -42,6 +42,9 @@ public struct GPTQ: Sendable {
     /// input was always zero (zero diagonal) gets a unit diagonal: no information, so plain rounding for it.
     public init(gram: [Float], size: Int, actOrder: Bool = false, tensor: String, path: String) throws(CkptError) {
         precondition(gram.count == size * size && size > 0)
+        // H and its factor (F64), the factor kept in F32: three size² matrices.
+        try MemoryBudget.require(
+            try CheckedSize.product([size, size, 20], "GPTQ matrices"), for: "GPTQ's \(size)×\(size) Hessian", path: path)
         var diagonal = (0..<size).map { Double(gram[$0 * size + $0]) }
         for j in 0..<size where diagonal[j] == 0 { diagonal[j] = 1 }
         // Descending diagonal, ties in column order, so the order is deterministic.
