@@ -27,7 +27,7 @@ public struct OutputFile: ~Copyable {
             }
             // The rename at commit would replace a FIFO, a device node (/dev/null as root) or a socket.
             if !existing.isRegularFile {
-                throw CkptError(.invalidArgument, "output path exists and is not a regular file (\(existing.kind))", path: path)
+                throw CkptError(.invalidArgument, "output path exists and is not a regular file (\(existing.kind.rawValue))", path: path)
             }
             if inputs.contains(where: { $0.sameFile(as: existing) }) {
                 throw CkptError(.sameInputOutput, "output would overwrite an input file", path: path)

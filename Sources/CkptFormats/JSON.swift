@@ -86,9 +86,10 @@ public struct JSONParser {
         return value
     }
 
-    /// A small JSON file (configuration, index), or nil when it does not exist.
+    /// A small JSON file (configuration, index), or nil when nothing exists at `path`. Anything there that is not
+    /// a regular file (a folder named config.json, a FIFO) is an error, not a missing file.
     public static func readFile(_ path: String, maximumBytes: Int = 1 << 20) throws(CkptError) -> JSONValue? {
-        guard let identity = FileIdentity.of(path), !identity.isDirectory else { return nil }
+        guard FileIdentity.of(path) != nil else { return nil }
         let storage = try ByteStorage(mapping: path)
         guard storage.count <= maximumBytes else {
             throw CkptError(.tooLarge, "JSON file is larger than \(maximumBytes) bytes", path: path)
