@@ -1,3 +1,5 @@
+import CkptCore
+import CkptFormats
 import Foundation
 import Testing
 
@@ -73,6 +75,33 @@ struct HostileInputTests {
             #expect(result.stderr.hasPrefix("ckpt: error: "), "\(entry.name): one clear error line\n\(result.stderr)")
             #expect(Self.tree(out) == before, "\(entry.name): an error case wrote into the output folder")
         }
+    }
+
+    @Test("--save-features / --save-logits write the format the file name asks for; another name is a usage error")
+    func savedFormats() throws {
+        let out = CLI.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let model = Self.corpus + "/tiny_vit.safetensors", image = Self.corpus + "/small.png"
+        func run(_ features: String, _ logits: String) throws -> CLI.Result {
+            try CLI.run(["run", model, "--images", image, image, "--save-features", out + "/" + features, "--save-logits", out + "/" + logits])
+        }
+        #expect(try run("f.npy", "l.npy").status == 0)
+        let saved = try run("f.safetensors", "l.npz")
+        #expect(saved.status == 0, "\(saved.stderr)")
+        func tensor(_ file: String, _ name: String) throws -> (dims: [Int], bytes: [UInt8]) {
+            let checkpoint = try Checkpoint.open(out + "/" + file)
+            #expect(checkpoint.format == (file.hasSuffix(".npy") ? .npy : file.hasSuffix(".npz") ? .npz : .safetensors), "\(file)")
+            let entry = try #require(checkpoint.tensors.first { $0.name == name || checkpoint.tensors.count == 1 })
+            #expect(entry.dtype == .f32)
+            return (entry.shape.dims, try entry.load().withUnsafeBytes { Array($0) })
+        }
+        let features = try tensor("f.safetensors", "features"), reference = try tensor("f.npy", "features")
+        #expect(features.dims == [2, 64] && features.dims == reference.dims && features.bytes == reference.bytes)
+        let logits = try tensor("l.npz", "logits"), referenceLogits = try tensor("l.npy", "logits")
+        #expect(logits.dims == [2, 5] && logits.bytes == referenceLogits.bytes)
+        let refused = try CLI.run(["run", model, "--images", image, "--save-features", out + "/f.txt"])
+        #expect(refused.status == 64 && refused.stderr.contains("use .npy, .npz or .safetensors"), "\(refused.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: out + "/f.txt"))
     }
 
     /// Every path under `directory`, relative, sorted.
