@@ -94,6 +94,9 @@ public struct PeftAdapter: Sendable {
 
     public static func open(_ path: String, weight: Double) throws(CkptError) -> PeftAdapter {
         guard let identity = FileIdentity.of(path) else { throw CkptError(.notFound, "no such adapter folder", path: path) }
+        guard identity.isDirectory || identity.isRegularFile else {
+            throw CkptError(.notRegularFile, "is \(identity.kind.rawValue), not an adapter folder or file", path: path)
+        }
         let folder = identity.isDirectory ? path : FilePaths.directory(of: path)
         let configPath = FilePaths.join(folder, "adapter_config.json")
         let weightsPath = FilePaths.join(folder, "adapter_model.safetensors")
