@@ -52,7 +52,7 @@ extension ViTEngine {
         var perBlock = 0
         for site in sites { perBlock = try CheckedSize.sum([perBlock, try CheckedSize.product([widths[site]!, widths[site]!], "Gram matrices")], "Gram matrices") }
         let accumulatorBytes = try CheckedSize.product([model.blocks.count, perBlock, 8], "Gram matrices")
-        let scratchBytes = try CheckedSize.product([c.mlpDim, c.mlpDim, 4, Parallel.coreCount], "Gram matrices")
+        let scratchBytes = try Accumulator.plannedBytes(width: c.mlpDim) - 8 * c.mlpDim * c.mlpDim
         try MemoryBudget.require(
             try CheckedSize.sum([accumulatorBytes, scratchBytes], "Gram matrices"),
             for: "the input Gram matrices of \(model.blocks.count) blocks (D=\(c.dim), MLP \(c.mlpDim))", path: model.path)
@@ -98,6 +98,13 @@ extension ViTEngine {
                     for j in i..<width { sum[i * width + j] += Double(x[i * width + j]) }
                 }
             }
+        }
+
+        /// Memory one accumulation holds at once: the F64 sum, one F32 scratch matrix per core and the full F32
+        /// matrix it returns.
+        static func plannedBytes(width: Int) throws(CkptError) -> Int {
+            let entries = try CheckedSize.product([width, width], "Gram matrix")
+            return try CheckedSize.product([entries, 8 + 4 * Parallel.coreCount + 4], "Gram matrix")
         }
 
         func gram() -> LinearInputGram {
@@ -161,6 +168,16 @@ extension ViTEngine {
         quantize: (LinearLayer, LinearInputGram) throws(CkptError) -> [Float]?
     ) throws(CkptError) {
         let c = model.config, d = c.dim, t = tokens
+        // Planned before anything is allocated: the residual stream, and for the widest layer input its
+        // accumulator, the per-core scratch matrices, the full Gram matrix and GPTQ's matrices (20 bytes per entry).
+        let widest = max(d, c.mlpDim)
+        let what = "sequential calibration"
+        let streamBytes = try CheckedSize.product([count, t, d, 4], what)
+        let layerBytes = try CheckedSize.sum(
+            [try Accumulator.plannedBytes(width: widest), try CheckedSize.product([widest, widest, 20], what)], what)
+        try MemoryBudget.require(
+            try CheckedSize.sum([streamBytes, layerBytes], what),
+            for: "calibrating \(count) images (residual stream \(count) × \(t) × \(d), Gram matrices \(widest)²)", path: model.path)
         let states = try FloatBuffer(count: try CheckedSize.product([count, t, d], "residual stream of \(count) images"))
         let imageFloats = c.channels * imageSize * imageSize
         try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in

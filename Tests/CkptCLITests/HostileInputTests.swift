@@ -42,7 +42,7 @@ struct HostileInputTests {
 
     @Test("the corpus has a case for every class of the sweep")
     func corpusIsComplete() {
-        #expect(Self.cases.count >= 19)
+        #expect(Self.cases.count >= 24)
         #expect(Set(Self.cases.map(\.defectClass)) == ["arithmetic", "memory", "non-regular", "limits", "errors", "config"])
     }
 
