@@ -75,7 +75,7 @@ import Glibc
 #endif
 
 /// FUZZ_VERBOSE=1: print each input's outcome (to check that seeds parse: `fuzz-config -runs=1 fuzz/seeds/config/*`).
-nonisolated(unsafe) let fuzzVerbose = getenv("FUZZ_VERBOSE") != nil
+let fuzzVerbose = getenv("FUZZ_VERBOSE") != nil
 
 func fuzzReport(_ outcome: @autoclosure () -> String) {
     if fuzzVerbose { print("fuzz: \(outcome())") }
