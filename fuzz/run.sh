@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets for the safetensors, .npy, .npz and GGUF parsers and runs them.
+# Builds the libFuzzer targets (the safetensors, .npy, .npz, GGUF and PNG parsers, the JSON configs read next to
+# weights, and whole-command `merge` of a PEFT adapter folder) and runs them.
 #
 #   fuzz/run.sh [TARGET|all] [SECONDS]
 #
-# TARGET: safetensors | numpy | npz | gguf | all (default all). SECONDS per target (default 60); 0 only replays the
+# TARGET: safetensors | numpy | npz | gguf | png | config | merge | all (default all). SECONDS per target (default 60); 0 only replays the
 # seed corpus and regressions once (a quick check that nothing known crashes).
 # Environment: FUZZ_ARGS (extra libFuzzer flags, e.g. "-jobs=4 -workers=4" or "-seed=1"), SWIFTC (compiler),
 # FUZZ_SKIP_REGRESSIONS=1 (do not seed with fuzz/regressions/<target>/, e.g. while a saved crash is unfixed).
@@ -21,10 +22,10 @@ SECONDS_PER_TARGET="${2:-60}"
 MAX_LEN=65536
 
 case "$TARGET" in
-    all) TARGETS=(safetensors numpy npz gguf) ;;
-    safetensors|numpy|npz|gguf) TARGETS=("$TARGET") ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "usage: fuzz/run.sh [safetensors|numpy|npz|gguf|all] [SECONDS]" >&2; exit 2 ;;
+    all) TARGETS=(safetensors numpy npz gguf png config merge) ;;
+    safetensors|numpy|npz|gguf|png|config|merge) TARGETS=("$TARGET") ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: fuzz/run.sh [safetensors|numpy|npz|gguf|png|config|merge|all] [SECONDS]" >&2; exit 2 ;;
 esac
 [[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number" >&2; exit 2; }
 
@@ -33,6 +34,8 @@ esac
 # stable from run to run.
 export SWIFT_BACKTRACE=enable=no
 export SWIFT_DETERMINISTIC_HASHING=1
+# The merge kernels and the ViT engine call OpenBLAS: one thread (the fuzzer is single-threaded per job).
+export OPENBLAS_NUM_THREADS=1
 
 mkdir -p "$OUT/mods" "$OUT/obj" "$OUT/artifacts" "$OUT/logs"
 
@@ -70,14 +73,42 @@ build() {
             Sources/CkptFormats/*.swift -o "$formats_o"
         touch "$formats_o"
     fi
-    local t src exe
+    # CkptMerge and CkptInference (OpenBLAS) only for the targets that call them (config, merge).
+    local merge_o="$OUT/obj/CkptMerge.o" inference_o="$OUT/obj/CkptInference.o" needs_merge=0 needs_inference=0 t
+    for t in "${TARGETS[@]}"; do
+        case "$t" in
+            config) needs_merge=1; needs_inference=1 ;;
+            merge) needs_merge=1 ;;
+        esac
+    done
+    if [[ $needs_merge == 1 ]] && stale "$merge_o" Sources/CkptMerge Sources/CCkptOpenBLAS "$formats_o"; then
+        echo "== building CkptMerge (ASan + fuzzer coverage)"
+        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptMerge -I "$OUT/mods" -I Sources/CCkptZlib -I Sources/CCkptOpenBLAS \
+            -emit-module -emit-module-path "$OUT/mods/CkptMerge.swiftmodule" \
+            Sources/CkptMerge/*.swift -o "$merge_o"
+        touch "$merge_o"
+    fi
+    if [[ $needs_inference == 1 ]] && stale "$inference_o" Sources/CkptInference Sources/CCkptOpenBLAS "$merge_o"; then
+        echo "== building CkptInference (ASan + fuzzer coverage)"
+        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptInference -I "$OUT/mods" -I Sources/CCkptZlib -I Sources/CCkptOpenBLAS \
+            -emit-module -emit-module-path "$OUT/mods/CkptInference.swiftmodule" \
+            Sources/CkptInference/*.swift -o "$inference_o"
+        touch "$inference_o"
+    fi
+    local src exe objs libs
     for t in "${TARGETS[@]}"; do
         read -r -a src <<<"$(source_for "$t")"
         exe="$OUT/fuzz-$t"
-        if stale "$exe" "${src[@]}" fuzz/Support fuzz/CFuzzerHooks "$core_o" "$formats_o"; then
+        objs=("$core_o" "$formats_o")
+        libs=(-lz)
+        case "$t" in
+            config) objs+=("$merge_o" "$inference_o"); libs+=(-lopenblas) ;;
+            merge) objs+=("$merge_o"); libs+=(-lopenblas) ;;
+        esac
+        if stale "$exe" "${src[@]}" fuzz/Support fuzz/CFuzzerHooks "${objs[@]}"; then
             echo "== linking fuzz-$t"
-            "$SWIFTC" "${FLAGS[@]}" -module-name "CkptFuzz_$t" -I "$OUT/mods" -I Sources/CCkptZlib -I fuzz/CFuzzerHooks \
-                fuzz/Support/*.swift "${src[@]}" "$core_o" "$formats_o" -lz -o "$exe"
+            "$SWIFTC" "${FLAGS[@]}" -module-name "CkptFuzz_$t" -I "$OUT/mods" -I Sources/CCkptZlib -I Sources/CCkptOpenBLAS \
+                -I fuzz/CFuzzerHooks fuzz/Support/*.swift "${src[@]}" "${objs[@]}" "${libs[@]}" -o "$exe"
         fi
     done
     flock -u 9
@@ -89,6 +120,9 @@ source_for() {
         numpy) echo fuzz/FuzzNumPy.swift ;;
         npz) echo fuzz/FuzzNPZ.swift fuzz/ZipFixup.swift ;;
         gguf) echo fuzz/FuzzGGUF.swift ;;
+        png) echo fuzz/FuzzPNG.swift fuzz/PNGFixup.swift ;;
+        config) echo fuzz/FuzzConfig.swift fuzz/Folder/FuzzFolder.swift ;;
+        merge) echo fuzz/FuzzMerge.swift fuzz/Folder/FuzzFolder.swift ;;
     esac
 }
 
@@ -103,6 +137,9 @@ seeds_for() {
         numpy) files=(fixtures/npy/*.npy fixtures/malformed/npy_*) ;;
         npz) files=(fixtures/npz/*.npz fixtures/dinov2/*.npz fixtures/malformed/npz_*) ;;
         gguf) files=(fixtures/gguf/*.gguf) ;;
+        png) files=(fixtures/png/*.png) ;;
+        # config and merge inputs carry a selector/length prefix: their seeds are made by fuzz/make_seeds.py from
+        # the fixtures and committed in fuzz/seeds/<target>/.
     esac
     # Saved crashers replay first in every run; FUZZ_SKIP_REGRESSIONS=1 leaves them out (to keep fuzzing while
     # a known crash is still unfixed).
@@ -140,7 +177,9 @@ run_target() {
     before="$(ls "$OUT/artifacts" | grep -c "^$t-" || true)"
     local args=(-max_len=$MAX_LEN -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
                 -artifact_prefix="$OUT/artifacts/$t-")
-    [[ -f "fuzz/dicts/$t.dict" ]] && args+=(-dict="fuzz/dicts/$t.dict")
+    local dict="fuzz/dicts/$t.dict"
+    [[ "$t" == config ]] && dict=fuzz/dicts/json.dict
+    [[ -f "$dict" ]] && args+=(-dict="$dict")
     if [[ "$SECONDS_PER_TARGET" == 0 ]]; then
         echo "== replaying seeds + regressions for $t"
         # Replays each file once (no mutation, corpus unchanged).

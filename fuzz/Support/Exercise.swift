@@ -69,3 +69,14 @@ func fuzzRun(_ data: UnsafePointer<UInt8>, _ size: Int,
         _ = "\(error)"
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// FUZZ_VERBOSE=1: print each input's outcome (to check that seeds parse: `fuzz-config -runs=1 fuzz/seeds/config/*`).
+let fuzzVerbose = getenv("FUZZ_VERBOSE") != nil
+
+func fuzzReport(_ outcome: @autoclosure () -> String) {
+    if fuzzVerbose { print("fuzz: \(outcome())") }
+}
