@@ -60,8 +60,8 @@ func fuzzExercise(_ checkpoint: Checkpoint) {
 @inline(__always)
 func fuzzRun(_ data: UnsafePointer<UInt8>, _ size: Int,
              _ parse: (ByteStorage) throws(CkptError) -> Checkpoint) {
-    let storage = ByteStorage(copying: UnsafeRawBufferPointer(start: data, count: size))
     do {
+        let storage = try ByteStorage(copying: UnsafeRawBufferPointer(start: data, count: size))
         let checkpoint = try parse(storage)
         fuzzExercise(checkpoint)
     } catch {
