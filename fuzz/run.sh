@@ -50,6 +50,18 @@ stale() {
     [[ -n "$(find "$@" -newer "$product" -print -quit 2>/dev/null)" ]]
 }
 
+# module NAME DEPENDENCIES...: compiles Sources/NAME into $OUT/obj/NAME.o (and its .swiftmodule) when stale.
+module() {
+    local name="$1" object="$OUT/obj/$1.o"; shift
+    if stale "$object" "Sources/$name" "$@"; then
+        echo "== building $name (ASan + fuzzer coverage)"
+        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name "$name" -I "$OUT/mods" -I Sources/CCkptZlib -I Sources/CCkptOpenBLAS \
+            -emit-module -emit-module-path "$OUT/mods/$name.swiftmodule" \
+            "Sources/$name"/*.swift -o "$object"
+        touch "$object"
+    fi
+}
+
 build() {
     local core_o="$OUT/obj/CkptCore.o" formats_o="$OUT/obj/CkptFormats.o"
     # One build at a time (two run.sh started together would otherwise write the same objects).
@@ -59,20 +71,8 @@ build() {
     local stamp="$OUT/obj/flags.stamp"
     local flags_now="$("$SWIFTC" --version 2>&1 | head -1) ${FLAGS[*]}"
     [[ -f "$stamp" && "$(cat "$stamp")" == "$flags_now" ]] || { rm -f "$OUT"/obj/*.o; echo "$flags_now" >"$stamp"; }
-    if stale "$core_o" Sources/CkptCore; then
-        echo "== building CkptCore (ASan + fuzzer coverage)"
-        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptCore \
-            -emit-module -emit-module-path "$OUT/mods/CkptCore.swiftmodule" \
-            Sources/CkptCore/*.swift -o "$core_o"
-        touch "$core_o"
-    fi
-    if stale "$formats_o" Sources/CkptFormats Sources/CCkptZlib "$core_o"; then
-        echo "== building CkptFormats (ASan + fuzzer coverage)"
-        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptFormats -I "$OUT/mods" -I Sources/CCkptZlib \
-            -emit-module -emit-module-path "$OUT/mods/CkptFormats.swiftmodule" \
-            Sources/CkptFormats/*.swift -o "$formats_o"
-        touch "$formats_o"
-    fi
+    module CkptCore
+    module CkptFormats Sources/CCkptZlib "$core_o"
     # CkptMerge and CkptInference (OpenBLAS) only for the targets that call them (config, merge).
     local merge_o="$OUT/obj/CkptMerge.o" inference_o="$OUT/obj/CkptInference.o" needs_merge=0 needs_inference=0 t
     for t in "${TARGETS[@]}"; do
@@ -81,20 +81,8 @@ build() {
             merge) needs_merge=1 ;;
         esac
     done
-    if [[ $needs_merge == 1 ]] && stale "$merge_o" Sources/CkptMerge Sources/CCkptOpenBLAS "$formats_o"; then
-        echo "== building CkptMerge (ASan + fuzzer coverage)"
-        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptMerge -I "$OUT/mods" -I Sources/CCkptZlib -I Sources/CCkptOpenBLAS \
-            -emit-module -emit-module-path "$OUT/mods/CkptMerge.swiftmodule" \
-            Sources/CkptMerge/*.swift -o "$merge_o"
-        touch "$merge_o"
-    fi
-    if [[ $needs_inference == 1 ]] && stale "$inference_o" Sources/CkptInference Sources/CCkptOpenBLAS "$merge_o"; then
-        echo "== building CkptInference (ASan + fuzzer coverage)"
-        "$SWIFTC" -c -wmo "${FLAGS[@]}" -module-name CkptInference -I "$OUT/mods" -I Sources/CCkptZlib -I Sources/CCkptOpenBLAS \
-            -emit-module -emit-module-path "$OUT/mods/CkptInference.swiftmodule" \
-            Sources/CkptInference/*.swift -o "$inference_o"
-        touch "$inference_o"
-    fi
+    [[ $needs_merge == 1 ]] && module CkptMerge Sources/CCkptOpenBLAS "$formats_o"
+    [[ $needs_inference == 1 ]] && module CkptInference Sources/CCkptOpenBLAS "$merge_o"
     local src exe objs libs
     for t in "${TARGETS[@]}"; do
         read -r -a src <<<"$(source_for "$t")"
