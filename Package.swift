@@ -5,7 +5,7 @@ import PackageDescription
 let package = Package(
     name: "ckpt",
     products: [
-        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant"]),
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptKernels", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant"]),
         .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
@@ -24,25 +24,29 @@ let package = Package(
         ),
         // DTypes, shapes, byte storage (mmap / owned), dtype conversion kernels, errors, atomic output files.
         .target(name: "CkptCore"),
+        // The numeric kernels every module shares: the one OpenBLAS wrapper and thread policy, owned F32 buffers, and the
+        // vectorised element-wise kernels (exp, GELU, softmax, LayerNorm and their backward).
+        .target(name: "CkptKernels", dependencies: ["CkptCore", "CCkptOpenBLAS"]),
         // safetensors (single + sharded), .npy, .npz (zip + deflate): readers and writers.
         .target(name: "CkptFormats", dependencies: ["CkptCore", "CCkptZlib"]),
         // Tensor comparison metrics (diff) on OpenBLAS.
-        .target(name: "CkptAnalysis", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
+        .target(name: "CkptAnalysis", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CCkptOpenBLAS"]),
         // Adapter merging (PEFT LoRA/DoRA, SSF, BitFit, FacT) and ViT key naming (timm ⇄ HF).
-        .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CCkptOpenBLAS"]),
+        .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CkptKernels"]),
         // The ViT forward pass on OpenBLAS (run, eval): timm/HF ViT and DINOv2, image preprocessing, metrics.
-        .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
+        .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CkptMerge"]),
         // Weight-only quantization (RTN, MSE clipping, HQQ, GPTQ error compensation) and the quantized writers (MLX, GGUF, compressed-tensors).
         // GPTQ error compensation solves with LAPACK's Cholesky from OpenBLAS.
-        .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
+        .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CkptMerge", "CCkptOpenBLAS"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [
-                "CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant",
+                "CkptCore", "CkptKernels", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "CkptCoreTests", dependencies: ["CkptCore"]),
+        .testTarget(name: "CkptKernelsTests", dependencies: ["CkptCore", "CkptKernels"]),
         .testTarget(name: "CkptFormatsTests", dependencies: ["CkptCore", "CkptFormats", "CCkptZlib"]),
         .testTarget(name: "CkptCLITests", dependencies: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
         .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),

@@ -1,6 +1,7 @@
 import CCkptOpenBLAS
 import CkptCore
 import CkptFormats
+import CkptKernels
 import Dispatch
 
 /// How one tensor differs between two checkpoints. Values are compared in double precision, whatever the dtypes.
@@ -53,18 +54,17 @@ public enum Comparison {
         defer { results.deallocate() }
         nonisolated(unsafe) let slots = results
         // One tensor per worker; BLAS stays single-threaded inside each so the two pools do not fight.
-        let previousThreads = openblas_get_num_threads()
-        openblas_set_num_threads(1)
-        defer { openblas_set_num_threads(previousThreads) }
         let next = Counter()
-        DispatchQueue.concurrentPerform(iterations: min(Parallel.coreCount, max(pairs.count, 1))) { _ in
-            while true {
-                let i = next.take()
-                guard i < pairs.count else { return }
-                do throws(CkptError) {
-                    slots[i] = .success(try compare(pairs[i].0, pairs[i].1))
-                } catch {
-                    slots[i] = .failure(error)
+        BLAS.withThreads(1) {
+            DispatchQueue.concurrentPerform(iterations: min(Parallel.coreCount, max(pairs.count, 1))) { _ in
+                while true {
+                    let i = next.take()
+                    guard i < pairs.count else { return }
+                    do throws(CkptError) {
+                        slots[i] = .success(try compare(pairs[i].0, pairs[i].1))
+                    } catch {
+                        slots[i] = .failure(error)
+                    }
                 }
             }
         }

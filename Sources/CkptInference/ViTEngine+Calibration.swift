@@ -1,5 +1,5 @@
-import CCkptOpenBLAS
 import CkptCore
+import CkptKernels
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -86,7 +86,7 @@ extension ViTEngine {
         static func gram(of x: UnsafePointer<Float>, rows: Int, width: Int, _ add: (UnsafePointer<Float>) -> Void) {
             let scratch = UnsafeMutablePointer<Float>.allocate(capacity: width * width)
             defer { scratch.deallocate() }
-            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(width), Int32(rows), 1, x, Int32(width), 0, scratch, Int32(width))
+            BLAS.gramUpper(x, rows: rows, columns: width, scratch, beta: 0)
             add(scratch)
         }
 
@@ -191,18 +191,18 @@ extension ViTEngine {
                 let rows = n * t
                 switch input {
                 case .attention, .projection:
-                    ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
+                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
                     if input == .attention { return UnsafePointer(ws.h.pointer) }
                     selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
                     return UnsafePointer(ws.attention.pointer)
                 case .mlp:
-                    ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
+                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
                     selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
                     addProjection(block, input: ws.attention.pointer, to: x, rows: rows)
-                    ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
+                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
                     return UnsafePointer(ws.h.pointer)
                 case .mlpHidden:
-                    ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
+                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
                     mlpHidden(block, input: ws.h.pointer, rows: rows, workspace: ws)
                     return UnsafePointer(ws.hidden.pointer)
                 }

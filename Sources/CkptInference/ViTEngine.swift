@@ -1,5 +1,5 @@
-import CCkptOpenBLAS
 import CkptCore
+import CkptKernels
 import Dispatch
 import Synchronization
 
@@ -142,9 +142,7 @@ public final class ViTEngine: Sendable {
         let batchCount = (count + perBatch - 1) / perBatch
         let (workerCount, batchSize) = (workers, perBatch)
         let failure = Mutex<CkptError?>(nil)  // the first error any worker throws
-        let previousThreads = openblas_get_num_threads()
-        openblas_set_num_threads(workerCount == 1 ? Int32(Parallel.coreCount) : 1)
-        defer { openblas_set_num_threads(previousThreads) }
+        BLAS.withThreads(workerCount == 1 ? Parallel.coreCount : 1) {
         DispatchQueue.concurrentPerform(iterations: workerCount) { worker in
             let workspace: Workspace
             do throws(CkptError) {
@@ -165,6 +163,7 @@ public final class ViTEngine: Sendable {
                 batch += workerCount
             }
         }
+        }
         if let error = failure.withLock({ $0 }) { throw error }
     }
 
@@ -179,19 +178,19 @@ public final class ViTEngine: Sendable {
         embed(images: images, count: n, workspace: ws, into: ws.x.pointer)
         for (index, block) in model.blocks.enumerated() {
             let x = ws.x.pointer
-            ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
+            Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
             observe?(index, .attention, ws.h.pointer, rows, d)
             selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
             observe?(index, .projection, ws.attention.pointer, rows, d)
             addProjection(block, input: ws.attention.pointer, to: x, rows: rows)
-            ViTKernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
+            Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
             observe?(index, .mlp, ws.h.pointer, rows, d)
             mlpHidden(block, input: ws.h.pointer, rows: rows, workspace: ws)
             observe?(index, .mlpHidden, ws.hidden.pointer, rows, c.mlpDim)
             addMLPOutput(block, input: ws.hidden.pointer, to: x, rows: rows)
         }
         for i in 0..<n {
-            ViTKernels.layerNorm(ws.x.pointer + i * t * d, output + i * d, rows: 1, width: d, gamma: model.finalNormWeight.pointer,
+            Kernels.layerNorm(ws.x.pointer + i * t * d, output + i * d, rows: 1, width: d, gamma: model.finalNormWeight.pointer,
                 beta: model.finalNormBias.pointer, eps: c.eps)
         }
     }
@@ -202,7 +201,7 @@ public final class ViTEngine: Sendable {
         let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
         // Patch embedding: im2col is a pure reshape (stride = kernel), then one GEMM for all images.
         patchify(images, count: n, into: ws.patches.pointer)
-        ViTKernels.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
+        BLAS.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
             m: n * g2, n: d, k: k, beta: 0)
         for i in 0..<n {
             let base = x + i * t * d
@@ -217,16 +216,16 @@ public final class ViTEngine: Sendable {
         let c = model.config
         let d = c.dim, t = tokens, rows = n * t, heads = c.heads, hd = c.headDim
         let scale = 1 / Float(hd).squareRoot()
-        ViTKernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
-        ViTKernels.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
+        Kernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
+        BLAS.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
         for i in 0..<n {
             let qkv = ws.qkv.pointer + i * t * 3 * d
             let out = ws.attention.pointer + i * t * d
             for head in 0..<heads {
                 let q = qkv + head * hd, key = qkv + d + head * hd, v = qkv + 2 * d + head * hd
-                ViTKernels.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, ws.scores.pointer, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
-                ViTKernels.softmaxRows(ws.scores.pointer, rows: t, width: t, stride: t)
-                ViTKernels.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
+                BLAS.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, ws.scores.pointer, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
+                Kernels.softmaxRows(ws.scores.pointer, rows: t, width: t, stride: t)
+                BLAS.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
             }
         }
     }
@@ -234,23 +233,23 @@ public final class ViTEngine: Sendable {
     /// x += attention output projection of `input` (LayerScale folded in).
     func addProjection(_ block: ViTBlock, input: UnsafePointer<Float>, to x: UnsafeMutablePointer<Float>, rows: Int) {
         let d = model.config.dim
-        ViTKernels.addRows(x, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
-        ViTKernels.gemmTransposedB(input, lda: d, block.projectionWeight.pointer, ldb: d, x, ldc: d, m: rows, n: d, k: d, beta: 1)
+        Kernels.addRows(x, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
+        BLAS.gemmTransposedB(input, lda: d, block.projectionWeight.pointer, ldb: d, x, ldc: d, m: rows, n: d, k: d, beta: 1)
     }
 
     /// GELU(fc1(`input`)) into `ws.hidden`.
     func mlpHidden(_ block: ViTBlock, input: UnsafePointer<Float>, rows: Int, workspace ws: Workspace) {
         let c = model.config
-        ViTKernels.gemmTransposedB(input, lda: c.dim, block.fc1Weight.pointer, ldb: c.dim, ws.hidden.pointer, ldc: c.mlpDim,
+        BLAS.gemmTransposedB(input, lda: c.dim, block.fc1Weight.pointer, ldb: c.dim, ws.hidden.pointer, ldc: c.mlpDim,
             m: rows, n: c.mlpDim, k: c.dim, beta: 0)
-        ViTKernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
+        Kernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
     }
 
     /// x += fc2(`input`) (LayerScale folded in).
     func addMLPOutput(_ block: ViTBlock, input: UnsafePointer<Float>, to x: UnsafeMutablePointer<Float>, rows: Int) {
         let c = model.config
-        ViTKernels.addRows(x, rows: rows, width: c.dim, stride: c.dim, bias: block.fc2Bias.pointer)
-        ViTKernels.gemmTransposedB(input, lda: c.mlpDim, block.fc2Weight.pointer, ldb: c.mlpDim, x, ldc: c.dim,
+        Kernels.addRows(x, rows: rows, width: c.dim, stride: c.dim, bias: block.fc2Bias.pointer)
+        BLAS.gemmTransposedB(input, lda: c.mlpDim, block.fc2Weight.pointer, ldb: c.mlpDim, x, ldc: c.dim,
             m: rows, n: c.dim, k: c.mlpDim, beta: 1)
     }
 

@@ -1,24 +1,9 @@
 import CkptCore
 import CkptFormats
+import CkptKernels
 import CkptMerge
 
-/// F32 values owned by one allocation (mmap'd when large), released in `deinit`. Shared read-only by the workers.
-final class FloatBuffer: @unchecked Sendable {
-    let pointer: UnsafeMutablePointer<Float>
-    let count: Int
-
-    init(count: Int) throws(CkptError) {
-        self.count = count
-        let raw = try LargeAllocation.allocate(max(count, 1) * MemoryLayout<Float>.stride)
-        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
-        pointer.initialize(repeating: 0, count: max(count, 1))
-    }
-
-    convenience init(_ values: [Float]) throws(CkptError) {
-        try self.init(count: values.count)
-        values.withUnsafeBufferPointer { pointer.update(from: $0.baseAddress!, count: values.count) }
-    }
-
+extension FloatBuffer {
     /// The tensor decoded to F32 (F16/BF16/F8 exactly, F64 rounded once); the mapped pages are released afterwards.
     convenience init(entry: TensorEntry) throws(CkptError) {
         guard entry.dtype.isConvertibleFloat else {
@@ -34,9 +19,6 @@ final class FloatBuffer: @unchecked Sendable {
         }
     }
 
-    deinit { LargeAllocation.deallocate(UnsafeMutableRawPointer(pointer), count: max(count, 1) * MemoryLayout<Float>.stride) }
-
-    var values: [Float] { Array(UnsafeBufferPointer(start: pointer, count: count)) }
 }
 
 /// One pre-norm transformer block, ready for the forward pass: q/k/v fused into one [3D × D] weight (HF stores
@@ -121,8 +103,8 @@ public struct LinearHead: Sendable {
         guard n > 0 else { return out }
         features.withUnsafeBufferPointer { f in
             out.withUnsafeMutableBufferPointer { o in
-                ViTKernels.fillRows(o.baseAddress!, rows: n, width: classes, stride: classes, with: bias.pointer)
-                ViTKernels.gemmTransposedB(f.baseAddress!, lda: width, weight.pointer, ldb: width, o.baseAddress!, ldc: classes,
+                Kernels.fillRows(o.baseAddress!, rows: n, width: classes, stride: classes, with: bias.pointer)
+                BLAS.gemmTransposedB(f.baseAddress!, lda: width, weight.pointer, ldb: width, o.baseAddress!, ldc: classes,
                     m: n, n: classes, k: width, beta: 1)
             }
         }

@@ -1,5 +1,5 @@
-import CCkptOpenBLAS
 import CkptCore
+import CkptKernels
 import CkptFormats
 
 /// A tensor as F32 values in C order, viewed as a matrix of `rows` × `columns` (rows = first dimension).
@@ -62,7 +62,7 @@ extension TensorEntry {
 /// The arithmetic of merging, in F32 with F64 where a reduction needs it (norms, the SSF bias).
 enum MergeKernels {
     /// Rank-r updates gain nothing from OpenBLAS's second thread, which would only spin against the writer.
-    static func useSingleThreadedBLAS() { openblas_set_num_threads(1) }
+    static func useSingleThreadedBLAS() { BLAS.useSingleThread() }
 
     /// C[rows × n] += alpha · op(A) · op(B), row-major, through OpenBLAS sgemm.
     static func addProduct(
@@ -70,9 +70,7 @@ enum MergeKernels {
         a: UnsafePointer<Float>, lda: Int, transposeA: Bool, b: UnsafePointer<Float>, ldb: Int, transposeB: Bool, ldc: Int
     ) {
         guard m > 0, n > 0, k > 0 else { return }
-        cblas_sgemm(
-            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
-            Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), 1, c, Int32(ldc))
+        BLAS.gemm(a, lda: lda, transposeA: transposeA, b, ldb: ldb, transposeB: transposeB, c, ldc: ldc, m: m, n: n, k: k, alpha: alpha, beta: 1)
     }
 
     /// Euclidean norm of each row (`alongRows`) or each column of a rows × columns matrix, accumulated in F64.

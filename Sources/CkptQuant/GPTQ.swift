@@ -1,5 +1,6 @@
 import CCkptOpenBLAS
 import CkptCore
+import CkptKernels
 
 /// GPTQ error compensation (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 /// Transformers", 2023): the columns of a `[rows, cols]` weight matrix are rounded one at a time, and each column's
@@ -95,11 +96,10 @@ public struct GPTQ: Sendable {
         let groupSize = settings.groupSize ?? cols
         precondition(cols % groupSize == 0 && (groupSize == cols || Self.blockColumns % groupSize == 0))
         let quantizer = GroupQuantizer(settings)
-        let previousThreads = openblas_get_num_threads()
-        openblas_set_num_threads(1)
-        defer { openblas_set_num_threads(previousThreads) }
         nonisolated(unsafe) let out = (weights, codes, scales, offsets)
         let order = self.order
+        // One GEMM thread per worker: the workers split the rows.
+        BLAS.withThreads(1) {
         factor.withUnsafeBufferPointer { factorBuffer in
             nonisolated(unsafe) let u = factorBuffer.baseAddress!
             // Enough rows per worker that the trailing GEMMs stay efficient.
@@ -107,6 +107,7 @@ public struct GPTQ: Sendable {
                 Self.quantizeRows(range, original: out.0, cols: cols, groupSize: groupSize, factor: u, order: order, quantizer: quantizer,
                     source: source, codes: out.1, scales: out.2, offsets: out.3)
             }
+        }
         }
     }
 
@@ -179,8 +180,8 @@ public struct GPTQ: Sendable {
             }
             if end < cols {
                 // W[:, end...] -= E · U[start..<end, end...]
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(cols - end), Int32(end - start),
-                    -1, errors, Int32(block), u + start * cols + end, Int32(cols), 1, work + end, Int32(cols))
+                BLAS.gemm(errors, lda: block, u + start * cols + end, ldb: cols, work + end, ldc: cols,
+                    m: n, n: cols - end, k: end - start, alpha: -1, beta: 1)
             }
             start = end
         }

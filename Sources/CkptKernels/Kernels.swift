@@ -1,28 +1,26 @@
-import CCkptOpenBLAS
-
-/// The element-wise and row-wise kernels of the ViT forward pass, written on `SIMD8<Float>` so they vectorise on
+/// The element-wise and row-wise kernels of the ViT forward and backward passes, written on `SIMD8<Float>` so they vectorise on
 /// baseline x86-64 (libm's `expf`/`erff` are scalar calls and would cost as much as the GEMMs around them).
-enum ViTKernels {
-    typealias V = SIMD8<Float>
+package enum Kernels {
+    package typealias V = SIMD8<Float>
 
     @inline(__always)
-    static func load(_ p: UnsafePointer<Float>) -> V { UnsafeRawPointer(p).loadUnaligned(as: V.self) }
+    package static func load(_ p: UnsafePointer<Float>) -> V { UnsafeRawPointer(p).loadUnaligned(as: V.self) }
 
     @inline(__always)
-    static func store(_ v: V, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self) }
+    package static func store(_ v: V, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self) }
 
     // The standard library's pointwiseMin/Max and clamped(…) are generic calls here, not inlined vector ops.
     @inline(__always)
-    static func maximum(_ a: V, _ b: V) -> V { a.replacing(with: b, where: a .< b) }
+    package static func maximum(_ a: V, _ b: V) -> V { a.replacing(with: b, where: a .< b) }
 
     @inline(__always)
-    static func minimum(_ a: V, _ b: V) -> V { a.replacing(with: b, where: b .< a) }
+    package static func minimum(_ a: V, _ b: V) -> V { a.replacing(with: b, where: b .< a) }
 
     /// e^x for 8 lanes: 2^k · p(r) with k = round(x·log2 e), r = x − k·ln 2 (two-part ln 2), p a degree-6 Taylor
     /// polynomial (|r| ≤ ln2/2, so the truncation error is ≤ 1.3e-7 relative). Inputs are clamped to
     /// [−87.3, 88.7]; below that the result is ~1e-38 instead of a denormal or zero, which no caller can tell apart.
     @inline(__always)
-    static func exp(_ x: V) -> V {
+    package static func exp(_ x: V) -> V {
         let magic: Float = 12_582_912  // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits
         let xc = minimum(maximum(x, V(repeating: -87.3)), V(repeating: 88.7))
         let shifted = xc * 1.442_695_04 + magic
@@ -45,7 +43,7 @@ enum ViTKernels {
     /// Chebyshev fit of Numerical Recipes' `erfcc`, t·exp(−z² + P(t)) with t = 1/(1 + z/2), whose error is below
     /// 1.2e-7 *relative* for every z, so both Φ(x) = 1 − q/2 (x ≥ 0) and the far negative tail q/2 stay accurate.
     @inline(__always)
-    static func gelu(_ x: V) -> V {
+    package static func gelu(_ x: V) -> V {
         let magnitude = unsafeBitCast(unsafeBitCast(x, to: SIMD8<UInt32>.self) & 0x7FFF_FFFF, to: V.self)
         let z = magnitude * 0.707_106_78
         let t = 1 / (1 + 0.5 * z)
@@ -64,30 +62,38 @@ enum ViTKernels {
         return x * phi
     }
 
-    /// y[i] = gelu(y[i] + bias[i % width]) over `rows` rows of `width` values (the fc1 bias fused into GELU).
-    static func biasGELU(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, bias: UnsafePointer<Float>) {
+    /// y[i] = gelu(y[i] + bias[i % width]) over `rows` rows of `width` values (the fc1 bias fused into GELU). With
+    /// `output`, `y` keeps the pre-activation y + bias (what the backward pass needs) and the GELU goes to `output`.
+    package static func biasGELU(
+        _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, bias: UnsafePointer<Float>, output: UnsafeMutablePointer<Float>? = nil
+    ) {
         let vectorEnd = width & ~7
         for r in 0..<rows {
             let row = y + r * width
+            let out = (output ?? y) + r * width
             var i = 0
             while i < vectorEnd {
-                store(gelu(load(row + i) + load(bias + i)), row + i)
+                let pre = load(row + i) + load(bias + i)
+                if output != nil { store(pre, row + i) }
+                store(gelu(pre), out + i)
                 i += 8
             }
             while i < width {  // tail: pad one vector with zeros
                 var lane = V.zero
                 lane[0] = row[i] + bias[i]
-                row[i] = gelu(lane)[0]
+                if output != nil { row[i] = lane[0] }
+                out[i] = gelu(lane)[0]
                 i += 1
             }
         }
     }
 
     /// Per-row LayerNorm over `width` values: y = (x − μ)/√(σ² + ε)·γ + β, two-pass in F32 with 8-lane partial
-    /// sums (the same order of error as a pairwise sum at these widths).
-    static func layerNorm(
+    /// sums (the same order of error as a pairwise sum at these widths). With `statistics`, each row's μ and
+    /// 1/√(σ² + ε) are stored there as [rows × 2] for the backward pass.
+    package static func layerNorm(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int,
-        gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, eps: Float
+        gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, eps: Float, statistics: UnsafeMutablePointer<Float>? = nil
     ) {
         let vectorEnd = width & ~7
         let inverseWidth = 1 / Float(width)
@@ -106,6 +112,10 @@ enum ViTKernels {
             var squares = acc2.sum()
             while i < width { let d = row[i] - mean; squares += d * d; i += 1 }
             let inverseStd = 1 / (squares * inverseWidth + eps).squareRoot()
+            if let statistics {
+                statistics[2 * r] = mean
+                statistics[2 * r + 1] = inverseStd
+            }
             i = 0
             while i < vectorEnd {
                 store((load(row + i) - mean) * inverseStd * load(gamma + i) + load(beta + i), out + i)
@@ -117,7 +127,7 @@ enum ViTKernels {
 
     /// Row-wise softmax in place over `rows` rows of `width` values with leading dimension `stride`; the row maximum
     /// is subtracted first so no exponent overflows.
-    static func softmaxRows(_ s: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
+    package static func softmaxRows(_ s: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
         let vectorEnd = width & ~7
         for r in 0..<rows {
             let row = s + r * stride
@@ -152,12 +162,12 @@ enum ViTKernels {
 
     /// Copies `bias` into each of `rows` rows of `y` (leading dimension `stride`), so a following sgemm with
     /// β = 1 adds the product to it.
-    static func fillRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, with bias: UnsafePointer<Float>) {
+    package static func fillRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, with bias: UnsafePointer<Float>) {
         for r in 0..<rows { (y + r * stride).update(from: bias, count: width) }
     }
 
     /// y[r] += bias for each row.
-    static func addRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, bias: UnsafePointer<Float>) {
+    package static func addRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, bias: UnsafePointer<Float>) {
         let vectorEnd = width & ~7
         for r in 0..<rows {
             let row = y + r * stride
@@ -165,23 +175,5 @@ enum ViTKernels {
             while i < vectorEnd { store(load(row + i) + load(bias + i), row + i); i += 8 }
             while i < width { row[i] += bias[i]; i += 1 }
         }
-    }
-
-    /// C[m × n] = α·A[m × k]·B[n × k]ᵀ + β·C, row-major (PyTorch's [out, in] weight layout for B).
-    @inline(__always)
-    static func gemmTransposedB(
-        _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, _ c: UnsafeMutablePointer<Float>, ldc: Int,
-        m: Int, n: Int, k: Int, alpha: Float = 1, beta: Float
-    ) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
-    }
-
-    /// C[m × n] = A[m × k]·B[k × n] + β·C, row-major.
-    @inline(__always)
-    static func gemm(
-        _ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, _ c: UnsafeMutablePointer<Float>, ldc: Int,
-        m: Int, n: Int, k: Int, beta: Float
-    ) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
     }
 }

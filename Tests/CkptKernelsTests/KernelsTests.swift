@@ -2,22 +2,22 @@
 import Glibc
 #endif
 import Testing
-@testable import CkptInference
+@testable import CkptKernels
 
 /// The vectorised kernels against float64 libm references.
-@Suite struct ViTKernelsTests {
+@Suite struct KernelsTests {
     @Test func expMatchesLibmAcrossTheRange() {
         var worst: Double = 0
         var x: Float = -87
         while x < 88 {
-            let got = Double(ViTKernels.exp(SIMD8(repeating: x))[3])
+            let got = Double(Kernels.exp(SIMD8(repeating: x))[3])
             let want = Glibc.exp(Double(x))
             worst = max(worst, abs(got - want) / want)
             x += 0.0371
         }
         #expect(worst < 3e-7, "worst relative error \(worst)")
         // Far below the clamp the result is tiny and positive, never NaN.
-        let tiny = ViTKernels.exp(SIMD8(repeating: -1000))[0]
+        let tiny = Kernels.exp(SIMD8(repeating: -1000))[0]
         #expect(tiny >= 0 && tiny < 1e-37)
     }
 
@@ -25,7 +25,7 @@ import Testing
         var worstAbsolute: Double = 0
         var x: Float = -12
         while x <= 12 {
-            let got = Double(ViTKernels.gelu(SIMD8(repeating: x))[5])
+            let got = Double(Kernels.gelu(SIMD8(repeating: x))[5])
             let xd = Double(x)
             let want = 0.5 * xd * (1 + erf(xd / 2.0.squareRoot()))
             // Error scaled by max(1, |x|): erfc is approximated to 1.2e-7 relative.
@@ -34,7 +34,7 @@ import Testing
         }
         #expect(worstAbsolute < 2e-7, "worst scaled error \(worstAbsolute)")
         // Deep in the negative tail GELU is tiny but keeps its relative accuracy (no 1 − erf cancellation).
-        let tail = Double(ViTKernels.gelu(SIMD8(repeating: -5))[0])
+        let tail = Double(Kernels.gelu(SIMD8(repeating: -5))[0])
         let exact = 0.5 * -5.0 * erfc(5.0 / 2.0.squareRoot())
         #expect(abs(tail - exact) / abs(exact) < 1e-6, "gelu(-5) = \(tail), exact \(exact)")
     }
@@ -46,7 +46,7 @@ import Testing
         let bias = (0..<width).map { Float($0) * 0.1 }
         let input = y
         y.withUnsafeMutableBufferPointer { yp in
-            bias.withUnsafeBufferPointer { ViTKernels.biasGELU(yp.baseAddress!, rows: rows, width: width, bias: $0.baseAddress!) }
+            bias.withUnsafeBufferPointer { Kernels.biasGELU(yp.baseAddress!, rows: rows, width: width, bias: $0.baseAddress!) }
         }
         for i in 0..<(rows * width) {
             let v = Double(input[i] + bias[i % width])
@@ -63,7 +63,7 @@ import Testing
         var y = [Float](repeating: 0, count: rows * width)
         x.withUnsafeBufferPointer { xp in
             y.withUnsafeMutableBufferPointer { yp in
-                ViTKernels.layerNorm(xp.baseAddress!, yp.baseAddress!, rows: rows, width: width, gamma: gamma, beta: beta, eps: 1e-6)
+                Kernels.layerNorm(xp.baseAddress!, yp.baseAddress!, rows: rows, width: width, gamma: gamma, beta: beta, eps: 1e-6)
             }
         }
         for r in 0..<rows {
@@ -81,7 +81,7 @@ import Testing
         let rows = 3, width = 19, stride = 21
         var s = (0..<(rows * stride)).map { Float(cos(Double($0) * 0.9)) * 30 }
         let input = s
-        s.withUnsafeMutableBufferPointer { ViTKernels.softmaxRows($0.baseAddress!, rows: rows, width: width, stride: stride) }
+        s.withUnsafeMutableBufferPointer { Kernels.softmaxRows($0.baseAddress!, rows: rows, width: width, stride: stride) }
         for r in 0..<rows {
             let row = (0..<width).map { Double(input[r * stride + $0]) }
             let m = row.max()!
