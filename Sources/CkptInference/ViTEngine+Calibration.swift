@@ -185,27 +185,20 @@ extension ViTEngine {
             self.embed(images: ws.images.pointer, count: n, workspace: ws, into: states.pointer + first * t * d)
         }
         for (index, block) in model.blocks.enumerated() {
-            /// Runs the part of the block a stage needs on the micro-batch's residual rows `x` and returns the
-            /// Linear input it reaches; `.mlp` also adds the (final) attention branch into `x`.
+            /// Runs the stages of the block that lead to a Linear input on the micro-batch's residual rows `x` and
+            /// returns that input. Reaching `.mlp` also adds the (final) attention branch into `x`; `.mlpHidden` starts
+            /// from the block's middle, which `.mlp` left in `x`.
             @Sendable func reach(_ input: LinearInput, _ x: UnsafeMutablePointer<Float>, _ n: Int, _ ws: Workspace) -> UnsafePointer<Float> {
-                let rows = n * t
+                let stages: ArraySlice<BlockStage>
                 switch input {
-                case .attention, .projection:
-                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
-                    if input == .attention { return UnsafePointer(ws.h.pointer) }
-                    selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
-                    return UnsafePointer(ws.attention.pointer)
-                case .mlp:
-                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
-                    selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
-                    addProjection(block, input: ws.attention.pointer, to: x, rows: rows)
-                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
-                    return UnsafePointer(ws.h.pointer)
-                case .mlpHidden:
-                    Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
-                    mlpHidden(block, input: ws.h.pointer, rows: rows, workspace: ws)
-                    return UnsafePointer(ws.hidden.pointer)
+                case .attention: stages = [.norm1]
+                case .projection: stages = [.norm1, .attention]
+                case .mlp: stages = [.norm1, .attention, .projection, .norm2]
+                case .mlpHidden: stages = [.norm2, .mlpHidden]
                 }
+                let buffers = ws.stageBuffers
+                for stage in stages { run(stage, block, x: x, count: n, buffers) }
+                return buffers.linearInput(input)
             }
             for input in LinearInput.allCases {
                 let width = input == .mlpHidden ? c.mlpDim : d
@@ -224,8 +217,8 @@ extension ViTEngine {
             // The MLP branch with the quantized fc1/fc2 completes the block's output.
             try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
                 let x = states.pointer + first * t * d
-                let hidden = reach(.mlpHidden, x, n, ws)
-                self.addMLPOutput(block, input: hidden, to: x, rows: n * t)
+                _ = reach(.mlpHidden, x, n, ws)
+                self.run(.mlpOutput, block, x: x, count: n, ws.stageBuffers)
             }
         }
     }

@@ -68,6 +68,12 @@ public final class ViTEngine: Sendable {
             self.images = try FloatBuffer(count: f.images)
         }
 
+        /// The reused scratch as stage buffers (one score matrix for every image and head).
+        var stageBuffers: StageBuffers {
+            StageBuffers(normalized: h.pointer, qkv: qkv.pointer, probabilities: scores.pointer, probabilityStride: 0,
+                attention: attention.pointer, hidden: hidden.pointer)
+        }
+
         /// The float count of each buffer, overflow-checked (the sizes come from the model file and the flags).
         static func floats(config c: ViTConfig, imageSize: Int, images: Int) throws(CkptError)
             -> (x: Int, qkv: Int, hidden: Int, scores: Int, patches: Int, images: Int)
@@ -174,24 +180,103 @@ public final class ViTEngine: Sendable {
     ) {
         let c = model.config
         let d = c.dim, t = tokens
-        let rows = n * t
         embed(images: images, count: n, workspace: ws, into: ws.x.pointer)
+        let buffers = ws.stageBuffers
         for (index, block) in model.blocks.enumerated() {
-            let x = ws.x.pointer
-            Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer, eps: c.eps)
-            observe?(index, .attention, ws.h.pointer, rows, d)
-            selfAttention(block, input: ws.h.pointer, count: n, workspace: ws)
-            observe?(index, .projection, ws.attention.pointer, rows, d)
-            addProjection(block, input: ws.attention.pointer, to: x, rows: rows)
-            Kernels.layerNorm(x, ws.h.pointer, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer, eps: c.eps)
-            observe?(index, .mlp, ws.h.pointer, rows, d)
-            mlpHidden(block, input: ws.h.pointer, rows: rows, workspace: ws)
-            observe?(index, .mlpHidden, ws.hidden.pointer, rows, c.mlpDim)
-            addMLPOutput(block, input: ws.hidden.pointer, to: x, rows: rows)
+            for stage in BlockStage.allCases {
+                run(stage, block, x: ws.x.pointer, count: n, buffers)
+                if let observe, let input = stage.linearInput {
+                    observe(index, input, buffers.linearInput(input), n * t, input == .mlpHidden ? c.mlpDim : d)
+                }
+            }
         }
         for i in 0..<n {
             Kernels.layerNorm(ws.x.pointer + i * t * d, output + i * d, rows: 1, width: d, gamma: model.finalNormWeight.pointer,
                 beta: model.finalNormBias.pointer, eps: c.eps)
+        }
+    }
+
+    /// The stages of a pre-norm block, in forward order. Forward, calibration and the backward pass (in reverse) all
+    /// walk this one list through ``run(_:_:x:count:_:)``.
+    enum BlockStage: CaseIterable {
+        /// h = norm1(x)
+        case norm1
+        /// the attention heads' output of h: qkv, scaled softmax probabilities, P·V
+        case attention
+        /// x += projection(attention output) (LayerScale folded in)
+        case projection
+        /// h = norm2(x)
+        case norm2
+        /// hidden = GELU(fc1(h))
+        case mlpHidden
+        /// x += fc2(hidden) (LayerScale folded in)
+        case mlpOutput
+
+        /// The Linear input this stage produces, if any.
+        var linearInput: LinearInput? {
+            switch self {
+            case .norm1: .attention
+            case .attention: .projection
+            case .norm2: .mlp
+            case .mlpHidden: .mlpHidden
+            case .projection, .mlpOutput: nil
+            }
+        }
+    }
+
+    /// Where a block's stages write: a worker's reused scratch, or for the backward pass one block's saved
+    /// activations. Rows are images × tokens.
+    struct StageBuffers {
+        /// LayerNorm output [rows × D].
+        let normalized: UnsafeMutablePointer<Float>
+        /// q | k | v [rows × 3D].
+        let qkv: UnsafeMutablePointer<Float>
+        /// Attention probabilities [tokens × tokens] of (image i, head h) at `probabilities + (i·heads + h)·stride`;
+        /// stride 0 reuses one matrix for all.
+        let probabilities: UnsafeMutablePointer<Float>
+        let probabilityStride: Int
+        /// The attention heads' output [rows × D].
+        let attention: UnsafeMutablePointer<Float>
+        /// GELU(fc1) [rows × MLP].
+        let hidden: UnsafeMutablePointer<Float>
+        /// Saved for the backward pass (nil in a plain forward): fc1's pre-activation [rows × MLP], each norm's
+        /// input [rows × D] and statistics [rows × 2].
+        var preActivation: UnsafeMutablePointer<Float>? = nil
+        var norm1Input: UnsafeMutablePointer<Float>? = nil, norm2Input: UnsafeMutablePointer<Float>? = nil
+        var norm1Statistics: UnsafeMutablePointer<Float>? = nil, norm2Statistics: UnsafeMutablePointer<Float>? = nil
+
+        func linearInput(_ input: LinearInput) -> UnsafePointer<Float> {
+            switch input {
+            case .attention, .mlp: UnsafePointer(normalized)
+            case .projection: UnsafePointer(attention)
+            case .mlpHidden: UnsafePointer(hidden)
+            }
+        }
+    }
+
+    /// Runs one stage of `block` on the residual rows `x` of `n` images.
+    func run(_ stage: BlockStage, _ block: ViTBlock, x: UnsafeMutablePointer<Float>, count n: Int, _ b: StageBuffers) {
+        let c = model.config
+        let d = c.dim, rows = n * tokens
+        switch stage {
+        case .norm1:
+            b.norm1Input?.update(from: x, count: rows * d)
+            Kernels.layerNorm(x, b.normalized, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer,
+                eps: c.eps, statistics: b.norm1Statistics)
+        case .attention:
+            selfAttention(block, input: b.normalized, count: n, b)
+        case .projection:
+            addProjection(block, input: b.attention, to: x, rows: rows)
+        case .norm2:
+            b.norm2Input?.update(from: x, count: rows * d)
+            Kernels.layerNorm(x, b.normalized, rows: rows, width: d, gamma: block.norm2Weight.pointer, beta: block.norm2Bias.pointer,
+                eps: c.eps, statistics: b.norm2Statistics)
+        case .mlpHidden:
+            let pre = b.preActivation ?? b.hidden
+            BLAS.gemmTransposedB(b.normalized, lda: d, block.fc1Weight.pointer, ldb: d, pre, ldc: c.mlpDim, m: rows, n: c.mlpDim, k: d, beta: 0)
+            Kernels.biasGELU(pre, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer, output: b.preActivation == nil ? nil : b.hidden)
+        case .mlpOutput:
+            addMLPOutput(block, input: b.hidden, to: x, rows: rows)
         }
     }
 
@@ -211,21 +296,22 @@ public final class ViTEngine: Sendable {
         }
     }
 
-    /// norm1's output `input` [n·tokens × D] → the attention heads' output, in `ws.attention`.
-    func selfAttention(_ block: ViTBlock, input: UnsafePointer<Float>, count n: Int, workspace ws: Workspace) {
+    /// norm1's output `input` [n·tokens × D] → q|k|v, the probabilities and the heads' output, where `b` says.
+    func selfAttention(_ block: ViTBlock, input: UnsafePointer<Float>, count n: Int, _ b: StageBuffers) {
         let c = model.config
         let d = c.dim, t = tokens, rows = n * t, heads = c.heads, hd = c.headDim
         let scale = 1 / Float(hd).squareRoot()
-        Kernels.fillRows(ws.qkv.pointer, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
-        BLAS.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, ws.qkv.pointer, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
+        Kernels.fillRows(b.qkv, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
+        BLAS.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, b.qkv, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
         for i in 0..<n {
-            let qkv = ws.qkv.pointer + i * t * 3 * d
-            let out = ws.attention.pointer + i * t * d
+            let qkv = b.qkv + i * t * 3 * d
+            let out = b.attention + i * t * d
             for head in 0..<heads {
                 let q = qkv + head * hd, key = qkv + d + head * hd, v = qkv + 2 * d + head * hd
-                BLAS.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, ws.scores.pointer, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
-                Kernels.softmaxRows(ws.scores.pointer, rows: t, width: t, stride: t)
-                BLAS.gemm(ws.scores.pointer, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
+                let scores = b.probabilities + (i * heads + head) * b.probabilityStride
+                BLAS.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, scores, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
+                Kernels.softmaxRows(scores, rows: t, width: t, stride: t)
+                BLAS.gemm(scores, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
             }
         }
     }
@@ -235,14 +321,6 @@ public final class ViTEngine: Sendable {
         let d = model.config.dim
         Kernels.addRows(x, rows: rows, width: d, stride: d, bias: block.projectionBias.pointer)
         BLAS.gemmTransposedB(input, lda: d, block.projectionWeight.pointer, ldb: d, x, ldc: d, m: rows, n: d, k: d, beta: 1)
-    }
-
-    /// GELU(fc1(`input`)) into `ws.hidden`.
-    func mlpHidden(_ block: ViTBlock, input: UnsafePointer<Float>, rows: Int, workspace ws: Workspace) {
-        let c = model.config
-        BLAS.gemmTransposedB(input, lda: c.dim, block.fc1Weight.pointer, ldb: c.dim, ws.hidden.pointer, ldc: c.mlpDim,
-            m: rows, n: c.mlpDim, k: c.dim, beta: 0)
-        Kernels.biasGELU(ws.hidden.pointer, rows: rows, width: c.mlpDim, bias: block.fc1Bias.pointer)
     }
 
     /// x += fc2(`input`) (LayerScale folded in).
