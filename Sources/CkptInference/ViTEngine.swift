@@ -129,6 +129,26 @@ public final class ViTEngine: Sendable {
     /// dealt round-robin to the workers, each with its own workspace and single-threaded OpenBLAS (a lone worker
     /// lets OpenBLAS use every core). The first error stops the other workers and is rethrown.
     func forEachMicroBatch(count: Int, _ body: @Sendable (Int, Int, Workspace) throws(CkptError) -> Void) throws(CkptError) {
+        try forEachMicroBatch(
+            count: count, what: "forward-pass workspace",
+            bytes: { (images: Int) throws(CkptError) in try Workspace.bytes(config: model.config, imageSize: imageSize, images: images) },
+            make: { (images: Int) throws(CkptError) in try Workspace(engine: self, images: images) }, body)
+    }
+
+    /// ``forEachMicroBatch(count:_:)`` with forward + backward workspaces (``GradientWorkspace``).
+    public func forEachGradientBatch(count: Int, _ body: @Sendable (Int, Int, GradientWorkspace) throws(CkptError) -> Void) throws(CkptError) {
+        try forEachMicroBatch(
+            count: count, what: "forward + backward workspace",
+            bytes: { (images: Int) throws(CkptError) in try GradientWorkspace.bytes(engine: self, images: images) },
+            make: { (images: Int) throws(CkptError) in try GradientWorkspace(engine: self, images: images) }, body)
+    }
+
+    /// The scheduler behind both: plans micro-batch size and worker count so the workspaces fit the memory budget
+    /// (`bytes(images)` per workspace), then runs the workers.
+    func forEachMicroBatch<W>(
+        count: Int, what: String, bytes: (Int) throws(CkptError) -> Int, make: @Sendable (Int) throws(CkptError) -> W,
+        _ body: @Sendable (Int, Int, W) throws(CkptError) -> Void
+    ) throws(CkptError) {
         guard count > 0 else { return }
         let batches = (count + microBatch - 1) / microBatch
         var workers = min(Parallel.coreCount, batches)
@@ -137,38 +157,37 @@ public final class ViTEngine: Sendable {
         // Smaller micro-batches, then fewer workers, when the workspaces would not fit in memory (large inputs).
         let budget = MemoryBudget.available()
         func plan() throws(CkptError) -> Int {
-            try CheckedSize.product(
-                [try Workspace.bytes(config: model.config, imageSize: imageSize, images: perBatch), workers], "workspace")
+            try CheckedSize.product([try bytes(perBatch), workers], "workspace")
         }
         while perBatch > 1, try plan() > budget { perBatch = (perBatch + 1) / 2 }
         while workers > 1, try plan() > budget { workers -= 1 }
         try MemoryBudget.require(
-            try plan(), for: "\(workers) forward-pass workspace\(workers == 1 ? "" : "s") of \(perBatch) image\(perBatch == 1 ? "" : "s") at \(imageSize) px",
+            try plan(), for: "\(workers) \(what)\(workers == 1 ? "" : "s") of \(perBatch) image\(perBatch == 1 ? "" : "s") at \(imageSize) px",
             path: model.path)
         let batchCount = (count + perBatch - 1) / perBatch
         let (workerCount, batchSize) = (workers, perBatch)
         let failure = Mutex<CkptError?>(nil)  // the first error any worker throws
         BLAS.withThreads(workerCount == 1 ? Parallel.coreCount : 1) {
-        DispatchQueue.concurrentPerform(iterations: workerCount) { worker in
-            let workspace: Workspace
-            do throws(CkptError) {
-                workspace = try Workspace(engine: self, images: batchSize)
-            } catch {
-                failure.withLock { if $0 == nil { $0 = error } }
-                return
-            }
-            var batch = worker
-            while batch < batchCount, failure.withLock({ $0 == nil }) {
-                let first = batch * batchSize
+            DispatchQueue.concurrentPerform(iterations: workerCount) { worker in
+                let workspace: W
                 do throws(CkptError) {
-                    try body(first, min(batchSize, count - first), workspace)
+                    workspace = try make(batchSize)
                 } catch {
                     failure.withLock { if $0 == nil { $0 = error } }
                     return
                 }
-                batch += workerCount
+                var batch = worker
+                while batch < batchCount, failure.withLock({ $0 == nil }) {
+                    let first = batch * batchSize
+                    do throws(CkptError) {
+                        try body(first, min(batchSize, count - first), workspace)
+                    } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                        return
+                    }
+                    batch += workerCount
+                }
             }
-        }
         }
         if let error = failure.withLock({ $0 }) { throw error }
     }
