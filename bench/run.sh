@@ -7,6 +7,8 @@
 #   merge     ckpt merge vs PEFT merge_and_unload: LoRA r=16 on a ViT-B/16 (~2 min; needs torch + peft)
 #   infer     ckpt run vs onnxruntime vs PyTorch CPU: DINOv2-S/14, 224 px, batch 32 (~3 min; needs
 #             onnx, onnxruntime, torch, transformers)
+#   backward  ckpt gradient vs PyTorch CPU autograd: forward + backward to the input, DINOv2-S/14, 224 px,
+#             batch 32 (~3 min; needs torch, transformers)
 #   quantize  ckpt quantize vs gguf-py (GGUF Q8_0/Q4_0) and mlx (4-bit g64), plus hqq/mse vs rtn, on the
 #             ViT-L/16 checkpoint (needs gguf, mlx)
 # Inputs are cached in bench/work/; results go to bench/work/results-latest-*.md.
@@ -28,6 +30,10 @@ elif [[ "${1:-}" == "infer" ]]; then
   shift
   script="$here/infer.py"
   mods="numpy, safetensors, onnx, onnxruntime, torch, transformers"
+elif [[ "${1:-}" == "backward" ]]; then
+  shift
+  script="$here/backward.py"
+  mods="numpy, safetensors, onnx, torch, transformers"
 elif [[ "${1:-}" == "quantize" ]]; then
   shift
   script="$here/quantize.py"
