@@ -144,7 +144,7 @@ extension ViTEngine {
         embed(images: images, count: n, workspace: scratch, into: scratch.x.pointer)
         for (index, block) in model.blocks.enumerated() {
             let buffers = ws.buffers(block: index, normalized: scratch.h.pointer)
-            for stage in BlockStage.allCases { run(stage, block, x: scratch.x.pointer, count: n, buffers) }
+            for stage in BlockStage.allCases { run(stage, index, block, x: scratch.x.pointer, count: n, buffers) }
         }
         for i in 0..<n {
             (ws.finalInput.pointer + i * d).update(from: scratch.x.pointer + i * t * d, count: d)

@@ -58,9 +58,9 @@ extension ViTEngine {
             for: "the input Gram matrices of \(model.blocks.count) blocks (D=\(c.dim), MLP \(c.mlpDim))", path: model.path)
         // One accumulator per (block, input): upper triangles, in F64 so many micro-batches add up exactly enough.
         let sums = Mutex((0..<(model.blocks.count * sites.count)).map { k in Accumulator(width: widths[sites[k % sites.count]]!) })
-        _ = try features(count: count, fill: fill) { block, input, x, rows, width in
+        _ = try features(count: count, fill: fill, hook: LinearInputObserver { block, input, x, rows, width in
             Accumulator.gram(of: x, rows: rows, width: width) { g in sums.withLock { $0[block * sites.count + sites.firstIndex(of: input)!].add(g, rows: rows) } }
-        }
+        })
         var grams: [String: LinearInputGram] = [:]
         var byInput: [Int: LinearInputGram] = [:]
         for layer in model.linearLayers {
@@ -69,6 +69,23 @@ extension ViTEngine {
             grams[layer.tensor] = byInput[k]
         }
         return grams
+    }
+
+    /// Hands every block Linear's input to a closure (block, input, rows × width values, rows, width).
+    struct LinearInputObserver: ActivationHook {
+        let body: @Sendable (Int, LinearInput, UnsafePointer<Float>, Int, Int) -> Void
+
+        init(_ body: @escaping @Sendable (Int, LinearInput, UnsafePointer<Float>, Int, Int) -> Void) { self.body = body }
+
+        func handles(_ site: ActivationSite) -> Bool {
+            if case .linearInput = site { return true }
+            return false
+        }
+
+        func process(_ site: ActivationSite, _ values: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
+            guard case .linearInput(let block, let input) = site else { return }
+            body(block, input, values, rows, width)
+        }
     }
 
     struct Accumulator {
@@ -197,7 +214,7 @@ extension ViTEngine {
                 case .mlpHidden: stages = [.norm2, .mlpHidden]
                 }
                 let buffers = ws.stageBuffers
-                for stage in stages { run(stage, block, x: x, count: n, buffers) }
+                for stage in stages { run(stage, index, block, x: x, count: n, buffers) }
                 return buffers.linearInput(input)
             }
             for input in LinearInput.allCases {
@@ -218,7 +235,7 @@ extension ViTEngine {
             try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
                 let x = states.pointer + first * t * d
                 _ = reach(.mlpHidden, x, n, ws)
-                self.run(.mlpOutput, block, x: x, count: n, ws.stageBuffers)
+                self.run(.mlpOutput, index, block, x: x, count: n, ws.stageBuffers)
             }
         }
     }

@@ -102,15 +102,12 @@ public final class ViTEngine: Sendable {
     /// Final-norm CLS features [count × D] of `count` images. `fill(i, destination)` writes image i as normalised
     /// F32 [C, size, size] (channel-major); it is called from the workers, so preprocessing runs in parallel too.
     public func features(count: Int, fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void) throws(CkptError) -> [Float] {
-        try features(count: count, fill: fill, observe: nil)
+        try features(count: count, fill: fill, hook: nil)
     }
 
-    /// Receives the input of every Linear layer of every micro-batch: (block, which input, rows × width values,
-    /// rows, width). Called from the workers, concurrently.
-    typealias LinearInputObserver = @Sendable (Int, LinearInput, UnsafePointer<Float>, Int, Int) -> Void
-
-    func features(
-        count: Int, fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void, observe: LinearInputObserver?
+    /// ``features(count:fill:)`` with `hook` seeing (or rewriting) the values at its activation sites.
+    public func features(
+        count: Int, fill: @Sendable (Int, UnsafeMutablePointer<Float>) throws(CkptError) -> Void, hook: (any ActivationHook)?
     ) throws(CkptError) -> [Float] {
         let d = model.config.dim
         guard count > 0 else { return [] }
@@ -120,7 +117,7 @@ public final class ViTEngine: Sendable {
         let imageFloats = model.config.channels * imageSize * imageSize
         try forEachMicroBatch(count: count) { (first: Int, n: Int, ws: Workspace) throws(CkptError) in
             for i in 0..<n { try fill(first + i, ws.images.pointer + i * imageFloats) }
-            forward(images: ws.images.pointer, count: n, workspace: ws, output: output.pointer + first * d, observe: observe)
+            forward(images: ws.images.pointer, count: n, workspace: ws, output: output.pointer + first * d, hook: hook)
         }
         return output.values
     }
@@ -195,28 +192,25 @@ public final class ViTEngine: Sendable {
     /// One micro-batch: images [n × C × size × size] → final-norm CLS rows [n × D].
     func forward(
         images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, output: UnsafeMutablePointer<Float>,
-        observe: LinearInputObserver? = nil
+        hook: (any ActivationHook)? = nil
     ) {
         let c = model.config
         let d = c.dim, t = tokens
-        embed(images: images, count: n, workspace: ws, into: ws.x.pointer)
-        let buffers = ws.stageBuffers
+        embed(images: images, count: n, workspace: ws, into: ws.x.pointer, hook: hook)
+        var buffers = ws.stageBuffers
+        buffers.hook = hook
         for (index, block) in model.blocks.enumerated() {
-            for stage in BlockStage.allCases {
-                run(stage, block, x: ws.x.pointer, count: n, buffers)
-                if let observe, let input = stage.linearInput {
-                    observe(index, input, buffers.linearInput(input), n * t, input == .mlpHidden ? c.mlpDim : d)
-                }
-            }
+            for stage in BlockStage.allCases { run(stage, index, block, x: ws.x.pointer, count: n, buffers) }
         }
         for i in 0..<n {
             Kernels.layerNorm(ws.x.pointer + i * t * d, output + i * d, rows: 1, width: d, gamma: model.finalNormWeight.pointer,
                 beta: model.finalNormBias.pointer, eps: c.eps)
         }
+        if let hook, hook.handles(.headInput) { hook.process(.headInput, output, rows: n, width: d, stride: d) }
     }
 
     /// The stages of a pre-norm block, in forward order. Forward, calibration and the backward pass (in reverse) all
-    /// walk this one list through ``run(_:_:x:count:_:)``.
+    /// walk this one list through ``run(_:_:_:x:count:_:)``.
     enum BlockStage: CaseIterable {
         /// h = norm1(x)
         case norm1
@@ -263,6 +257,8 @@ public final class ViTEngine: Sendable {
         var preActivation: UnsafeMutablePointer<Float>? = nil
         var norm1Input: UnsafeMutablePointer<Float>? = nil, norm2Input: UnsafeMutablePointer<Float>? = nil
         var norm1Statistics: UnsafeMutablePointer<Float>? = nil, norm2Statistics: UnsafeMutablePointer<Float>? = nil
+        /// Sees or rewrites the activation sites' values (fake quantization, calibration).
+        var hook: (any ActivationHook)? = nil
 
         func linearInput(_ input: LinearInput) -> UnsafePointer<Float> {
             switch input {
@@ -273,8 +269,15 @@ public final class ViTEngine: Sendable {
         }
     }
 
-    /// Runs one stage of `block` on the residual rows `x` of `n` images.
-    func run(_ stage: BlockStage, _ block: ViTBlock, x: UnsafeMutablePointer<Float>, count n: Int, _ b: StageBuffers) {
+    /// Runs one stage of block `index` on the residual rows `x` of `n` images; the Linear input it produces goes
+    /// through the hook.
+    func run(_ stage: BlockStage, _ index: Int, _ block: ViTBlock, x: UnsafeMutablePointer<Float>, count n: Int, _ b: StageBuffers) {
+        defer {
+            if let hook = b.hook, let input = stage.linearInput, hook.handles(.linearInput(block: index, input)) {
+                let width = input == .mlpHidden ? model.config.mlpDim : model.config.dim
+                hook.process(.linearInput(block: index, input), UnsafeMutablePointer(mutating: b.linearInput(input)), rows: n * tokens, width: width, stride: width)
+            }
+        }
         let c = model.config
         let d = c.dim, rows = n * tokens
         switch stage {
@@ -283,7 +286,7 @@ public final class ViTEngine: Sendable {
             Kernels.layerNorm(x, b.normalized, rows: rows, width: d, gamma: block.norm1Weight.pointer, beta: block.norm1Bias.pointer,
                 eps: c.eps, statistics: b.norm1Statistics)
         case .attention:
-            selfAttention(block, input: b.normalized, count: n, b)
+            selfAttention(index, block, input: b.normalized, count: n, b)
         case .projection:
             addProjection(block, input: b.attention, to: x, rows: rows)
         case .norm2:
@@ -300,11 +303,16 @@ public final class ViTEngine: Sendable {
     }
 
     /// Images [n × C × size × size] → the first block's input tokens [n × tokens × D] at `x`.
-    func embed(images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, into x: UnsafeMutablePointer<Float>) {
+    func embed(
+        images: UnsafePointer<Float>, count n: Int, workspace ws: Workspace, into x: UnsafeMutablePointer<Float>, hook: (any ActivationHook)? = nil
+    ) {
         let c = model.config
         let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
         // Patch embedding: im2col is a pure reshape (stride = kernel), then one GEMM for all images.
         patchify(images, count: n, into: ws.patches.pointer)
+        if let hook, hook.handles(.patchInput) {  // the pixels, rearranged: a per-tensor quantizer sees the same values
+            hook.process(.patchInput, ws.patches.pointer, rows: n * g2, width: k, stride: k)
+        }
         BLAS.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
             m: n * g2, n: d, k: k, beta: 0)
         for i in 0..<n {
@@ -316,12 +324,19 @@ public final class ViTEngine: Sendable {
     }
 
     /// norm1's output `input` [n·tokens × D] → q|k|v, the probabilities and the heads' output, where `b` says.
-    func selfAttention(_ block: ViTBlock, input: UnsafePointer<Float>, count n: Int, _ b: StageBuffers) {
+    func selfAttention(_ index: Int, _ block: ViTBlock, input: UnsafePointer<Float>, count n: Int, _ b: StageBuffers) {
         let c = model.config
         let d = c.dim, t = tokens, rows = n * t, heads = c.heads, hd = c.headDim
         let scale = 1 / Float(hd).squareRoot()
         Kernels.fillRows(b.qkv, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
         BLAS.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, b.qkv, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
+        let probabilityHook = b.hook.flatMap { $0.handles(.probabilities(block: index)) ? $0 : nil }
+        if let hook = b.hook {
+            for (offset, site) in [(0, ActivationSite.query(block: index)), (d, .key(block: index)), (2 * d, .value(block: index))]
+            where hook.handles(site) {
+                hook.process(site, b.qkv + offset, rows: rows, width: d, stride: 3 * d)
+            }
+        }
         for i in 0..<n {
             let qkv = b.qkv + i * t * 3 * d
             let out = b.attention + i * t * d
@@ -330,6 +345,7 @@ public final class ViTEngine: Sendable {
                 let scores = b.probabilities + (i * heads + head) * b.probabilityStride
                 BLAS.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, scores, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
                 Kernels.softmaxRows(scores, rows: t, width: t, stride: t)
+                probabilityHook?.process(.probabilities(block: index), scores, rows: t, width: t, stride: t)
                 BLAS.gemm(scores, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
             }
         }
