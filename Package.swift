@@ -5,7 +5,7 @@ import PackageDescription
 let package = Package(
     name: "ckpt",
     products: [
-        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant"]),
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant", "CkptSynthesis"]),
         .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
@@ -35,6 +35,9 @@ let package = Package(
         // Weight-only quantization (RTN, MSE clipping, HQQ, GPTQ error compensation) and the quantized writers (MLX, GGUF, compressed-tensors).
         // GPTQ error compensation solves with LAPACK's Cholesky from OpenBLAS.
         .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptMerge", "CCkptOpenBLAS"]),
+        // Model-independent building blocks of data-free image synthesis (SPDFQ/SARDFQ, PSAQ-ViT): counter-based
+        // random streams, pixel Adam, jitter/flip, TV prior, attention priors, soft labels, MSR crops, PSE loss, contact sheets.
+        .target(name: "CkptSynthesis", dependencies: ["CkptCore", "CkptFormats"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [
@@ -48,6 +51,7 @@ let package = Package(
         .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
         .testTarget(name: "CkptQuantTests", dependencies: ["CkptCore", "CkptFormats", "CkptQuant"]),
         .testTarget(name: "CkptInferenceTests", dependencies: ["CkptCore", "CkptFormats", "CkptInference"]),
+        .testTarget(name: "CkptSynthesisTests", dependencies: ["CkptCore", "CkptFormats", "CkptSynthesis"]),
     ],
     swiftLanguageModes: [.v6]
 )
