@@ -5,7 +5,7 @@ import PackageDescription
 let package = Package(
     name: "ckpt",
     products: [
-        .library(name: "Ckpt", targets: ["CkptCore", "CkptKernels", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant"]),
+        .library(name: "Ckpt", targets: ["CkptCore", "CkptKernels", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant", "CkptSynthesis"]),
         .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
@@ -38,10 +38,13 @@ let package = Package(
         // Weight-only quantization (RTN, MSE clipping, HQQ, GPTQ error compensation) and the quantized writers (MLX, GGUF, compressed-tensors).
         // GPTQ error compensation solves with LAPACK's Cholesky from OpenBLAS.
         .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CkptMerge", "CCkptOpenBLAS"]),
+        // Model-independent building blocks of data-free image synthesis (SPDFQ/SARDFQ, PSAQ-ViT): counter-based
+        // random streams, pixel Adam, jitter/flip, TV prior, attention priors, soft labels, MSR crops, PSE loss, contact sheets.
+        .target(name: "CkptSynthesis", dependencies: ["CkptCore", "CkptKernels", "CkptFormats", "CkptInference"]),
         .executableTarget(
             name: "ckpt",
             dependencies: [
-                "CkptCore", "CkptKernels", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant",
+                "CkptCore", "CkptKernels", "CkptFormats", "CkptAnalysis", "CkptMerge", "CkptInference", "CkptQuant", "CkptSynthesis",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -52,6 +55,7 @@ let package = Package(
         .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
         .testTarget(name: "CkptQuantTests", dependencies: ["CkptCore", "CkptFormats", "CkptQuant"]),
         .testTarget(name: "CkptInferenceTests", dependencies: ["CkptCore", "CkptFormats", "CkptInference"]),
+        .testTarget(name: "CkptSynthesisTests", dependencies: ["CkptCore", "CkptFormats", "CkptSynthesis"]),
     ],
     swiftLanguageModes: [.v6]
 )
