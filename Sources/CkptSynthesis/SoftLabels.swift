@@ -48,10 +48,12 @@ public struct SoftLabels: Sendable, Equatable {
     /// distinct classes, the first for the whole image and one per MSR region. The whole image's target holds all
     /// of them, each with its own logit ~ U(5, 10) (the image carries every region's semantics); region r's target
     /// holds only its class, with another U(5, 10) draw. Draw them once per image (step 0) to keep them fixed.
+    /// A head with fewer than `1 + regions` classes repeats classes (drawn independently) among the regions.
     public static func draw(seed: UInt64, image: Int, classes: Int, regions: Int, step: Int = 0) -> (image: SoftLabels, regions: [SoftLabels]) {
-        precondition(regions >= 0 && classes >= 1 + regions, "need \(1 + regions) distinct classes, have \(classes)")
+        precondition(regions >= 0 && classes >= 1, "need at least one class")
         var random = SynthesisRandom(seed: seed, image: image, purpose: .labels, step: step)
-        let labels = random.distinct(1 + regions, in: 0...(classes - 1))
+        let labels = classes >= 1 + regions
+            ? random.distinct(1 + regions, in: 0...(classes - 1)) : (0...regions).map { _ in random.int(in: 0...(classes - 1)) }
         let whole = labels.map { Target(label: $0, logit: random.uniform(logitRange.lowerBound, logitRange.upperBound)) }
         let parts = labels.dropFirst().map {
             SoftLabels(classes: classes, targets: [Target(label: $0, logit: random.uniform(logitRange.lowerBound, logitRange.upperBound))])

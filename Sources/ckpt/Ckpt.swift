@@ -7,7 +7,7 @@ struct Ckpt: ParsableCommand {
         commandName: "ckpt",
         abstract: "Convert, inspect and compare ML checkpoints (safetensors, sharded safetensors, .npy, .npz).",
         version: "0.1.0",
-        subcommands: [InspectCommand.self, ConvertCommand.self, DiffCommand.self, MergeCommand.self, QuantizeCommand.self, RunCommand.self, EvalCommand.self, GradientCommand.self]
+        subcommands: [InspectCommand.self, ConvertCommand.self, DiffCommand.self, MergeCommand.self, QuantizeCommand.self, RunCommand.self, EvalCommand.self, SynthesizeCommand.self, GradientCommand.self]
     )
 }
 
