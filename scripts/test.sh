@@ -17,6 +17,7 @@ echo "== fixtures: regenerate and compare, then check the manifest with the Pyth
 .venv/bin/python fixtures/gguf/generate.py --check
 .venv/bin/python fixtures/quant/generate.py --check
 .venv/bin/python fixtures/synthesis/generate.py --check
+.venv/bin/python fixtures/quant/activation_reference.py --check
 .venv/bin/python fixtures/hostile/generate.py --check
 .venv/bin/python -m pytest -p no:cacheprovider -q fixtures/test_manifest.py
 
