@@ -34,7 +34,7 @@ let package = Package(
         // Adapter merging (PEFT LoRA/DoRA, SSF, BitFit, FacT) and ViT key naming (timm ⇄ HF).
         .target(name: "CkptMerge", dependencies: ["CkptCore", "CkptFormats", "CkptKernels"]),
         // The ViT forward pass on OpenBLAS (run, eval): timm/HF ViT and DINOv2, image preprocessing, metrics.
-        .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CkptMerge"]),
+        .target(name: "CkptInference", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CkptMerge", "CkptQuant"]),
         // Weight-only quantization (RTN, MSE clipping, HQQ, GPTQ error compensation) and the quantized writers (MLX, GGUF, compressed-tensors).
         // GPTQ error compensation solves with LAPACK's Cholesky from OpenBLAS.
         .target(name: "CkptQuant", dependencies: ["CkptCore", "CkptFormats", "CkptKernels", "CkptMerge", "CCkptOpenBLAS"]),

@@ -77,14 +77,22 @@ extension ViTEngine {
 
         init(_ body: @escaping @Sendable (Int, LinearInput, UnsafePointer<Float>, Int, Int) -> Void) { self.body = body }
 
-        func handles(_ site: ActivationSite) -> Bool {
-            if case .linearInput = site { return true }
-            return false
-        }
+        func handles(_ site: ActivationSite) -> Bool { Self.input(site) != nil }
 
         func process(_ site: ActivationSite, _ values: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
-            guard case .linearInput(let block, let input) = site else { return }
+            guard let (block, input) = Self.input(site) else { return }
             body(block, input, values, rows, width)
+        }
+
+        static func input(_ site: ActivationSite) -> (Int, LinearInput)? {
+            guard case .block(let b, let s) = site else { return nil }
+            switch s {
+            case .qkvInput: return (b, .attention)
+            case .projInput: return (b, .projection)
+            case .fc1Input: return (b, .mlp)
+            case .fc2Input: return (b, .mlpHidden)
+            default: return nil
+            }
         }
     }
 

@@ -273,9 +273,9 @@ public final class ViTEngine: Sendable {
     /// through the hook.
     func run(_ stage: BlockStage, _ index: Int, _ block: ViTBlock, x: UnsafeMutablePointer<Float>, count n: Int, _ b: StageBuffers) {
         defer {
-            if let hook = b.hook, let input = stage.linearInput, hook.handles(.linearInput(block: index, input)) {
+            if let hook = b.hook, let input = stage.linearInput, hook.handles(input.site(block: index)) {
                 let width = input == .mlpHidden ? model.config.mlpDim : model.config.dim
-                hook.process(.linearInput(block: index, input), UnsafeMutablePointer(mutating: b.linearInput(input)), rows: n * tokens, width: width, stride: width)
+                hook.process(input.site(block: index), UnsafeMutablePointer(mutating: b.linearInput(input)), rows: n * tokens, width: width, stride: width)
             }
         }
         let c = model.config
@@ -310,8 +310,8 @@ public final class ViTEngine: Sendable {
         let d = c.dim, t = tokens, g2 = grid * grid, p = c.patchSize, k = c.channels * p * p
         // Patch embedding: im2col is a pure reshape (stride = kernel), then one GEMM for all images.
         patchify(images, count: n, into: ws.patches.pointer)
-        if let hook, hook.handles(.patchInput) {  // the pixels, rearranged: a per-tensor quantizer sees the same values
-            hook.process(.patchInput, ws.patches.pointer, rows: n * g2, width: k, stride: k)
+        if let hook, hook.handles(.patchEmbedInput) {  // the pixels, rearranged: a per-tensor quantizer sees the same values
+            hook.process(.patchEmbedInput, ws.patches.pointer, rows: n * g2, width: k, stride: k)
         }
         BLAS.gemmTransposedB(ws.patches.pointer, lda: k, model.patchWeight.pointer, ldb: k, ws.h.pointer, ldc: d,
             m: n * g2, n: d, k: k, beta: 0)
@@ -330,9 +330,9 @@ public final class ViTEngine: Sendable {
         let scale = 1 / Float(hd).squareRoot()
         Kernels.fillRows(b.qkv, rows: rows, width: 3 * d, stride: 3 * d, with: block.qkvBias.pointer)
         BLAS.gemmTransposedB(input, lda: d, block.qkvWeight.pointer, ldb: d, b.qkv, ldc: 3 * d, m: rows, n: 3 * d, k: d, beta: 1)
-        let probabilityHook = b.hook.flatMap { $0.handles(.probabilities(block: index)) ? $0 : nil }
+        let probabilityHook = b.hook.flatMap { $0.handles(.block(index, .attnProbs)) ? $0 : nil }
         if let hook = b.hook {
-            for (offset, site) in [(0, ActivationSite.query(block: index)), (d, .key(block: index)), (2 * d, .value(block: index))]
+            for (offset, site) in [(0, ActivationSite.block(index, .attnQ)), (d, .block(index, .attnK)), (2 * d, .block(index, .attnV))]
             where hook.handles(site) {
                 hook.process(site, b.qkv + offset, rows: rows, width: d, stride: 3 * d)
             }
@@ -345,7 +345,7 @@ public final class ViTEngine: Sendable {
                 let scores = b.probabilities + (i * heads + head) * b.probabilityStride
                 BLAS.gemmTransposedB(q, lda: 3 * d, key, ldb: 3 * d, scores, ldc: t, m: t, n: t, k: hd, alpha: scale, beta: 0)
                 Kernels.softmaxRows(scores, rows: t, width: t, stride: t)
-                probabilityHook?.process(.probabilities(block: index), scores, rows: t, width: t, stride: t)
+                probabilityHook?.process(.block(index, .attnProbs), scores, rows: t, width: t, stride: t)
                 BLAS.gemm(scores, lda: t, v, ldb: 3 * d, out + head * hd, ldc: d, m: t, n: hd, k: t, beta: 0)
             }
         }
