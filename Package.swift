@@ -59,3 +59,9 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// bench/kernels.sh: the element-wise kernel benchmark (the old Swift SIMD8 kernels against the C ones at each ISA level).
+// Only when asked for, so ordinary builds do not compile it.
+if Context.environment["CKPT_BENCH"] == "1" {
+    package.targets.append(.executableTarget(name: "ckpt-kernel-bench", dependencies: ["CkptKernels"], path: "bench/kernels"))
+}
