@@ -25,8 +25,12 @@ let package = Package(
         // DTypes, shapes, byte storage (mmap / owned), dtype conversion kernels, errors, atomic output files.
         .target(name: "CkptCore"),
         // The numeric kernels every module shares: the one OpenBLAS wrapper and thread policy, owned F32 buffers, and the
-        // vectorised element-wise kernels (exp, GELU, softmax, LayerNorm and their backward).
-        .target(name: "CkptKernels", dependencies: ["CkptCore", "CCkptOpenBLAS"]),
+        // vectorised element-wise kernels (exp, GELU, softmax, LayerNorm and their backward), the CPU features and the
+        // OpenBLAS kernel-set check.
+        // The element-wise kernels in C, compiled for baseline x86-64 (SSE2), AVX2+FMA and AVX-512 and chosen at run time
+        // from CPUID (portable C elsewhere), and the CPUID probe behind the OpenBLAS core check.
+        .target(name: "CCkptKernels"),
+        .target(name: "CkptKernels", dependencies: ["CkptCore", "CCkptOpenBLAS", "CCkptKernels"]),
         // safetensors (single + sharded), .npy, .npz (zip + deflate): readers and writers.
         .target(name: "CkptFormats", dependencies: ["CkptCore", "CCkptZlib"]),
         // Tensor comparison metrics (diff) on OpenBLAS.
@@ -59,3 +63,9 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// bench/kernels.sh: the element-wise kernel benchmark (the old Swift SIMD8 kernels against the C ones at each ISA level).
+// Only when asked for, so ordinary builds do not compile it.
+if Context.environment["CKPT_BENCH"] == "1" {
+    package.targets.append(.executableTarget(name: "ckpt-kernel-bench", dependencies: ["CkptKernels"], path: "bench/kernels"))
+}

@@ -1,6 +1,8 @@
+import CCkptKernels
+
 /// The reverse of the element-wise and row-wise kernels: gradients with respect to each kernel's input, given the
-/// gradient with respect to its output and what the forward pass saved. Written on the same `SIMD8<Float>`
-/// primitives as the forward kernels, so forward and backward agree on every approximation.
+/// gradient with respect to its output and what the forward pass saved. Dispatched to the C kernels with the
+/// forward ones, which share every approximation with ``geluDerivative(_:)`` and the forward helpers.
 extension Kernels {
     /// GELU′(x) = Φ(x) + x·φ(x) for the exact erf form, φ(x) = e^(−x²/2)/√(2π); Φ from the same erfc fit as ``gelu(_:)``.
     @inline(__always)
@@ -27,35 +29,13 @@ extension Kernels {
     /// dy[i] *= GELU′(x[i]) over `rows` × `width` values: the gradient at the GELU's input from the gradient at its
     /// output, in place; `x` is the saved pre-activation.
     package static func geluBackward(_ dy: UnsafeMutablePointer<Float>, preActivation x: UnsafePointer<Float>, count: Int) {
-        let vectorEnd = count & ~7
-        var i = 0
-        while i < vectorEnd {
-            store(load(dy + i) * geluDerivative(load(x + i)), dy + i)
-            i += 8
-        }
-        while i < count {
-            var lane = V.zero
-            lane[0] = x[i]
-            dy[i] *= geluDerivative(lane)[0]
-            i += 1
-        }
+        ckpt_gelu_backward(dy, x, count)
     }
 
     /// Softmax backward in place, row by row: dS = P ⊙ (dP − Σⱼ dPⱼ·Pⱼ), with `dp` the gradient at the
     /// probabilities `p` (rows of `width`, leading dimension `stride` for both).
     package static func softmaxBackward(_ dp: UnsafeMutablePointer<Float>, probabilities p: UnsafePointer<Float>, rows: Int, width: Int, stride: Int) {
-        let vectorEnd = width & ~7
-        for r in 0..<rows {
-            let g = dp + r * stride, prob = p + r * stride
-            var acc = V.zero
-            var i = 0
-            while i < vectorEnd { acc += load(g + i) * load(prob + i); i += 8 }
-            var dot = acc.sum()
-            while i < width { dot += g[i] * prob[i]; i += 1 }
-            i = 0
-            while i < vectorEnd { store(load(prob + i) * (load(g + i) - dot), g + i); i += 8 }
-            while i < width { g[i] = prob[i] * (g[i] - dot); i += 1 }
-        }
+        ckpt_softmax_backward(dp, p, rows, width, stride)
     }
 
     /// LayerNorm backward, per row: with x̂ = (x − μ)·r (r = 1/√(σ² + ε), both from `statistics` [rows × 2] saved
@@ -65,42 +45,6 @@ extension Kernels {
         _ dy: UnsafePointer<Float>, input x: UnsafePointer<Float>, statistics: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         rows: Int, width: Int, accumulatingInto dx: UnsafeMutablePointer<Float>
     ) {
-        let vectorEnd = width & ~7
-        let inverseWidth = 1 / Float(width)
-        for r in 0..<rows {
-            let g = dy + r * width, row = x + r * width, out = dx + r * width
-            let mean = statistics[2 * r], inverseStd = statistics[2 * r + 1]
-            var sumG = V.zero, sumGX = V.zero
-            var i = 0
-            while i < vectorEnd {
-                let gi = load(g + i) * load(gamma + i)
-                let xi = (load(row + i) - mean) * inverseStd
-                sumG += gi
-                sumGX += gi * xi
-                i += 8
-            }
-            var meanG = sumG.sum(), meanGX = sumGX.sum()
-            while i < width {
-                let gi = g[i] * gamma[i]
-                meanG += gi
-                meanGX += gi * (row[i] - mean) * inverseStd
-                i += 1
-            }
-            meanG *= inverseWidth
-            meanGX *= inverseWidth
-            i = 0
-            while i < vectorEnd {
-                let gi = load(g + i) * load(gamma + i)
-                let xi = (load(row + i) - mean) * inverseStd
-                store(load(out + i) + inverseStd * (gi - meanG - xi * meanGX), out + i)
-                i += 8
-            }
-            while i < width {
-                let gi = g[i] * gamma[i]
-                let xi = (row[i] - mean) * inverseStd
-                out[i] += inverseStd * (gi - meanG - xi * meanGX)
-                i += 1
-            }
-        }
+        ckpt_layer_norm_backward(dy, x, statistics, gamma, rows, width, dx)
     }
 }

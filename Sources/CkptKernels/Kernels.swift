@@ -1,5 +1,11 @@
-/// The element-wise and row-wise kernels of the ViT forward and backward passes, written on `SIMD8<Float>` so they vectorise on
-/// baseline x86-64 (libm's `expf`/`erff` are scalar calls and would cost as much as the GEMMs around them).
+import CCkptKernels
+
+/// The element-wise and row-wise kernels of the ViT forward and backward passes. The row kernels (bias + GELU,
+/// LayerNorm, softmax, bias rows and their backward) run in C (`CCkptKernels`), compiled for baseline x86-64, AVX2
+/// and AVX-512 and dispatched once at run time from CPUID (see ``Kernels/ISA``); every level gives bit-identical
+/// results. The `SIMD8<Float>` helpers here (`exp`, `gelu`, `geluDerivative`) are the same approximations for Swift
+/// callers that work on vectors of their own (libm's `expf`/`erff` are scalar calls and would cost as much as the
+/// GEMMs around them).
 package enum Kernels {
     package typealias V = SIMD8<Float>
 
@@ -67,97 +73,23 @@ package enum Kernels {
     package static func biasGELU(
         _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, bias: UnsafePointer<Float>, output: UnsafeMutablePointer<Float>? = nil
     ) {
-        let vectorEnd = width & ~7
-        for r in 0..<rows {
-            let row = y + r * width
-            let out = (output ?? y) + r * width
-            var i = 0
-            while i < vectorEnd {
-                let pre = load(row + i) + load(bias + i)
-                if output != nil { store(pre, row + i) }
-                store(gelu(pre), out + i)
-                i += 8
-            }
-            while i < width {  // tail: pad one vector with zeros
-                var lane = V.zero
-                lane[0] = row[i] + bias[i]
-                if output != nil { row[i] = lane[0] }
-                out[i] = gelu(lane)[0]
-                i += 1
-            }
-        }
+        ckpt_bias_gelu(y, rows, width, bias, output)
     }
 
-    /// Per-row LayerNorm over `width` values: y = (x − μ)/√(σ² + ε)·γ + β, two-pass in F32 with 8-lane partial
-    /// sums (the same order of error as a pairwise sum at these widths). With `statistics`, each row's μ and
-    /// 1/√(σ² + ε) are stored there as [rows × 2] for the backward pass.
+    /// Per-row LayerNorm over `width` values: y = (x − μ)/√(σ² + ε)·γ + β, two-pass in F32 with 16-lane partial
+    /// sums folded in a fixed tree (the same order of error as a pairwise sum at these widths). With `statistics`,
+    /// each row's μ and 1/√(σ² + ε) are stored there as [rows × 2] for the backward pass.
     package static func layerNorm(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, eps: Float, statistics: UnsafeMutablePointer<Float>? = nil
     ) {
-        let vectorEnd = width & ~7
-        let inverseWidth = 1 / Float(width)
-        for r in 0..<rows {
-            let row = x + r * width
-            let out = y + r * width
-            var acc = V.zero
-            var i = 0
-            while i < vectorEnd { acc += load(row + i); i += 8 }
-            var sum = acc.sum()
-            while i < width { sum += row[i]; i += 1 }
-            let mean = sum * inverseWidth
-            var acc2 = V.zero
-            i = 0
-            while i < vectorEnd { let d = load(row + i) - mean; acc2 += d * d; i += 8 }
-            var squares = acc2.sum()
-            while i < width { let d = row[i] - mean; squares += d * d; i += 1 }
-            let inverseStd = 1 / (squares * inverseWidth + eps).squareRoot()
-            if let statistics {
-                statistics[2 * r] = mean
-                statistics[2 * r + 1] = inverseStd
-            }
-            i = 0
-            while i < vectorEnd {
-                store((load(row + i) - mean) * inverseStd * load(gamma + i) + load(beta + i), out + i)
-                i += 8
-            }
-            while i < width { out[i] = (row[i] - mean) * inverseStd * gamma[i] + beta[i]; i += 1 }
-        }
+        ckpt_layer_norm(x, y, rows, width, gamma, beta, eps, statistics)
     }
 
     /// Row-wise softmax in place over `rows` rows of `width` values with leading dimension `stride`; the row maximum
     /// is subtracted first so no exponent overflows.
     package static func softmaxRows(_ s: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
-        let vectorEnd = width & ~7
-        for r in 0..<rows {
-            let row = s + r * stride
-            var maxV = V(repeating: -.infinity)
-            var i = 0
-            while i < vectorEnd { maxV = maximum(maxV, load(row + i)); i += 8 }
-            var maximum = maxV.max()
-            while i < width { maximum = Swift.max(maximum, row[i]); i += 1 }
-            var sumV = V.zero
-            i = 0
-            while i < vectorEnd {
-                let e = exp(load(row + i) - maximum)
-                store(e, row + i)
-                sumV += e
-                i += 8
-            }
-            var sum = sumV.sum()
-            while i < width {
-                var lane = V.zero
-                lane[0] = row[i] - maximum
-                let e = exp(lane)[0]
-                row[i] = e
-                sum += e
-                i += 1
-            }
-            let inverse = 1 / sum
-            i = 0
-            while i < vectorEnd { store(load(row + i) * inverse, row + i); i += 8 }
-            while i < width { row[i] *= inverse; i += 1 }
-        }
+        ckpt_softmax_rows(s, rows, width, stride)
     }
 
     /// Copies `bias` into each of `rows` rows of `y` (leading dimension `stride`), so a following sgemm with
@@ -168,12 +100,6 @@ package enum Kernels {
 
     /// y[r] += bias for each row.
     package static func addRows(_ y: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int, bias: UnsafePointer<Float>) {
-        let vectorEnd = width & ~7
-        for r in 0..<rows {
-            let row = y + r * stride
-            var i = 0
-            while i < vectorEnd { store(load(row + i) + load(bias + i), row + i); i += 8 }
-            while i < width { row[i] += bias[i]; i += 1 }
-        }
+        ckpt_add_rows(y, rows, width, stride, bias)
     }
 }

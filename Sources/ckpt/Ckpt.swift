@@ -9,6 +9,12 @@ struct Ckpt: ParsableCommand {
         version: "0.1.0",
         subcommands: [InspectCommand.self, ConvertCommand.self, DiffCommand.self, MergeCommand.self, QuantizeCommand.self, RunCommand.self, EvalCommand.self, SynthesizeCommand.self, GradientCommand.self]
     )
+
+    /// Before anything else: re-run on OpenBLAS's right kernels if it fell back to generic ones (at most once).
+    static func main() {
+        BLASStartup.reexecIfNeeded()
+        main(nil)
+    }
 }
 
 /// Exit status for failures (bad files, I/O): distinct from `diff`'s 1 = "differ".

@@ -87,7 +87,7 @@ struct EvalCommand: ParsableCommand {
                     out += "\"cls_cosine_mean\":\(Formatting.jsonNumber(comparison.meanCosine)),\"cls_cosine_min\":\(Formatting.jsonNumber(comparison.minCosine))},"
                 }
                 out += "\"image_size\":\(engine.imageSize),\"seconds\":\(Formatting.jsonNumber(timed.seconds)),\"images_per_second\":\(Formatting.jsonNumber(rate)),"
-                out += "\"config\":\(configJSON(config))}"
+                out += "\"config\":\(configJSON(config)),\"blas\":\(BLASStartup.json())}"
                 print(out)
                 return
             }
@@ -105,7 +105,7 @@ struct EvalCommand: ParsableCommand {
                     + "logit KL mean \(Formatting.printf("%.3g", comparison.meanKL)) max \(Formatting.printf("%.3g", comparison.maxKL)), "
                     + "CLS cosine mean \(Formatting.printf("%.6f", comparison.meanCosine)) min \(Formatting.printf("%.6f", comparison.minCosine))")
             }
-            print("forward: \(n) images in \(Formatting.printf("%.2f", timed.seconds)) s (\(Formatting.printf("%.1f", rate)) images/s)")
+            print("forward: \(n) images in \(Formatting.printf("%.2f", timed.seconds)) s (\(Formatting.printf("%.1f", rate)) images/s; \(BLASStartup.text()))")
         }
     }
 }

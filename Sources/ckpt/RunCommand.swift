@@ -60,7 +60,7 @@ struct RunCommand: ParsableCommand {
             if json.enabled {
                 var out = "{\"model\":\(JSONWriter.quoted(model)),\"n\":\(n),\"image_size\":\(engine.imageSize),"
                 out += "\"seconds\":\(Formatting.jsonNumber(timed.seconds)),\"images_per_second\":\(Formatting.jsonNumber(Double(n) / max(timed.seconds, 1e-9))),"
-                out += "\"config\":\(configJSON(config)),\"images\":["
+                out += "\"config\":\(configJSON(config)),\"blas\":\(BLASStartup.json()),\"images\":["
                 for i in 0..<n {
                     if i > 0 { out += "," }
                     out += "{\"name\":\(JSONWriter.quoted(set.name(i))),"
@@ -90,7 +90,7 @@ struct RunCommand: ParsableCommand {
                     print("\(TerminalText.escaped(set.name(i))): CLS [\(config.dim)] norm \(Formatting.printf("%.4f", norm)) [\(first), …]")
                 }
             }
-            print("\(n) image\(n == 1 ? "" : "s") in \(Formatting.printf("%.3f", timed.seconds)) s (\(Formatting.printf("%.1f", Double(n) / max(timed.seconds, 1e-9))) images/s)")
+            print("\(n) image\(n == 1 ? "" : "s") in \(Formatting.printf("%.3f", timed.seconds)) s (\(Formatting.printf("%.1f", Double(n) / max(timed.seconds, 1e-9))) images/s; \(BLASStartup.text()))")
         }
     }
 }
