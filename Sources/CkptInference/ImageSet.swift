@@ -267,11 +267,12 @@ public struct ImageSet: Sendable {
 
 extension ViTEngine {
     /// Final-norm CLS features [count × D] of the first `count` images of `images`, preprocessed for this engine.
-    public func features(images: ImageSet, count: Int? = nil) throws(CkptError) -> [Float] {
+    /// With `hook`, it sees (or rewrites: fake quantization) the activation sites' values.
+    public func features(images: ImageSet, count: Int? = nil, hook: (any ActivationHook)? = nil) throws(CkptError) -> [Float] {
         let n = min(count ?? images.count, images.count)
         let size = imageSize, config = model.config
-        return try features(count: n) { (i: Int, out: UnsafeMutablePointer<Float>) throws(CkptError) in
+        return try features(count: n, fill: { (i: Int, out: UnsafeMutablePointer<Float>) throws(CkptError) in
             try images.fill(i, size: size, config: config, into: out)
-        }
+        }, hook: hook)
     }
 }

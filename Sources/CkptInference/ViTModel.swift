@@ -127,6 +127,8 @@ public final class ViTModel: Sendable {
     let finalNormWeight, finalNormBias: FloatBuffer
     /// Every block Linear's weight tensor with the input it reads (q, k and v, or the fused qkv, share one).
     public let linearLayers: [LinearLayer]
+    /// The checkpoint's tensor name of each ViT role the model was loaded from.
+    public let tensorNames: [ViTName.Key: String]
 
     public static func load(_ path: String, overrides: ViTConfig.Overrides = .init()) throws(CkptError) -> ViTModel {
         let isFolder = FileIdentity.of(path)?.isDirectory == true
@@ -140,6 +142,7 @@ public final class ViTModel: Sendable {
     private init(path: String, config: ViTConfig, roles: RoleTable) throws(CkptError) {
         self.path = path
         self.config = config
+        tensorNames = roles.entries.mapValues(\.name)
         let d = config.dim
         patchWeight = try FloatBuffer(entry: roles.require(.patchProjection, .weight))
         if let entry = roles.optional(.patchProjection, .bias) { patchBias = try FloatBuffer(entry: entry) } else { patchBias = try FloatBuffer(count: d) }
@@ -179,6 +182,25 @@ public final class ViTModel: Sendable {
 }
 
 extension ViTModel {
+    /// The checkpoint's tensor name for `role`'s `parameter`, if the model has it.
+    public func tensorName(_ role: ViTName.Role, _ parameter: ViTName.Parameter) -> String? {
+        tensorNames[ViTName.Key(role: role, parameter: parameter)]
+    }
+
+    /// The values of checkpoint tensors as stored (before any folding), decoded to F32, read again from the file.
+    public func storedValues(_ names: [String]) throws(CkptError) -> [String: [Float]] {
+        let checkpoint = try Checkpoint.open(path)
+        var result: [String: [Float]] = [:]
+        for name in names {
+            guard let entry = checkpoint.tensors.first(where: { $0.name == name }) else {
+                throw CkptError(.missingTensor, "tensor is gone from the checkpoint", path: path, tensor: name)
+            }
+            let buffer = try FloatBuffer(entry: entry)
+            result[name] = buffer.values
+        }
+        return result
+    }
+
     /// Overwrites the forward pass's copy of `layer`'s weight with `values` (the checkpoint's `[out, in]` layout,
     /// as many values as the tensor holds), folding LayerScale as at load time. The checkpoint is not touched;
     /// sequential calibration uses this to run later layers on the quantized earlier ones.

@@ -81,8 +81,11 @@ public struct LogSqrt2Quantizer: Sendable, Equatable {
     /// make such a quantile); with none left, Δ = max(x), the reference's initial value, or 1 for all-zero data.
     /// One scratch copy of `x` (4 bytes per value, checked against the memory budget). Throws `nonFinite` for
     /// NaN/±Inf and `invalidArgument` for negative values, no values or unsupported bits.
-    public static func calibrate(_ x: UnsafeBufferPointer<Float>, bits: Int) throws(CkptError) -> (quantizer: LogSqrt2Quantizer, choice: PercentileSearch.Choice) {
+    public static func calibrate(
+        _ x: UnsafeBufferPointer<Float>, bits: Int, percentiles: [Double] = PercentileSearch.percentiles
+    ) throws(CkptError) -> (quantizer: LogSqrt2Quantizer, choice: PercentileSearch.Choice) {
         guard supportedBits.contains(bits) else { throw CkptError(.invalidArgument, "log√2 quantizer: \(bits) bits is not in 2…8") }
+        try PercentileSearch.check(percentiles)
         try PercentileSearch.checkFinite(x, "log√2 quantizer calibration")
         var largest: Float = 0
         for (i, v) in x.enumerated() {
@@ -95,9 +98,9 @@ public struct LogSqrt2Quantizer: Sendable, Equatable {
         let scratch = raw.bindMemory(to: Float.self, capacity: x.count)
         scratch.initialize(from: x.baseAddress!, count: x.count)
         let values = UnsafeMutableBufferPointer(start: scratch, count: x.count)
-        let candidates = Quantile.linear(inPlace: values, PercentileSearch.percentiles)
+        let candidates = Quantile.linear(inPlace: values, percentiles)
         var best: (LogSqrt2Quantizer, PercentileSearch.Choice)?
-        for (percentile, delta) in zip(PercentileSearch.percentiles, candidates) where delta > 0 {
+        for (percentile, delta) in zip(percentiles, candidates) where delta > 0 {
             let quantizer = try LogSqrt2Quantizer(bits: bits, scale: delta)
             let squares = PercentileSearch.sum(scratch, x.count, { v in
                 let d = v - quantizer.fakeQuantized8(v)

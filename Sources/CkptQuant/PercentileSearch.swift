@@ -13,6 +13,18 @@ public enum PercentileSearch {
         public var percentile: Double
         /// `mean((x − x̂)²)` of the winner, accumulated in double.
         public var meanSquaredError: Double
+
+        public init(percentile: Double, meanSquaredError: Double) {
+            self.percentile = percentile
+            self.meanSquaredError = meanSquaredError
+        }
+    }
+
+    /// Candidate percentiles must lie in (0.5, 1] (1 is the min–max range) and be at least one.
+    static func check(_ percentiles: [Double]) throws(CkptError) {
+        guard !percentiles.isEmpty, percentiles.allSatisfy({ $0 > 0.5 && $0 <= 1 }) else {
+            throw CkptError(.invalidArgument, "percentile candidates \(percentiles) must be in (0.5, 1]")
+        }
     }
 
     /// Refuses calibration data the search cannot use: no values, or NaN/±Inf (the reference would propagate NaN

@@ -250,7 +250,11 @@ public enum QuantizedCheckpointWriter {
 
     // MARK: folder output
 
-    static func writeFolder(_ groups: [OutputTensorGroup], metadata: [String: String], config: JSONValue, to destination: Destination) throws(CkptError) {
+    /// Writes model.safetensors, config.json, the companions and `extraFiles` (name, bytes) into the destination
+    /// folder; all are staged and published together, so a failure leaves nothing.
+    static func writeFolder(
+        _ groups: [OutputTensorGroup], metadata: [String: String], config: JSONValue, extraFiles: [(String, [UInt8])] = [], to destination: Destination
+    ) throws(CkptError) {
         let directory = destination.path
         let created = FileIdentity.of(directory) == nil
         try FilePaths.makeDirectory(directory)
@@ -273,6 +277,11 @@ public enum QuantizedCheckpointWriter {
             var configFile = try OutputFile(path: FilePaths.join(directory, "config.json"), inputs: destination.inputs)
             try configFile.write(Array((JSONWriter.serialize(config, indent: 2) + "\n").utf8))
             staged.append(try configFile.stage())
+            for (name, bytes) in extraFiles {
+                var file = try OutputFile(path: FilePaths.join(directory, name), inputs: destination.inputs)
+                try file.write(bytes)
+                staged.append(try file.stage())
+            }
             for companion in destination.companions {
                 let source = try ByteStorage(mapping: companion)
                 var copy = try OutputFile(path: FilePaths.join(directory, FilePaths.fileName(of: companion)), inputs: destination.inputs)

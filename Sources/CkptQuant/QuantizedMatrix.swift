@@ -86,7 +86,7 @@ public struct QuantizedMatrix: Sendable {
     }
 
     /// SQNR in dB of a signal energy against an error energy (infinite when the error is zero).
-    static func sqnr(signal: Double, error: Double) -> Double {
+    public static func sqnr(signal: Double, error: Double) -> Double {
         error == 0 ? .infinity : 10 * log10(signal / error)
     }
 

@@ -97,18 +97,23 @@ public struct UniformQuantizer: Sendable, Equatable {
     /// Works on one scratch copy of `x` (4 bytes per value, checked against the memory budget): the quantiles by
     /// selection, then the three squared-error passes over the same copy. Every value is used; no subsampling.
     /// Throws `nonFinite` for NaN/±Inf and `invalidArgument` for no values or unsupported bits.
-    public static func calibrate(_ x: UnsafeBufferPointer<Float>, bits: Int) throws(CkptError) -> (quantizer: UniformQuantizer, choice: PercentileSearch.Choice) {
-        let (quantizer, choices) = try calibrate(x, rows: 1, columns: x.count, bits: bits, granularity: .perTensor)
+    public static func calibrate(
+        _ x: UnsafeBufferPointer<Float>, bits: Int, percentiles: [Double] = PercentileSearch.percentiles
+    ) throws(CkptError) -> (quantizer: UniformQuantizer, choice: PercentileSearch.Choice) {
+        let (quantizer, choices) = try calibrate(x, rows: 1, columns: x.count, bits: bits, granularity: .perTensor, percentiles: percentiles)
         return (quantizer, choices[0])
     }
 
     /// The percentile search per tensor, per row or per column of the row-major `[rows × columns]` matrix `x`;
     /// returns the quantizer and each channel's choice. Channels are searched in parallel, each on a scratch copy
     /// of its values.
+    /// `percentiles` replaces RepQ-ViT's candidates (each in (0.5, 1]; 1 is the min–max range).
     public static func calibrate(
-        _ x: UnsafeBufferPointer<Float>, rows: Int, columns: Int, bits: Int, granularity: Granularity
+        _ x: UnsafeBufferPointer<Float>, rows: Int, columns: Int, bits: Int, granularity: Granularity,
+        percentiles: [Double] = PercentileSearch.percentiles
     ) throws(CkptError) -> (quantizer: UniformQuantizer, choices: [PercentileSearch.Choice]) {
         guard supportedBits.contains(bits) else { throw CkptError(.invalidArgument, "uniform quantizer: \(bits) bits is not in 2…8") }
+        try PercentileSearch.check(percentiles)
         guard rows > 0, columns > 0, try CheckedSize.product([rows, columns], "calibration matrix") == x.count else {
             throw CkptError(.shapeMismatch, "calibration data: \(x.count) values is not \(rows) × \(columns)")
         }
@@ -124,7 +129,7 @@ public struct UniformQuantizer: Sendable, Equatable {
             defer { LargeAllocation.deallocate(raw, count: bytes) }
             let scratch = raw.bindMemory(to: Float.self, capacity: length)
             scratch.initialize(from: x.baseAddress!, count: length)
-            let found = search(UnsafeMutableBufferPointer(start: scratch, count: length), bits: bits)
+            let found = search(UnsafeMutableBufferPointer(start: scratch, count: length), bits: bits, percentiles: percentiles)
             return (try UniformQuantizer(bits: bits, granularity: granularity, scales: [found.scale], zeroPoints: [found.zeroPoint]), [found.choice])
         }
         try MemoryBudget.require(bytes * Parallel.coreCount, for: "calibration scratch of \(Parallel.coreCount) workers")
@@ -142,7 +147,7 @@ public struct UniformQuantizer: Sendable, Equatable {
                             } else {
                                 for r in 0..<rows { scratch[r] = source[r * columns + c] }
                             }
-                            let found = search(UnsafeMutableBufferPointer(start: scratch, count: length), bits: bits)
+                            let found = search(UnsafeMutableBufferPointer(start: scratch, count: length), bits: bits, percentiles: percentiles)
                             out.0[c] = found.scale
                             out.1[c] = found.zeroPoint
                             out.2[c] = found.choice
@@ -155,8 +160,9 @@ public struct UniformQuantizer: Sendable, Equatable {
     }
 
     /// The search on finite values the caller lets it permute.
-    static func search(_ values: UnsafeMutableBufferPointer<Float>, bits: Int) -> (scale: Float, zeroPoint: Float, choice: PercentileSearch.Choice) {
-        let percentiles = PercentileSearch.percentiles
+    static func search(
+        _ values: UnsafeMutableBufferPointer<Float>, bits: Int, percentiles: [Double] = PercentileSearch.percentiles
+    ) -> (scale: Float, zeroPoint: Float, choice: PercentileSearch.Choice) {
         let bounds = Quantile.linear(inPlace: values, percentiles.flatMap { [$0, 1 - $0] })
         let top = Float((1 << bits) - 1)
         var best: (scale: Float, zeroPoint: Float, choice: PercentileSearch.Choice)?

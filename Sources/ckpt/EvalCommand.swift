@@ -31,6 +31,7 @@ struct EvalCommand: ParsableCommand {
 
     @OptionGroup var save: SaveOptions
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var activations: ActivationQuantizationOption
     @OptionGroup var json: JSONOutputOption
 
     func validate() throws {
@@ -53,7 +54,8 @@ struct EvalCommand: ParsableCommand {
             }
             let n = min(limit ?? set.count, set.count)
             let labels = Array(allLabels.prefix(n))
-            let timed = try TimedFeatures(engine: engine, images: set, limit: n)
+            let hook = try activations.hook(for: model, engine: engine)
+            let timed = try TimedFeatures(engine: engine, images: set, limit: n, hook: hook)
             let logits = try headModel.logits(timed.features, count: n)
             let evaluation = try Evaluation(logits: logits, labels: labels, classes: headModel.classes, source: data)
 
@@ -64,7 +66,8 @@ struct EvalCommand: ParsableCommand {
                 guard referenceEngine.model.config.dim == config.dim else {
                     throw CkptError(.shapeMismatch, "reference width \(referenceEngine.model.config.dim) ≠ model width \(config.dim)", path: reference)
                 }
-                let referenceFeatures = try TimedFeatures(engine: referenceEngine, images: set, limit: n).features
+                let referenceHook = try activations.hook(for: reference, engine: referenceEngine)
+                let referenceFeatures = try TimedFeatures(engine: referenceEngine, images: set, limit: n, hook: referenceHook).features
                 let referenceLogits = try headModel.logits(referenceFeatures, count: n)
                 referenceEvaluation = try Evaluation(logits: referenceLogits, labels: labels, classes: headModel.classes, source: data)
                 comparison = ReferenceComparison(logits: logits, referenceLogits: referenceLogits, features: timed.features,
@@ -87,12 +90,14 @@ struct EvalCommand: ParsableCommand {
                     out += "\"cls_cosine_mean\":\(Formatting.jsonNumber(comparison.meanCosine)),\"cls_cosine_min\":\(Formatting.jsonNumber(comparison.minCosine))},"
                 }
                 out += "\"image_size\":\(engine.imageSize),\"seconds\":\(Formatting.jsonNumber(timed.seconds)),\"images_per_second\":\(Formatting.jsonNumber(rate)),"
+                out += "\"activation_quantization\":\(describeActivationQuantization(hook, json: true)),"
                 out += "\"config\":\(configJSON(config)),\"blas\":\(BLASStartup.json())}"
                 print(out)
                 return
             }
             print("model: \(TerminalText.escaped(model)) (\(describe(config, size: engine.imageSize)))")
             print("data: \(TerminalText.escaped(data)), \(n) images; head: \(TerminalText.escaped(headModel.source)) (\(headModel.classes) classes)")
+            if hook != nil { print(describeActivationQuantization(hook, json: false)) }
             print("top-1 accuracy: \(Formatting.printf("%.4f", evaluation.accuracy)) (\(evaluation.correct)/\(n))")
             print("confusion (rows: true class, columns: predicted):")
             let names = (0..<headModel.classes).map { headModel.label($0) }

@@ -2,6 +2,7 @@ import ArgumentParser
 import CkptCore
 import CkptFormats
 import CkptInference
+import CkptQuant
 
 /// How to build a ViT from a checkpoint: shared by `run` and `eval`.
 struct ModelOptions: ParsableArguments {
@@ -66,6 +67,37 @@ extension Substring {
     }
 }
 
+/// The activation quantizers `run` and `eval` apply: the side file of a model folder written by
+/// `ckpt quantize --activation-bits`, unless turned off.
+struct ActivationQuantizationOption: ParsableArguments {
+    @Flag(name: .customLong("no-activation-quantization"), help: "Ignore a model folder's activation_quantization.json (run the weights alone, in float).")
+    var ignore = false
+
+    /// The fake quantization of `path`'s side file for `engine`'s model, or nil.
+    func hook(for path: String, engine: ViTEngine) throws(CkptError) -> FakeQuantization? {
+        guard !ignore, let quantization = try ActivationQuantizedWriter.sideFile(in: path) else { return nil }
+        return try FakeQuantization(quantization, config: engine.model.config, path: FilePaths.join(path, ActivationQuantizedWriter.sideFileName))
+    }
+}
+
+/// One line (text) or object (JSON) saying which activation quantizers a run applied.
+func describeActivationQuantization(_ hook: FakeQuantization?, json: Bool) -> String {
+    guard let hook else { return json ? "null" : "" }
+    var bits: [Int: Int] = [:]
+    var kinds: [String: Int] = [:]
+    for (_, q) in hook.quantization.sites {
+        bits[q.bits, default: 0] += 1
+        kinds[q.kind.rawValue, default: 0] += 1
+    }
+    if json {
+        return "{\"sites\":[" + hook.quantization.sites.keys.sorted().map { JSONWriter.quoted($0.name) }.joined(separator: ",") + "],"
+            + "\"bits\":{" + bits.keys.sorted().map { "\"\($0)\":\(bits[$0]!)" }.joined(separator: ",") + "}}"
+    }
+    return "activation quantization: \(hook.quantization.sites.count) sites fake-quantized ("
+        + bits.keys.sorted().map { "\(bits[$0]!) at \($0) bits" }.joined(separator: ", ") + "; "
+        + kinds.keys.sorted().map { "\(kinds[$0]!) \($0)" }.joined(separator: ", ") + ")"
+}
+
 /// Where `run` and `eval` write what the model computed.
 struct SaveOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Write the final-norm CLS features [N, D] as F32: .npy, or tensor \"features\" of a .npz/.safetensors.", valueName: "FILE"))
@@ -103,10 +135,10 @@ struct TimedFeatures {
     let features: [Float]
     let seconds: Double
 
-    init(engine: ViTEngine, images: ImageSet, limit: Int? = nil) throws(CkptError) {
+    init(engine: ViTEngine, images: ImageSet, limit: Int? = nil, hook: FakeQuantization? = nil) throws(CkptError) {
         let count = min(images.count, limit ?? images.count)
         let start = MonotonicClock.seconds()
-        features = try engine.features(images: images, count: count)
+        features = try engine.features(images: images, count: count, hook: hook)
         seconds = MonotonicClock.seconds() - start
     }
 }

@@ -41,11 +41,27 @@ struct QuantizeCommand: ParsableCommand {
 
     var groupSize: Int { groupSizeOption ?? 64 }
 
-    @Option(help: "rtn, mse or hqq.")
-    var method: String = "rtn"
+    @Option(name: .customLong("method"), help: "rtn, mse or hqq (default rtn); with --activation-bits also percentile (the default there: RepQ-ViT's per-channel percentile search).")
+    var methodOption: String?
+    var method: String { methodOption ?? (activationBits != nil ? "percentile" : "rtn") }
 
     @Option(help: "mlx, gguf, compressed-tensors or dequantized.")
     var format: String
+
+    @Option(name: .customLong("activation-bits"), help: ArgumentHelp("Quantize activations too (2–8 bits; RepQ-ViT quantizers at every Linear input and both attention matmuls), calibrated on --calibration images: a ViT model, --format dequantized, weights per output channel.", valueName: "A"))
+    var activationBits: Int?
+
+    @Option(help: ArgumentHelp("Calibration images for --activation-bits: spdfq (default), psaq, noise or smooth synthesised from the model itself, or a PATH (npz/png of real or synthetic images).", valueName: "SOURCE"))
+    var calibration: String?
+
+    @Option(help: ArgumentHelp("Linear head for --activation-bits (its input is quantized; synthesis uses its classes). Default: the model's own.", valueName: "HEAD"))
+    var head: String?
+
+    @Option(name: .customLong("activation-range"), help: ArgumentHelp("With --activation-bits: percentile (RepQ-ViT's 0.999/0.9999/0.99999 search), minmax (nothing clipped) or search (both, least MSE).", valueName: "RULE"))
+    var activationRangeOption: ActivationRange?
+
+    @Flag(name: .customLong("reparameterize"), inversion: .prefixedNo, help: "With --activation-bits: RepQ-ViT's per-channel calibration of the LayerNorm outputs folded into the LayerNorm and the next Linear (default on).")
+    var reparameterizeOption: Bool?
 
     @Flag(help: "Symmetric quantization (zero at the middle code): compressed-tensors and dequantized only.")
     var symmetric = false
@@ -137,6 +153,10 @@ struct QuantizeCommand: ParsableCommand {
     }
 
     func validate() throws {
+        if activationBits != nil { return try validateActivationQuantization() }
+        if calibration != nil || head != nil || reparameterizeOption != nil || activationRangeOption != nil {
+            throw ValidationError("--calibration, --head, --activation-range and --[no-]reparameterize apply to --activation-bits")
+        }
         _ = try settings()
         if try parsedFormat == .gguf {
             _ = try ggmlType()
@@ -227,6 +247,7 @@ struct QuantizeCommand: ParsableCommand {
     }
 
     func run() throws {
+        if activationBits != nil { return try runActivationQuantization() }
         try runReportingErrors {
             let started = MonotonicClock.seconds()
             let format = try parsedFormat

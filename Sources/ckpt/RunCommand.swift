@@ -30,6 +30,7 @@ struct RunCommand: ParsableCommand {
 
     @OptionGroup var save: SaveOptions
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var activations: ActivationQuantizationOption
     @OptionGroup var json: JSONOutputOption
 
     func validate() throws {
@@ -51,7 +52,8 @@ struct RunCommand: ParsableCommand {
             if save.saveLogits != nil && headModel == nil {
                 throw CkptError(.invalidArgument, "--save-logits needs a head (--head, or a model with its own)", path: model)
             }
-            let timed = try TimedFeatures(engine: engine, images: set)
+            let hook = try activations.hook(for: model, engine: engine)
+            let timed = try TimedFeatures(engine: engine, images: set, hook: hook)
             let n = set.count
             let logits = try headModel.map { (head: LinearHead) throws(CkptError) in try head.logits(timed.features, count: n) }
             try save.write(features: timed.features, logits: logits, count: n, dim: config.dim, classes: headModel?.classes,
@@ -60,6 +62,7 @@ struct RunCommand: ParsableCommand {
             if json.enabled {
                 var out = "{\"model\":\(JSONWriter.quoted(model)),\"n\":\(n),\"image_size\":\(engine.imageSize),"
                 out += "\"seconds\":\(Formatting.jsonNumber(timed.seconds)),\"images_per_second\":\(Formatting.jsonNumber(Double(n) / max(timed.seconds, 1e-9))),"
+                out += "\"activation_quantization\":\(describeActivationQuantization(hook, json: true)),"
                 out += "\"config\":\(configJSON(config)),\"blas\":\(BLASStartup.json()),\"images\":["
                 for i in 0..<n {
                     if i > 0 { out += "," }
