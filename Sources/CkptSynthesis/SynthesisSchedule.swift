@@ -68,10 +68,18 @@ public struct SynthesisSchedule: Sendable, Equatable, CustomStringConvertible {
         try SynthesisSchedule(stages: [Stage(size: size, steps: steps)])
     }
 
+    /// Steps of the default schedule at half the patch grid, then at the model's size: 112:40,224:6 for a 224 px
+    /// ViT. Chosen so 32 images of ViT-S/14 finish in under 10 minutes on 2 shared cores (formats/synthesis.md).
+    public static let defaultLowSteps = 40, defaultFullSteps = 6
+    /// Images of a default run.
+    public static let defaultImages = 32
+
     /// The default schedule for a model with `imageSize` inputs and `patchSize` patches: `lowSteps` steps at half the
     /// patch grid (⌊g/2⌋ patches a side), then `fullSteps` at the model's size; one stage when the grid is
     /// under 4 patches a side.
-    public static func standard(imageSize: Int, patchSize: Int, lowSteps: Int, fullSteps: Int) throws(CkptError) -> SynthesisSchedule {
+    public static func standard(
+        imageSize: Int, patchSize: Int, lowSteps: Int = defaultLowSteps, fullSteps: Int = defaultFullSteps
+    ) throws(CkptError) -> SynthesisSchedule {
         let grid = imageSize / max(1, patchSize)
         guard grid >= 4 else { return try single(size: imageSize, steps: lowSteps + fullSteps) }
         return try SynthesisSchedule(stages: [Stage(size: grid / 2 * patchSize, steps: lowSteps), Stage(size: imageSize, steps: fullSteps)])

@@ -37,8 +37,8 @@ struct SynthesizeCommand: ParsableCommand {
             """)
 
     /// The default schedule: steps at half the patch grid, then at the model's input size.
-    static let defaultLowSteps = 40
-    static let defaultFullSteps = 6
+    static let defaultLowSteps = SynthesisSchedule.defaultLowSteps
+    static let defaultFullSteps = SynthesisSchedule.defaultFullSteps
 
     @Argument(help: "The model (file, shards or Hugging Face folder).")
     var model: String
@@ -53,7 +53,7 @@ struct SynthesizeCommand: ParsableCommand {
     var method: SynthesisMethod = .spdfq
 
     @Option(name: .customLong("images"), help: ArgumentHelp("Images in the full run.", valueName: "N"))
-    var count: Int = 32
+    var count: Int = SynthesisSchedule.defaultImages
 
     @Option(help: ArgumentHelp("Optimisation steps per image, all at the model's input size (spdfq, psaq).", valueName: "S"))
     var steps: Int?

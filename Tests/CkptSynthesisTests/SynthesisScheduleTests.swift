@@ -48,5 +48,7 @@ struct SynthesisScheduleTests {
         #expect(try SynthesisSchedule.standard(imageSize: 240, patchSize: 16, lowSteps: 5, fullSteps: 1).description == "112:5,240:1")
         #expect(try SynthesisSchedule.standard(imageSize: 12, patchSize: 4, lowSteps: 5, fullSteps: 1).description == "12:6")
         #expect(try SynthesisSchedule.single(size: 224, steps: 7).stages == [.init(size: 224, steps: 7)])
+        // The CLI's (and formats/synthesis.md's) default for a 224 px ViT.
+        #expect(try SynthesisSchedule.standard(imageSize: 224, patchSize: 14).description == "112:40,224:6")
     }
 }
