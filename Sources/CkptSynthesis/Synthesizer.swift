@@ -45,9 +45,6 @@ public struct SynthesisSettings: Sendable, Equatable {
     /// cross-entropy to the image's class, no region targets).
     public var attentionPriors = true, regions = true, softLabels = true
 
-    /// The defaults `ckpt synthesize` and `ckpt quantize --activation-bits` use.
-    public static let defaultImages = 32, defaultSteps = 100
-
     public init(method: SynthesisMethod, steps: Int, seed: UInt64) {
         self.method = method
         self.steps = steps

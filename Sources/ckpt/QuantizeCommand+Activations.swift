@@ -103,11 +103,13 @@ extension QuantizeCommand {
             switch source {
             case .synthesized(let method):
                 count = calibrationImages
-                var settings = SynthesisSettings(method: method, steps: SynthesisSettings.defaultSteps, seed: calibrationSeed)
-                settings.steps = method == .noise || method == .smooth ? 0 : SynthesisSettings.defaultSteps
+                // The defaults of `ckpt synthesize`: the standard resolution schedule.
+                let schedule = try SynthesisSchedule.standard(imageSize: size, patchSize: c.patchSize)
+                var settings = SynthesisSettings(method: method, steps: schedule.totalSteps, seed: calibrationSeed)
+                if settings.optimises { settings.schedule = schedule } else { settings.steps = 0 }
                 let synthesizer = try Synthesizer(engine: engine, head: headModel, settings: settings)
                 let buffer = try FloatBuffer(count: try CheckedSize.product([count, plane], "\(count) calibration images"))
-                let printer = SynthesisProgressPrinter(method: method.rawValue, optimises: settings.optimises)
+                let printer = SynthesisProgressPrinter(method: method.rawValue, optimises: settings.optimises, stages: settings.optimises ? schedule.stages.count : 0)
                 let t0 = MonotonicClock.seconds()
                 _ = try synthesizer.synthesize(indices: Array(0..<count), into: buffer.pointer) { printer.report($0) }
                 printer.finish()
