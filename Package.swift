@@ -58,7 +58,7 @@ let package = Package(
         .testTarget(name: "CkptCLITests", dependencies: ["CkptCore", "CkptFormats", "CkptAnalysis"]),
         .testTarget(name: "CkptMergeTests", dependencies: ["CkptCore", "CkptFormats", "CkptMerge"]),
         .testTarget(name: "CkptQuantTests", dependencies: ["CkptCore", "CkptFormats", "CkptQuant"]),
-        .testTarget(name: "CkptInferenceTests", dependencies: ["CkptCore", "CkptFormats", "CkptInference"]),
+        .testTarget(name: "CkptInferenceTests", dependencies: ["CkptCore", "CkptFormats", "CkptInference", "CkptQuant"]),
         .testTarget(name: "CkptSynthesisTests", dependencies: ["CkptCore", "CkptFormats", "CkptSynthesis"]),
     ],
     swiftLanguageModes: [.v6]
