@@ -145,7 +145,7 @@ extension QuantizeCommand {
             if format == QuantizedFormat.compressedTensors.rawValue {
                 try ActivationQuantizedWriter.writeCompressedTensors(
                     checkpoint, changed: result.tensors, quantization: result.quantization, grids: result.weightGrids,
-                    modules: model.linearInputModules.filter { $0.site != .headInput }, observers: compressedTensorsObservers(settings), to: destination)
+                    modules: model.blockLinearModules, observers: compressedTensorsObservers(settings), to: destination)
             } else {
                 try ActivationQuantizedWriter.write(checkpoint, changed: result.tensors, quantization: result.quantization, to: destination)
             }
