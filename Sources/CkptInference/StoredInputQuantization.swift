@@ -3,14 +3,21 @@ import CkptFormats
 import CkptQuant
 
 extension ViTModel {
+    /// The block Linears (q, k and v, or the fused qkv; proj; fc1; fc2) as modules (the weight's stored name
+    /// without `.weight`) with the activation site that is their input: what weight + activation quantization
+    /// quantizes and `--format compressed-tensors` stores int-quantized.
+    public var blockLinearModules: [ActivationQuantizedWriter.LinearModule] {
+        linearLayers.compactMap { layer -> ActivationQuantizedWriter.LinearModule? in
+            guard layer.tensor.hasSuffix(".weight") else { return nil }
+            return .init(module: String(layer.tensor.dropLast(".weight".count)), site: layer.input.site(block: layer.block))
+        }
+    }
+
     /// Every Linear whose input is an activation site, as a module (its weight's stored name without `.weight`)
     /// with that site: the block Linears (q, k and v, or the fused qkv, share `qkv.input`) and the model's own
     /// classifier (`head.input`).
     public var linearInputModules: [ActivationQuantizedWriter.LinearModule] {
-        var modules = linearLayers.compactMap { layer -> ActivationQuantizedWriter.LinearModule? in
-            guard layer.tensor.hasSuffix(".weight") else { return nil }
-            return .init(module: String(layer.tensor.dropLast(".weight".count)), site: layer.input.site(block: layer.block))
-        }
+        var modules = blockLinearModules
         if let head = tensorName(.head, .weight), head.hasSuffix(".weight") {
             modules.append(.init(module: String(head.dropLast(".weight".count)), site: .headInput))
         }
