@@ -215,8 +215,12 @@ public struct Checkpoint: Sendable {
     static func resolveQuantizedLayouts(_ checkpoint: Checkpoint, folder: String) throws(CkptError) -> Checkpoint {
         guard checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors else { return checkpoint }
         let hasMLX = checkpoint.tensors.contains { $0.name.hasSuffix(".scales") || $0.name.hasSuffix(".biases") }
-        // compressed-tensors: pack-quantized (`weight_packed`) or int-quantized (`weight_scale` beside int8 codes).
-        let hasPacked = checkpoint.tensors.contains { $0.name.hasSuffix(".weight_packed") || $0.name.hasSuffix(".weight_scale") }
+        // compressed-tensors: pack-quantized (`weight_packed`) or int-quantized (`weight_scale` beside int8 codes; a
+        // float weight with a scale, FP8's, is another scheme, left as stored).
+        let int8Weights = Set(checkpoint.tensors.filter { $0.dtype == .i8 && $0.name.hasSuffix(".weight") }.map { NameKey($0.name) })
+        let hasPacked = checkpoint.tensors.contains {
+            $0.name.hasSuffix(".weight_packed") || ($0.name.hasSuffix(".weight_scale") && int8Weights.contains(NameKey(String($0.name.dropLast("_scale".count)))))
+        }
         guard hasMLX || hasPacked else { return checkpoint }
         let configPath = FilePaths.join(folder, "config.json")
         let config = try JSONParser.readFile(configPath)
