@@ -381,3 +381,36 @@ def test_broken_folder_exit_2(tmp_path, tiny, folders, case):
         proc = run_ckpt(command, folder, *source, "--head", tiny["head"], "--save-logits", logits, check=2)
         assert proc.stderr.startswith(f"ckpt: error: {path}") and message in proc.stderr, proc.stderr
         assert not logits.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DINOv2-S/14
+
+
+def test_dinov2_small_folders_give_identical_logits(tmp_path):
+    """DINOv2-S W8A8 calibrated on 16 real images: the compressed-tensors folder (int8 Linears, a quarter of their F32
+    bytes) and the dequantized folder give byte-identical `ckpt eval` logits on 32 Fashion-MNIST images."""
+    from test_activation_quantization import DINO_FOLDER, REPO
+
+    if not (DINO_FOLDER / "model.safetensors").is_file():
+        pytest.skip(f"{DINO_FOLDER} is missing (fixtures/eval/generate.py --folder makes it)")
+    head = REPO / "fixtures" / "eval" / "fmnist_head.safetensors"
+    flags = ["--bits", 8, "--activation-bits", 8, "--calibration", REPO / "fixtures" / "eval" / "fmnist_calibration.npz",
+             "--calibration-images", 16, "--head", head]
+    for fmt in ("compressed-tensors", "dequantized"):
+        run_ckpt("quantize", DINO_FOLDER, tmp_path / fmt, "--format", fmt, *flags, timeout=300)
+    ct_bytes = (tmp_path / "compressed-tensors" / "model.safetensors").stat().st_size
+    dq_bytes = (tmp_path / "dequantized" / "model.safetensors").stat().st_size
+    linear_params = 12 * (4 * 384 * 384 + 2 * 384 * 1536)
+    # 3 bytes saved per Linear weight (F32 → int8), less the per-row scales and zero points and the longer header.
+    assert dq_bytes - ct_bytes > 2.9 * linear_params, (ct_bytes, dq_bytes)
+    data = np.load(REPO / "fixtures" / "eval" / "fmnist_eval.npz")
+    sub = tmp_path / "eval32.npz"
+    np.savez(sub, images=data["images"][:32], labels=data["labels"][:32])
+    results = {}
+    for fmt in ("compressed-tensors", "dequantized"):
+        (tmp_path / f"out-{fmt}").mkdir()
+        results[fmt] = ckpt_logits(tmp_path / f"out-{fmt}", tmp_path / fmt, sub, head, command="eval")
+    (a, _, da), (b, _, db) = results["compressed-tensors"], results["dequantized"]
+    assert a.tobytes() == b.tobytes(), f"max logit difference {np.abs(a - b).max():.3g}"
+    assert da["activation_quantization"] == db["activation_quantization"] and len(da["activation_quantization"]["sites"]) == 2 + 8 * 12
