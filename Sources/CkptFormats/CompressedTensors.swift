@@ -256,7 +256,7 @@ public enum CompressedTensors {
         let scale = entry(module + ".input_scale"), zeroPoint = entry(module + ".input_zero_point")
         guard let declared = group?.inputActivations else {
             if let stray = scale ?? zeroPoint {
-                throw CkptError(.invalidData, "config.json declares no input_activations for \(module)'s config group, but \(stray.name) is present",
+                throw CkptError(.invalidData, "config.json declares no input_activations for \(module) (no config group covers it, or its input_activations is null), but \(stray.name) is present",
                     path: stray.path, tensor: stray.name)
             }
             return nil

@@ -81,6 +81,21 @@ extension QuantizeCommand {
             let source = CalibrationSource(calibration)
             let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
             let checkpoint = try Checkpoint.open(input)
+            // A quantized input reads back dequantized: quantizing it again would round twice (and drop its activation
+            // quantizers), as the weight-only path refuses too.
+            if let first = checkpoint.tensors.first(where: { $0.quantization != nil }), let q = first.quantization {
+                throw CkptError(.invalidArgument,
+                    "the input is already quantized (\(q.scheme) \(q.bits)-bit); quantize its float checkpoint, or dequantize it first with `ckpt convert IN plain.safetensors`",
+                    path: input, tensor: first.name)
+            }
+            if let module = checkpoint.inputActivations.keys.sorted().first {
+                throw CkptError(.invalidArgument, "the input is already activation quantized (\(module).input_scale); quantize its float checkpoint", path: input)
+            }
+            if inputIsFolder, FileIdentity.of(FilePaths.join(input, ActivationQuantizedWriter.sideFileName)) != nil {
+                throw CkptError(.invalidArgument,
+                    "the input is already activation quantized (it has \(ActivationQuantizedWriter.sideFileName)); quantize its float checkpoint",
+                    path: FilePaths.join(input, ActivationQuantizedWriter.sideFileName))
+            }
             let configFiles = inputIsFolder ? ["config.json", "preprocessor_config.json"].map { FilePaths.join(input, $0) } : []
             let inputs = (checkpoint.files + configFiles + [head].compactMap { $0 }).compactMap(FileIdentity.of)
             if inputIsFolder, let out = FileIdentity.of(output), out.sameFile(as: FileIdentity.of(input)!) {

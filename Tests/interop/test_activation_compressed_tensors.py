@@ -24,7 +24,8 @@ query/key/value, LayerScale) and a tiny transformers ViTModel (D 32, 2 blocks, n
     features differ by more than 1e-4 of their scale are at most 2 %, and there by at most twice the change input
     quantization itself makes; input quantization changes the features by more than 100× that tolerance. (A zero
     point off by one step in both ckpt's writer and reader, invisible to ckpt alone, fails (a) and every test of (b).)
-(c) Errors: flag misuse exits 64 with a message, nothing written; a folder whose input quantizers break the rules
+(c) Errors: flag misuse exits 64 with a message, nothing written; quantizing either folder again exits 2; a folder
+    whose input quantizers break the rules
     (negative scale, q/k/v disagreeing, a site also in the side file, dynamic activations declared, a zero point
     missing, codes outside the declared width) makes `ckpt eval`/`ckpt run` exit 2 naming the file and tensor or key,
     and write nothing.
@@ -328,6 +329,22 @@ def test_flag_errors_exit_64(tmp_path, tiny, args, message):
 def test_other_formats_name_both_choices(tmp_path, tiny):
     proc = run_ckpt("quantize", tiny["folder"], tmp_path / "out", "--format", "mlx", "--bits", 4, "--activation-bits", 4, check=64)
     assert "--format mlx" in proc.stderr and "dequantized" in proc.stderr and "compressed-tensors" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["compressed-tensors", "dequantized"])
+def test_quantized_input_is_refused(tmp_path, folders, source):
+    """Quantizing either folder again (its weights read back dequantized, its activation quantizers would be lost)
+    exits 2 naming the input; nothing is written."""
+    ct, dq, _ = folders("W8A8")
+    src = ct if source == "compressed-tensors" else dq
+    out = tmp_path / "again"
+    proc = run_ckpt("quantize", src, out, "--format", "compressed-tensors", "--bits", 8, "--activation-bits", 8, "--calibration", "noise",
+                    check=2)
+    named = f"{src}: tensor 'encoder.layer." if source == "compressed-tensors" else str(src / SIDE)
+    assert proc.stderr.startswith(f"ckpt: error: {named}") and "already" in proc.stderr, proc.stderr
+    if source == "compressed-tensors":
+        assert "compressed-tensors int-quantized 8-bit" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
