@@ -162,6 +162,9 @@ public struct Checkpoint: Sendable {
     public var tensors: [TensorEntry]
     /// Every file the checkpoint was read from (shards included): outputs must never overwrite them.
     public var files: [String]
+    /// Static input quantizers stored with quantized modules (compressed-tensors `input_scale` /
+    /// `input_zero_point`), by module name; they are not among ``tensors``.
+    public var inputActivations: [String: CompressedTensors.InputActivation] = [:]
 
     public var totalBytes: Int { tensors.reduce(0) { $0 + $1.byteCount } }
     /// Bytes the file spends on its tensors: quantized tensors count what they store, not their dequantized size.
@@ -212,7 +215,12 @@ public struct Checkpoint: Sendable {
     static func resolveQuantizedLayouts(_ checkpoint: Checkpoint, folder: String) throws(CkptError) -> Checkpoint {
         guard checkpoint.format == .safetensors || checkpoint.format == .shardedSafetensors else { return checkpoint }
         let hasMLX = checkpoint.tensors.contains { $0.name.hasSuffix(".scales") || $0.name.hasSuffix(".biases") }
-        let hasPacked = checkpoint.tensors.contains { $0.name.hasSuffix(".weight_packed") }
+        // compressed-tensors: pack-quantized (`weight_packed`) or int-quantized (`weight_scale` beside int8 codes; a
+        // float weight with a scale, FP8's, is another scheme, left as stored).
+        let int8Weights = Set(checkpoint.tensors.filter { $0.dtype == .i8 && $0.name.hasSuffix(".weight") }.map { NameKey($0.name) })
+        let hasPacked = checkpoint.tensors.contains {
+            $0.name.hasSuffix(".weight_packed") || ($0.name.hasSuffix(".weight_scale") && int8Weights.contains(NameKey(String($0.name.dropLast("_scale".count)))))
+        }
         guard hasMLX || hasPacked else { return checkpoint }
         let configPath = FilePaths.join(folder, "config.json")
         let config = try JSONParser.readFile(configPath)

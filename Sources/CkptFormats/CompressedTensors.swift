@@ -5,7 +5,29 @@ import CkptCore
 /// `m.weight_scale` (`[out, groups]`, model dtype), `m.weight_shape` (int64 `[2]`) and, when asymmetric,
 /// `m.weight_zero_point` (signed zero points packed along the output dimension, `[ceil(out*bits/32), groups]`);
 /// `w = (q - zero_point) * scale`. See formats/compressed-tensors.md.
+///
+/// Also its `int-quantized` format (integer weights with quantized input activations): `m.weight` holds int8
+/// signed codes, `m.weight_scale` `[out, groups]` and, when asymmetric, `m.weight_zero_point` (int8, unpacked,
+/// `[out, groups]`); and static per-tensor input activations of any quantized module: `m.input_scale` (`[1]`,
+/// float) and, when asymmetric, `m.input_zero_point` (int8 `[1]`), q = clamp(round(x/scale + zero_point),
+/// −2^(bits−1), 2^(bits−1) − 1). The input quantizers are not tensors of the model: they are taken out of the
+/// checkpoint into ``Checkpoint/inputActivations``. See formats/activation-quantization.md.
 public enum CompressedTensors {
+    /// A module's static per-tensor input quantizer, as stored: `scale` and the signed `zeroPoint` (0 when
+    /// symmetric), codes `−2^(bits−1)…2^(bits−1) − 1`.
+    public struct InputActivation: Sendable, Equatable {
+        public var bits: Int
+        public var scale: Float
+        public var zeroPoint: Int
+        public var symmetric: Bool
+        /// The `input_scale` tensor's name and file (for errors).
+        public var tensor: String
+        public var path: String
+    }
+
+    public static let intScheme = "compressed-tensors int-quantized"
+    public static let intFormat = "int-quantized"
+
     public static let scheme = "compressed-tensors pack-quantized"
     public static let format = "pack-quantized"
     /// Before 0.17.0, 3/5/6/7-bit codes were packed whole into each word (padding bits): a different layout.
@@ -20,7 +42,15 @@ public enum CompressedTensors {
             guard entry.name.hasSuffix(".weight_packed") else { return nil }
             return String(entry.name.dropLast(".weight_packed".count))
         }
-        guard !modules.isEmpty else { return checkpoint }
+        // int-quantized modules: an int8 `m.weight` with its `m.weight_scale` (a float weight with a scale is
+        // another scheme's, left as it is).
+        let intModules = checkpoint.tensors.compactMap { e -> String? in
+            guard e.name.hasSuffix(".weight_scale") else { return nil }
+            let module = String(e.name.dropLast(".weight_scale".count))
+            guard entry(module + ".weight_packed") == nil, let weight = entry(module + ".weight"), weight.dtype == .i8 else { return nil }
+            return module
+        }
+        guard !modules.isEmpty || !intModules.isEmpty else { return checkpoint }
         let quantizationConfig = try config.flatMap { (json: JSONValue) throws(CkptError) -> ConfigObject? in
             try ConfigObject(file: json, path: configPath, code: .invalidMetadata, name: "config.json").object("quantization_config", nullable: true)
         }
@@ -28,8 +58,8 @@ public enum CompressedTensors {
             if let method = try quantizationConfig.string("quant_method"), method != "compressed-tensors" {
                 throw quantizationConfig.error("quant_method", "is '\(method)', expected compressed-tensors")
             }
-            if let format = try quantizationConfig.string("format", nullable: true), format != Self.format, format != "mixed-precision" {
-                throw quantizationConfig.error("format", "'\(format)' is not supported (pack-quantized only)", code: .unsupportedDType)
+            if let format = try quantizationConfig.string("format", nullable: true), ![Self.format, Self.intFormat, "mixed-precision"].contains(format) {
+                throw quantizationConfig.error("format", "'\(format)' is not supported (pack-quantized, int-quantized or mixed-precision)", code: .unsupportedDType)
             }
         }
         _ = try quantizationConfig?.strings("ignore", nullable: true)
@@ -37,7 +67,8 @@ public enum CompressedTensors {
             .map { $0 < densePackingVersion } ?? false
         // Errors in the groups' arguments are reported at the first quantized module (and name config.json and the key).
         let groups: [ConfigGroup]
-        do { groups = try configGroups(quantizationConfig) } catch { throw configError(error, decoding: entry(modules[0] + ".weight_packed")!) }
+        let firstTensor = modules.first.map { entry($0 + ".weight_packed")! } ?? entry(intModules[0] + ".weight")!
+        do { groups = try configGroups(quantizationConfig) } catch { throw configError(error, decoding: firstTensor) }
         var replaced: [NameKey: TensorEntry] = [:]
         var consumed = Set<NameKey>()
         for module in modules {
@@ -51,7 +82,11 @@ public enum CompressedTensors {
             guard let scale = entry(module + ".weight_scale") else { throw missing(".weight_scale") }
             guard let shape = entry(module + ".weight_shape") else { throw missing(".weight_shape") }
             let zeroPoint = entry(module + ".weight_zero_point")
-            let declared = try declaredWeights(groups, module: module, configPath: configPath)
+            let group = try declaredGroup(groups, module: module, configPath: configPath)
+            let declared = group?.weights
+            if let format = group?.format, format != Self.format {
+                throw contradicts("puts \(module) in config group '\(group!.name)' of format '\(format)', but it is stored pack-quantized (weight_packed)")
+            }
             // Float codes (FP8/FP4 schemes) have other formats; decoding them as integers would give wrong values.
             if let type = declared?.type, type != "int" {
                 throw CkptError(
@@ -99,7 +134,162 @@ public enum CompressedTensors {
             replaced[NameKey(packed.name)] = entry
             for extra in [scale, shape, zeroPoint].compactMap({ $0 }) { consumed.insert(NameKey(extra.name)) }
         }
-        return checkpoint.replacing(replaced, dropping: consumed)
+        for module in intModules {
+            let weight = entry(module + ".weight")!
+            let group = try declaredGroup(groups, module: module, configPath: configPath)
+            let decoded = try intQuantizedEntry(module: module, weight: weight, group: group, entry: entry)
+            replaced[NameKey(weight.name)] = decoded
+            for name in decoded.quantization!.storedTensors.dropFirst() { consumed.insert(NameKey(name)) }
+        }
+        // Static input quantizers of the quantized modules, taken out of the tensors.
+        var inputActivations: [String: InputActivation] = [:]
+        for module in modules + intModules {
+            let group = try declaredGroup(groups, module: module, configPath: configPath)
+            if let input = try inputActivation(module: module, group: group, entry: entry) {
+                inputActivations[module] = input
+                consumed.insert(NameKey(module + ".input_scale"))
+                consumed.insert(NameKey(module + ".input_zero_point"))
+            }
+        }
+        let quantized = Set((modules + intModules).map(NameKey.init))
+        for tensor in checkpoint.tensors where tensor.name.hasSuffix(".input_scale") || tensor.name.hasSuffix(".input_zero_point") {
+            let module = String(tensor.name[..<tensor.name.lastIndex(of: ".")!])
+            guard quantized.contains(NameKey(module)) else {
+                throw CkptError(.unsupportedDType, "an input quantizer of a module whose weights are not quantized (no \(module).weight_packed or int8 \(module).weight with weight_scale) is not supported",
+                    path: tensor.path, tensor: tensor.name)
+            }
+        }
+        var result = checkpoint.replacing(replaced, dropping: consumed)
+        result.inputActivations = inputActivations
+        return result
+    }
+
+    /// An `int-quantized` module: int8 codes `m.weight` `[out, in]`, `m.weight_scale` `[out, G]` and, when
+    /// asymmetric, int8 `m.weight_zero_point` `[out, G]`, checked against its config group; decoded (lazily) to
+    /// `(q − zero_point)·scale` in the scale's dtype.
+    static func intQuantizedEntry(
+        module: String, weight: TensorEntry, group: ConfigGroup?, entry: (String) -> TensorEntry?
+    ) throws(CkptError) -> TensorEntry {
+        func fail(_ rule: String, _ code: CkptError.Code = .invalidData) -> CkptError { CkptError(code, rule, path: weight.path, tensor: weight.name) }
+        let declared = group?.weights
+        if let format = group?.format, ![Self.intFormat, "naive-quantized"].contains(format) {
+            throw fail("config.json puts \(module) in config group '\(group!.name)' of format '\(format)', but its weight is stored as int8 codes (int-quantized)")
+        }
+        if let type = declared?.type, type != "int" {
+            throw fail("config.json declares weights of type '\(type)': int-quantized codes are integers (type \"int\")", .unsupportedDType)
+        }
+        if entry(module + ".weight_g_idx") != nil || declared?.activationOrder == true {
+            throw fail("activation-order groups (\(module).weight_g_idx, actorder \"group\") are not supported: columns would need regrouping", .unsupportedDType)
+        }
+        guard weight.shape.rank == 2, weight.shape.dims[0] > 0, weight.shape.dims[1] > 0 else {
+            throw fail("an int-quantized weight must be a non-empty 2-D int8 tensor, not \(weight.shape)")
+        }
+        let (rows, cols) = (weight.shape.dims[0], weight.shape.dims[1])
+        let scale = entry(module + ".weight_scale")!
+        let zeroPoint = entry(module + ".weight_zero_point")
+        guard QuantizedDecoding.canDecode(into: scale.dtype), scale.shape.rank == 2, scale.shape.dims[0] == rows,
+              scale.shape.dims[1] >= 1, cols % scale.shape.dims[1] == 0 else {
+            throw fail("weight_scale \(scale.dtype.name) \(scale.shape) must be F32, F16, BF16 or F64 [\(rows), groups] with groups dividing \(cols)")
+        }
+        let groups = scale.shape.dims[1], groupSize = cols / groups
+        if zeroPoint == nil, declared?.symmetric == false {
+            throw fail("config.json declares asymmetric weights, but there is no \(module).weight_zero_point", .missingTensor)
+        }
+        if let zeroPoint {
+            if declared?.symmetric == true { throw fail("config.json declares symmetric weights, but \(zeroPoint.name) is present") }
+            guard zeroPoint.dtype == .i8, zeroPoint.shape.dims == [rows, groups] else {
+                throw fail("weight_zero_point must be int8 [\(rows), \(groups)] (unpacked, as int-quantized stores it), not \(zeroPoint.dtype.name) \(zeroPoint.shape)")
+            }
+        }
+        switch declared?.strategy {
+        case "channel"?:
+            guard groups == 1 else { throw fail("config.json declares per-channel weights, but \(scale.name) \(scale.shape) has groups of \(groupSize)") }
+        case "group"?:
+            guard let size = declared?.groupSize else {
+                throw configError(declared!.object.error("group_size", "strategy 'group' needs an integer group_size"), decoding: weight)
+            }
+            guard groupSize == size else { throw fail("config.json declares groups of \(size), but \(scale.name) \(scale.shape) gives groups of \(groupSize)") }
+        case let strategy?:
+            throw configError(declared!.object.error("strategy", "'\(strategy)' is not supported (channel or group)", code: .unsupportedDType), decoding: weight)
+        case nil:
+            break
+        }
+        // Codes must lie in the declared width's signed range (int8's without a config).
+        let bits = declared?.bits ?? 8
+        let (lowest, highest) = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+        let description = QuantizationDescription(
+            scheme: intScheme, bits: bits, groupSize: groups == 1 ? nil : groupSize, symmetric: zeroPoint == nil,
+            storedBytes: weight.byteCount + scale.byteCount + (zeroPoint?.byteCount ?? 0),
+            storedTensors: [weight.name, scale.name] + (zeroPoint.map { [$0.name] } ?? []))
+        let outputType = scale.dtype
+        return try TensorEntry(name: weight.name, dtype: outputType, shape: weight.shape, path: weight.path, quantization: description) {
+            () throws(CkptError) -> TensorBytes in
+            let codes = try weight.load()
+            let scales = try MLXQuantized.floats(scale)
+            var zeros = [Float](repeating: 0, count: rows * groups)
+            if let zeroPoint {
+                let bytes = try zeroPoint.load()
+                bytes.withUnsafeBytes { raw in for k in 0..<(rows * groups) { zeros[k] = Float(Int8(bitPattern: raw[k])) } }
+            }
+            let outside: Int? = codes.withUnsafeBytes { raw in
+                (0..<(rows * cols)).first { let q = Int(Int8(bitPattern: raw[$0])); return q < lowest || q > highest }
+            }
+            if let outside {
+                throw CkptError(.invalidData, "code \(codes.withUnsafeBytes { Int8(bitPattern: $0[outside]) }) at row \(outside / cols), column \(outside % cols) is outside the \(bits)-bit range \(lowest)…\(highest)",
+                    path: weight.path, tensor: weight.name)
+            }
+            let zeroValues = zeros
+            return try QuantizedDecoding.decode(rows: rows, cols: cols, outputType: outputType, name: weight.name) { row, out in
+                codes.withUnsafeBytes { raw in
+                    for j in 0..<cols {
+                        let k = row * groups + j / groupSize
+                        out[j] = (Float(Int8(bitPattern: raw[row * cols + j])) - zeroValues[k]) * scales[k]
+                    }
+                }
+            }
+        }
+    }
+
+    /// `m.input_scale` / `m.input_zero_point` against the module's config group: present exactly when the group
+    /// declares input activations, which must be static, per tensor and of type int.
+    static func inputActivation(module: String, group: ConfigGroup?, entry: (String) -> TensorEntry?) throws(CkptError) -> InputActivation? {
+        let scale = entry(module + ".input_scale"), zeroPoint = entry(module + ".input_zero_point")
+        guard let declared = group?.inputActivations else {
+            if let stray = scale ?? zeroPoint {
+                throw CkptError(.invalidData, "config.json declares no input_activations for \(module) (no config group covers it, or its input_activations is null), but \(stray.name) is present",
+                    path: stray.path, tensor: stray.name)
+            }
+            return nil
+        }
+        let anchor = scale ?? entry(module + ".weight_packed") ?? entry(module + ".weight")!
+        func fail(_ rule: String, _ code: CkptError.Code = .invalidData) -> CkptError { CkptError(code, rule, path: anchor.path, tensor: anchor.name) }
+        let object = declared.object
+        if declared.dynamic {
+            throw configError(object.error("dynamic", "dynamic input activations (computed at run time, per token or tensor) are not supported: ckpt applies static input quantizers", code: .unsupportedDType), decoding: anchor)
+        }
+        guard declared.type == "int" else {
+            throw configError(object.error("type", "'\(declared.type ?? "")' input activations are not supported (int)", code: .unsupportedDType), decoding: anchor)
+        }
+        guard declared.strategy == "tensor" else {
+            throw configError(object.error("strategy", "'\(declared.strategy ?? "null")' input activations are not supported (static ones are per tensor)", code: .unsupportedDType), decoding: anchor)
+        }
+        guard let scale else { throw fail("config.json declares static input activations, but there is no \(module).input_scale", .missingTensor) }
+        guard QuantizedDecoding.canDecode(into: scale.dtype), scale.shape.elements == 1, scale.shape.rank <= 1 else {
+            throw fail("input_scale must be one float ([1]), not \(scale.dtype.name) \(scale.shape)")
+        }
+        let value = try MLXQuantized.floats(scale)[0]
+        guard value.isFinite, value > 0 else { throw fail("input_scale \(value) is not a positive finite number") }
+        var zero = 0
+        if declared.symmetric {
+            if let zeroPoint { throw fail("config.json declares symmetric input activations, but \(zeroPoint.name) is present") }
+        } else {
+            guard let zeroPoint else { throw fail("config.json declares asymmetric input activations, but there is no \(module).input_zero_point", .missingTensor) }
+            guard zeroPoint.dtype == .i8, zeroPoint.shape.elements == 1, zeroPoint.shape.rank <= 1 else {
+                throw CkptError(.invalidData, "input_zero_point must be one int8 ([1]), not \(zeroPoint.dtype.name) \(zeroPoint.shape)", path: zeroPoint.path, tensor: zeroPoint.name)
+            }
+            zero = try zeroPoint.load().withUnsafeBytes { Int(Int8(bitPattern: $0[0])) }
+        }
+        return InputActivation(bits: declared.bits, scale: value, zeroPoint: zero, symmetric: declared.symmetric, tensor: scale.name, path: scale.path)
     }
 
     /// A config.json error met while decoding `packed`: reported at the tensor, the config file and key in the message.
@@ -123,11 +313,23 @@ public enum CompressedTensors {
         var activationOrder: Bool
     }
 
-    /// One config group: its `targets` and (when not null) its `weights`.
+    /// A group's `input_activations` (checked when a module of the group is read).
+    struct DeclaredActivations {
+        var object: ConfigObject
+        var bits: Int
+        var type: String?
+        var symmetric: Bool
+        var strategy: String?
+        var dynamic: Bool
+    }
+
+    /// One config group: its `targets`, its `format` and (when not null) its `weights` and `input_activations`.
     struct ConfigGroup {
         var name: String
         var targets: [String]
+        var format: String?
         var weights: DeclaredWeights?
+        var inputActivations: DeclaredActivations?
     }
 
     /// `quantization_config.config_groups`: an object of groups, each an object whose `targets` is a list of
@@ -154,19 +356,33 @@ public enum CompressedTensors {
                     symmetric: try object.bool("symmetric"), strategy: try object.string("strategy", nullable: true),
                     groupSize: try object.integer("group_size", in: -1...Int.max, nullable: true), activationOrder: actorder)
             }
-            result.append(ConfigGroup(name: name, targets: try group.strings("targets", nullable: true) ?? [], weights: weights))
+            var activations: DeclaredActivations? = nil
+            if let object = try group.object("input_activations", nullable: true) {
+                // `dynamic` is a boolean or "local" (NVFP4's local scales): anything but false is computed at run time.
+                let dynamic: Bool
+                switch object.value["dynamic"] {
+                case nil, .null?: dynamic = false
+                case .bool(let flag)?: dynamic = flag
+                case .string?: dynamic = true
+                case let other?: throw object.error("dynamic", "expected a boolean or \"local\", found \(other.typeName)")
+                }
+                activations = DeclaredActivations(
+                    object: object, bits: try object.integer("num_bits", in: 1...8) ?? 8, type: try object.string("type"),
+                    symmetric: try object.bool("symmetric") ?? true, strategy: try object.string("strategy", nullable: true), dynamic: dynamic)
+            }
+            result.append(ConfigGroup(name: name, targets: try group.strings("targets", nullable: true) ?? [], format: try group.string("format", nullable: true),
+                weights: weights, inputActivations: activations))
         }
         return result
     }
 
-    /// The `weights` arguments of the config group that covers `module`, matched as compressed-tensors matches
-    /// targets: the module's own name first, then a `re:` pattern matching from the start of the name, then the
-    /// class `Linear` (every pack-quantized weight is a Linear's); the only group when there is one. Nil when no
-    /// group's targets say.
-    private static func declaredWeights(_ groups: [ConfigGroup], module: String, configPath: String?) throws(CkptError) -> DeclaredWeights? {
-        if groups.count == 1 { return groups[0].weights }
+    /// The config group that covers `module`, matched as compressed-tensors matches targets: the module's own name
+    /// first, then a `re:` pattern matching from the start of the name, then the class `Linear` (every quantized
+    /// weight ckpt reads is a Linear's); the only group when there is one. Nil when no group's targets say.
+    private static func declaredGroup(_ groups: [ConfigGroup], module: String, configPath: String?) throws(CkptError) -> ConfigGroup? {
+        if groups.count == 1 { return groups[0] }
         if let named = groups.first(where: { $0.targets.contains { NameKey($0) == NameKey(module) } }) {
-            return named.weights
+            return named
         }
         for group in groups {
             for target in group.targets where target.hasPrefix("re:") {
@@ -174,10 +390,10 @@ public enum CompressedTensors {
                 guard let regex = try? Regex(pattern) else {
                     throw CkptError(.invalidMetadata, "config group '\(group.name)' has a target pattern Swift cannot compile: \(pattern)", path: configPath)
                 }
-                if (try? regex.prefixMatch(in: module)) != nil { return group.weights }
+                if (try? regex.prefixMatch(in: module)) != nil { return group }
             }
         }
-        return groups.first(where: { $0.targets.contains("Linear") })?.weights
+        return groups.first(where: { $0.targets.contains("Linear") })
     }
 
     private static func dequantizedEntry(

@@ -79,6 +79,8 @@ public struct ActivationCalibration: Sendable {
     public let tensors: [String: [Float]]
     public let sites: [SiteReport]
     public let weights: [WeightReport]
+    /// The integer grid of every quantized weight, by stored name (q, k and v apart when stored apart).
+    public let weightGrids: [String: WeightGrid]
 }
 
 extension ViTEngine {
@@ -113,6 +115,7 @@ extension ViTEngine {
         var tensors: [String: [Float]] = [:]
         var siteReports: [ActivationCalibration.SiteReport] = []
         var weightReports: [ActivationCalibration.WeightReport] = []
+        var weightGrids: [String: WeightGrid] = [:]
         let imageFloats = c.channels * imageSize * imageSize
 
         /// Quantizes a [rows × cols] weight in place per output row; reports its SQNR under `name`.
@@ -126,6 +129,7 @@ extension ViTEngine {
             case .percentile:
                 let (q, _) = try UniformQuantizer.calibrate(UnsafeBufferPointer(buffer), rows: rows, columns: cols, bits: settings.weightBits, granularity: .perRow)
                 try q.fakeQuantize(buffer)
+                weightGrids[name] = WeightGrid(bits: settings.weightBits, rows: rows, cols: cols, scales: q.scales, zeroPoints: q.zeroPoints)
             case .rtn, .mse, .hqq:
                 guard QuantizationSettings.supportedBits.contains(settings.weightBits) else {
                     throw CkptError(.invalidArgument, "--weight-method \(settings.weightMethod.rawValue) takes \(QuantizationSettings.supportedBits.map(String.init).joined(separator: "/")) bits", path: model.path)
@@ -134,6 +138,7 @@ extension ViTEngine {
                 let q = QuantizedMatrix.quantize(UnsafePointer(w), rows: rows, cols: cols,
                     settings: QuantizationSettings(bits: settings.weightBits, groupSize: nil, method: method, grid: .integerZeroPoint))
                 q.dequantize(into: w)
+                weightGrids[name] = WeightGrid(bits: settings.weightBits, rows: rows, cols: cols, scales: q.scales, zeroPoints: q.offsets)
             }
             var error = 0.0
             for i in 0..<(rows * cols) { let e = Double(w[i] - original.pointer[i]); error += e * e }
@@ -242,6 +247,7 @@ extension ViTEngine {
             try calibrateFolded(.block(index, .qkvInput), collected[.block(index, .qkvInput)]!, gamma: block.norm1Weight, beta: block.norm1Bias,
                 weight: block.qkvWeight, bias: block.qkvBias, outputs: 3 * d)
             try quantizeWeight(block.qkvWeight.pointer, rows: 3 * d, cols: d, name: qkvName(index))
+            splitQKVGrid(index, &weightGrids)
             // q, k, v; then the probabilities; then the projection input and weights.
             collected = try collect([.block(index, .attnQ), .block(index, .attnK), .block(index, .attnV)], through: [.norm1, .attention])
             for s in [ActivationQuantization.Site.BlockSite.attnQ, .attnK, .attnV] { try calibrateUniform(.block(index, s), collected[.block(index, s)]!) }
@@ -284,7 +290,8 @@ extension ViTEngine {
                 percentiles: percentiles)
             try record(.headInput, .uniform(q), features, choice)
         }
-        return ActivationCalibration(settings: settings, quantization: quantization, tensors: tensors, sites: siteReports, weights: weightReports)
+        return ActivationCalibration(settings: settings, quantization: quantization, tensors: tensors, sites: siteReports, weights: weightReports,
+            weightGrids: weightGrids)
     }
 
     /// The stored name of block `index`'s fused qkv weight, or of its query weight when q, k, v are separate.

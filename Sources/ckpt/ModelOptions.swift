@@ -70,13 +70,18 @@ extension Substring {
 /// The activation quantizers `run` and `eval` apply: the side file of a model folder written by
 /// `ckpt quantize --activation-bits`, unless turned off.
 struct ActivationQuantizationOption: ParsableArguments {
-    @Flag(name: .customLong("no-activation-quantization"), help: "Ignore a model folder's activation_quantization.json (run the weights alone, in float).")
+    @Flag(name: .customLong("no-activation-quantization"), help: "Ignore a model folder's activation quantizers (activation_quantization.json, compressed-tensors input scales): run the weights alone, in float.")
     var ignore = false
 
-    /// The fake quantization of `path`'s side file for `engine`'s model, or nil.
+    /// The fake quantization of `path`'s side file and of the static input quantizers stored with its Linears
+    /// (compressed-tensors `input_scale`) for `engine`'s model, or nil.
     func hook(for path: String, engine: ViTEngine) throws(CkptError) -> FakeQuantization? {
-        guard !ignore, let quantization = try ActivationQuantizedWriter.sideFile(in: path) else { return nil }
-        return try FakeQuantization(quantization, config: engine.model.config, path: FilePaths.join(path, ActivationQuantizedWriter.sideFileName))
+        guard !ignore else { return nil }
+        let sidePath = FilePaths.join(path, ActivationQuantizedWriter.sideFileName)
+        let side = try ActivationQuantizedWriter.sideFile(in: path)
+        let stored = try Checkpoint.open(path).inputActivations
+        guard let quantization = try ActivationQuantization.combining(sideFile: side, sidePath: sidePath, stored: stored, model: engine.model) else { return nil }
+        return try FakeQuantization(quantization, config: engine.model.config, path: side != nil ? sidePath : path)
     }
 }
 

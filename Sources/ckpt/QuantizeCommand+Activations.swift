@@ -52,8 +52,8 @@ extension QuantizeCommand {
         if weightMethod != .percentile, !QuantizationSettings.supportedBits.contains(bits) {
             throw ValidationError("--bits \(bits): --method \(method) takes 2, 3, 4, 5, 6 or 8 bits (percentile takes 2–8)")
         }
-        guard format == QuantizedFormat.dequantized.rawValue else {
-            throw ValidationError("--format \(format): --activation-bits writes a dequantized model folder with its activation side file (--format dequantized)")
+        guard format == QuantizedFormat.dequantized.rawValue || format == QuantizedFormat.compressedTensors.rawValue else {
+            throw ValidationError("--format \(format): --activation-bits writes a model folder with its activation side file: --format dequantized (F32 weights on their grid) or compressed-tensors (int-quantized Linears with static input scales)")
         }
         if let groupSizeOption, groupSizeOption != 0 {
             throw ValidationError("--group-size \(groupSizeOption): --activation-bits quantizes weights per output channel (RepQ-ViT)")
@@ -81,6 +81,21 @@ extension QuantizeCommand {
             let source = CalibrationSource(calibration)
             let inputIsFolder = FileIdentity.of(input)?.isDirectory == true
             let checkpoint = try Checkpoint.open(input)
+            // A quantized input reads back dequantized: quantizing it again would round twice (and drop its activation
+            // quantizers), as the weight-only path refuses too.
+            if let first = checkpoint.tensors.first(where: { $0.quantization != nil }), let q = first.quantization {
+                throw CkptError(.invalidArgument,
+                    "the input is already quantized (\(q.scheme) \(q.bits)-bit); quantize its float checkpoint, or dequantize it first with `ckpt convert IN plain.safetensors`",
+                    path: input, tensor: first.name)
+            }
+            if let module = checkpoint.inputActivations.keys.sorted().first {
+                throw CkptError(.invalidArgument, "the input is already activation quantized (\(module).input_scale); quantize its float checkpoint", path: input)
+            }
+            if inputIsFolder, FileIdentity.of(FilePaths.join(input, ActivationQuantizedWriter.sideFileName)) != nil {
+                throw CkptError(.invalidArgument,
+                    "the input is already activation quantized (it has \(ActivationQuantizedWriter.sideFileName)); quantize its float checkpoint",
+                    path: FilePaths.join(input, ActivationQuantizedWriter.sideFileName))
+            }
             let configFiles = inputIsFolder ? ["config.json", "preprocessor_config.json"].map { FilePaths.join(input, $0) } : []
             let inputs = (checkpoint.files + configFiles + [head].compactMap { $0 }).compactMap(FileIdentity.of)
             if inputIsFolder, let out = FileIdentity.of(output), out.sameFile(as: FileIdentity.of(input)!) {
@@ -142,12 +157,37 @@ extension QuantizeCommand {
             let companions = inputIsFolder ? ["preprocessor_config.json"].map { FilePaths.join(input, $0) }.filter { FileIdentity.of($0) != nil } : []
             let destination = QuantizedCheckpointWriter.Destination(
                 path: output, folder: true, inputConfig: inputIsFolder ? try inputConfig() : nil, companions: companions, inputs: inputs)
-            try ActivationQuantizedWriter.write(checkpoint, changed: result.tensors, quantization: result.quantization, to: destination)
+            if format == QuantizedFormat.compressedTensors.rawValue {
+                try ActivationQuantizedWriter.writeCompressedTensors(
+                    checkpoint, changed: result.tensors, quantization: result.quantization, grids: result.weightGrids,
+                    modules: model.blockLinearModules, observers: compressedTensorsObservers(settings), to: destination)
+            } else {
+                try ActivationQuantizedWriter.write(checkpoint, changed: result.tensors, quantization: result.quantization, to: destination)
+            }
             let seconds = MonotonicClock.seconds() - started
             print(json.enabled
                 ? activationReportJSON(result, source: source, count: count, synthesisSeconds: synthesisSeconds, calibrationSeconds: calibrationSeconds, seconds: seconds)
                 : activationReportTable(result, source: source, count: count, synthesisSeconds: synthesisSeconds, calibrationSeconds: calibrationSeconds, seconds: seconds))
         }
+    }
+
+    /// The config group's informational `observer` names: the weight method (compressed-tensors' names where it has
+    /// them) and the activation range rule.
+    func compressedTensorsObservers(_ settings: ActivationCalibrationSettings) -> ActivationQuantizedWriter.Observers {
+        let weights: String
+        switch settings.weightMethod {
+        case .percentile: weights = "percentile"
+        case .rtn: weights = "memoryless_minmax"
+        case .mse: weights = "mse"
+        case .hqq: weights = "hqq"
+        }
+        let inputs: String
+        switch settings.activationRange {
+        case .percentile: inputs = "percentile"
+        case .minmax: inputs = "minmax"
+        case .search: inputs = "mse"
+        }
+        return ActivationQuantizedWriter.Observers(weights: weights, inputActivations: inputs)
     }
 
     func activationReportTable(
@@ -171,7 +211,9 @@ extension QuantizeCommand {
         out += "\ncalibration: \(count) images, \(source.description)"
             + (synthesisSeconds > 0 ? "; synthesis \(Formatting.printf("%.1f", synthesisSeconds)) s" : "")
             + "; calibration \(Formatting.printf("%.1f", calibrationSeconds)) s; total \(Formatting.printf("%.1f", seconds)) s"
-        out += "\nwrote \(TerminalText.escaped(output)) (model.safetensors, \(ActivationQuantizedWriter.sideFileName), config.json)"
+        out += "\nwrote \(TerminalText.escaped(output)) ("
+            + (format == QuantizedFormat.compressedTensors.rawValue ? "compressed-tensors \(ActivationQuantizedWriter.compressedTensorsFormat) " : "")
+            + "model.safetensors, \(ActivationQuantizedWriter.sideFileName), config.json)"
         return out
     }
 
@@ -191,7 +233,7 @@ extension QuantizeCommand {
         case .synthesized(let method): sourceJSON = "{\"synthesized\":\(JSONWriter.quoted(method.rawValue)),\"seed\":\(calibrationSeed)}"
         case .files(let paths): sourceJSON = "{\"data\":[" + paths.map { JSONWriter.quoted($0) }.joined(separator: ",") + "]}"
         }
-        return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\"dequantized\","
+        return "{\"input\":\(JSONWriter.quoted(input)),\"output\":\(JSONWriter.quoted(output)),\"format\":\(JSONWriter.quoted(format)),"
             + "\"weight_bits\":\(r.settings.weightBits),\"activation_bits\":\(r.settings.activationBits),\"method\":\(JSONWriter.quoted(r.settings.weightMethod.rawValue)),"
             + "\"reparameterize\":\(r.settings.reparameterize),\"activation_range\":\(JSONWriter.quoted(r.settings.activationRange.rawValue)),\"calibration\":\(sourceJSON),\"calibration_images\":\(count),"
             + "\"synthesis_seconds\":\(Formatting.jsonNumber(synthesisSeconds)),\"calibration_seconds\":\(Formatting.jsonNumber(calibrationSeconds)),"
