@@ -12,6 +12,10 @@ model itself); --gptq --calibration-data calibrates on unlabelled in-domain imag
 Fashion-MNIST training images of fixtures/eval/fmnist_calibration.npz, disjoint from the eval set); --settings
 restricts the settings (e.g. 4:64,3:64).
 
+With --activations it measures weight + activation quantization instead (W8A8/W6A6/W4A4 rows against calibration
+sources: Gaussian, smooth, PSAQ-style, SPDFQ and its ablations, 32 real images; see bench/quality_activations.py):
+  bench/quality.py --activations [--rows 8:8,4:4] [--sources spdfq,real32] [--extra 'QUANTIZE FLAGS'] [--seed S]
+
 With --sensitivity it instead measures how sensitive the probe is: the same metrics for F16 and BF16 round trips of
 all weights (ckpt convert) and for W4 g64 RTN applied to one kind of Linear layer at a time (--only).
 
@@ -152,6 +156,11 @@ def main():
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="with --gptq: layer-by-layer calibration, or every layer's inputs from the unquantized model")
     p.add_argument("--calibration-seed", type=int, help="with --gptq and synthetic images: their seed (ckpt's default otherwise)")
+    p.add_argument("--activations", action="store_true", help="weight + activation quantization: the W/A × calibration-source table")
+    p.add_argument("--rows", help="with --activations: comma list of W:A (default 8:8,6:6,4:4)")
+    p.add_argument("--sources", help="with --activations: comma list of calibration sources (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="with --activations: the synthetic sets' seed (default 0)")
+    p.add_argument("--extra", help="with --activations: more ckpt quantize flags for every cell, e.g. '--activation-range minmax'")
     a = p.parse_args()
     methods = a.methods.split(",")
     if a.eval_images is not None:
@@ -161,6 +170,10 @@ def main():
         DATA = test_set(a.eval_images)
     if a.sensitivity:
         return sensitivity(a.limit)
+    if a.activations:
+        import quality_activations  # noqa: E402  (bench/quality_activations.py)
+
+        return quality_activations.run(sys.modules[__name__], a)
     settings = [tuple(map(int, x.split(":"))) for x in a.settings.split(",")] if a.settings else SETTINGS
     if (a.calibration_data or a.act_order is not None or a.sequential is not None or a.calibration_seed is not None) and not a.gptq:
         p.error("--calibration-data, --[no-]act-order, --[no-]sequential and --calibration-seed apply to --gptq")
