@@ -21,6 +21,7 @@ import torch
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
+DTYPE = torch.float64
 torch.set_num_threads(2)
 
 
@@ -76,10 +77,10 @@ def fake(x, bits, lo, hi, log):
 ALPHAS = torch.linspace(0.1, 1.0, 19, dtype=torch.float64)
 
 
-def search(values, bits, per_channel, log, rule):
+def search(values, bits, per_channel, log, rule, weight=None):
     """(lo, hi) of a site: min–max, or the clipping factor α·[min, max] with the least squared error (per channel
-    for per-channel sites; α·max for log√2)."""
-    dims = 0 if per_channel else None
+    for per-channel sites; α·max for log√2); rule 'output' with the weight of the Linear the site feeds: the least
+    squared error of that Linear's output, (x̂ − x)·Wᵀ (PTQ4ViT-style), over the sampled token rows."""
     lo = values.amin(0) if per_channel else values.min()
     hi = values.amax(0) if per_channel else values.max()
     if rule == "minmax":
@@ -87,8 +88,11 @@ def search(values, bits, per_channel, log, rule):
     best, best_lo, best_hi = None, lo, hi
     for a in ALPHAS:
         l, h = (lo, hi * a) if log else (lo * a, hi * a)
-        err = (fake(values, bits, l, h, log) - values).pow(2)
-        err = err.sum(0) if per_channel else err.sum()
+        if rule == "output" and weight is not None and not per_channel:
+            err = ((fake(values, bits, l, h, log) - values) @ weight.T).pow(2).sum()
+        else:
+            err = (fake(values, bits, l, h, log) - values).pow(2)
+            err = err.sum(0) if per_channel else err.sum()
         if best is None:
             best, best_lo, best_hi = err, l.clone(), h.clone()
         else:
@@ -100,12 +104,15 @@ def search(values, bits, per_channel, log, rule):
 
 class Model:
     def __init__(self, w, depth, heads=6, eps=1e-6):
-        self.w = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in w.items()}
+        self.w = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)).to(DTYPE) for k, v in w.items()}
         self.depth, self.heads, self.eps = depth, heads, eps
         self.online_fc2 = None  # [1536, 1536] rotation applied to fc2's input at run time
         self.sites, self.record, self.weight_bits = {}, None, None
         self.quantized_weights = {}
         self.range_rule = "mse"
+        # Per-tensor sites that feed a Linear (the 'output' rule's weights).
+        self.feeds = {f"b{i}.{s}": f"encoder.layer.{i}.{t}.weight" for i in range(depth) for s, t in (("proj", "attention.output.dense"), ("fc2", "mlp.fc2"))}
+        self.feeds["head.input"] = "head.weight"
 
     def quantize_weights(self, bits):
         """Per-output-channel asymmetric min–max RTN of every Linear (the head too)."""
@@ -120,8 +127,9 @@ class Model:
 
     def q(self, name, x, per_channel=False, log=False):
         if self.record is not None:  # calibration: keep a sample (rows of tokens for per-channel sites)
-            flat = x.reshape(-1, x.shape[-1]) if per_channel else x.reshape(-1)
-            take = torch.randperm(flat.shape[0], generator=self.rng)[: (4096 if per_channel else 200_000)]
+            rows = per_channel or self.range_rule == "output" and name in self.feeds
+            flat = x.reshape(-1, x.shape[-1]) if rows else x.reshape(-1)
+            take = torch.randperm(flat.shape[0], generator=self.rng)[: (4096 if rows else 200_000)]
             self.record.setdefault(name, []).append((flat[take], per_channel, log))
             return x
         p = self.sites.get(name)
@@ -138,7 +146,8 @@ class Model:
         for k, parts in self.record.items():
             values, per_channel, log = torch.cat([p[0] for p in parts]), parts[0][1], parts[0][2]
             b = 8 if k == "patch.input" else bits
-            self.sites[k] = (b, *search(values, b, per_channel, log, self.range_rule), log)
+            weight = self.W(self.feeds[k]) if k in self.feeds else None
+            self.sites[k] = (b, *search(values, b, per_channel, log, self.range_rule, weight), log)
         self.record = None
 
     def ln(self, x, p):
@@ -150,7 +159,7 @@ class Model:
     @torch.no_grad()
     def logits(self, pixels):
         w = self.w
-        x = self.q("patch.input", torch.from_numpy(preprocess(pixels)))
+        x = self.q("patch.input", torch.from_numpy(preprocess(pixels)).to(DTYPE))
         conv = w["embeddings.patch_embeddings.projection.weight"]
         e = torch.nn.functional.conv2d(x, conv, w["embeddings.patch_embeddings.projection.bias"], stride=14).flatten(2).transpose(1, 2)
         n, d = e.shape[0], e.shape[-1]
@@ -181,7 +190,7 @@ def rotate_residual(m, seed):
     h = torch.from_numpy(hadamard(d) / math.sqrt(d))
     sign = torch.from_numpy(random_signs(d, seed))
     sign[0] = 1.0
-    Q = h @ torch.diag(sign) @ h.T
+    Q = (h @ torch.diag(sign) @ h.T).to(DTYPE)
     assert torch.allclose(Q @ torch.ones(d, dtype=Q.dtype), torch.ones(d, dtype=Q.dtype))
     centre_rows = lambda W: W - W.mean(0, keepdim=True)  # noqa: E731  (W [out, …]: zero mean over the output features)
     # Writes into the stream: embeddings, proj and fc2 (LayerScale folded first), centred then rotated (out' = Qᵀ·out).
@@ -218,7 +227,7 @@ def rotate_values(m):
     """Per head: v' = H·v (rows of the value Linear), proj's input columns ← ·Hᵀ (blockwise): proj sees o·H."""
     d, hd = m.w["embeddings.cls_token"].shape[-1], m.w["embeddings.cls_token"].shape[-1] // m.heads
     h = torch.from_numpy(hadamard(hd) / math.sqrt(hd))
-    big = torch.block_diag(*[h] * m.heads)
+    big = torch.block_diag(*[h] * m.heads).to(DTYPE)
     for i in range(m.depth):
         p = f"encoder.layer.{i}."
         v = p + "attention.attention.value"
@@ -229,7 +238,7 @@ def rotate_values(m):
 
 def rotate_fc2(m, seed):
     n = m.w["encoder.layer.0.mlp.fc1.weight"].shape[0]
-    h = torch.from_numpy(hadamard(n) / math.sqrt(n)) * torch.from_numpy(random_signs(n, seed + 1))[:, None]
+    h = (torch.from_numpy(hadamard(n) / math.sqrt(n)) * torch.from_numpy(random_signs(n, seed + 1))[:, None]).to(DTYPE)
     m.online_fc2 = h
     for i in range(m.depth):
         k = f"encoder.layer.{i}.mlp.fc2.weight"
@@ -243,10 +252,13 @@ def main():
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--calibration", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--range", default="mse", choices=["mse", "minmax"])
+    ap.add_argument("--range", default="mse", choices=["mse", "minmax", "output"])
+    ap.add_argument("--float32", action="store_true", help="run in float32 (faster; the float exactness check is then ~1e-5)")
     ap.add_argument("--families", help="comma list: quantize only these site families (patch,qkv,query,key,value,probs,proj,fc1,fc2,head) "
                     "and weights only if 'weights' is listed; one run per family")
     a = ap.parse_args()
+    global DTYPE
+    DTYPE = torch.float32 if a.float32 else torch.float64
     base = load_file(str(ROOT / ".cache/dinov2/dinov2-small-224/model.safetensors"))
     head = load_file(str(ROOT / "fixtures/eval/fmnist_head.safetensors"))
     w = dict(base, **{"head." + k: v for k, v in head.items()})
