@@ -4,24 +4,10 @@ import CCkptKernels
 /// gradient with respect to its output and what the forward pass saved. Dispatched to the C kernels with the
 /// forward ones, which share every approximation with ``geluDerivative(_:)`` and the forward helpers.
 extension Kernels {
-    /// GELU′(x) = Φ(x) + x·φ(x) for the exact erf form, φ(x) = e^(−x²/2)/√(2π); Φ from the same erfc fit as ``gelu(_:)``.
+    /// GELU′(x) = Φ(x) + x·φ(x) for the exact erf form, φ(x) = e^(−x²/2)/√(2π); Φ from ``normalCDF(_:)``, as in ``gelu(_:)``.
     @inline(__always)
     package static func geluDerivative(_ x: V) -> V {
-        let magnitude = unsafeBitCast(unsafeBitCast(x, to: SIMD8<UInt32>.self) & 0x7FFF_FFFF, to: V.self)
-        let z = magnitude * 0.707_106_78
-        let t = 1 / (1 + 0.5 * z)
-        var p = V(repeating: 0.170_872_77)
-        p = p * t - 0.822_152_23
-        p = p * t + 1.488_515_87
-        p = p * t - 1.135_203_98
-        p = p * t + 0.278_868_07
-        p = p * t - 0.186_288_06
-        p = p * t + 0.096_784_18
-        p = p * t + 0.374_091_96
-        p = p * t + 1.000_023_68
-        p = p * t - 1.265_512_23
-        let q = t * exp(p - z * z)
-        let cdf = (0.5 * q).replacing(with: 1 - 0.5 * q, where: x .>= 0)
+        let cdf = normalCDF(x)
         let density = exp(-0.5 * x * x) * 0.398_942_28
         return cdf + x * density
     }

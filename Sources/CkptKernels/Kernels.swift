@@ -45,11 +45,12 @@ package enum Kernels {
         return p * scale
     }
 
-    /// GELU with the exact erf form, x·Φ(x), Φ(x) = erfc(−x/√2)/2. erfc(z) for z = |x|/√2 ≥ 0 comes from the
-    /// Chebyshev fit of Numerical Recipes' `erfcc`, t·exp(−z² + P(t)) with t = 1/(1 + z/2), whose error is below
-    /// 1.2e-7 *relative* for every z, so both Φ(x) = 1 − q/2 (x ≥ 0) and the far negative tail q/2 stay accurate.
+    /// Φ(x) = erfc(−x/√2)/2, the standard normal CDF. erfc(z) for z = |x|/√2 ≥ 0 comes from the Chebyshev fit of
+    /// Numerical Recipes' `erfcc`, t·exp(−z² + P(t)) with t = 1/(1 + z/2), whose error is below 1.2e-7 *relative*
+    /// for every z, so both Φ(x) = 1 − q/2 (x ≥ 0) and the far negative tail q/2 stay accurate. Shared by
+    /// ``gelu(_:)`` and ``geluDerivative(_:)``.
     @inline(__always)
-    package static func gelu(_ x: V) -> V {
+    package static func normalCDF(_ x: V) -> V {
         let magnitude = unsafeBitCast(unsafeBitCast(x, to: SIMD8<UInt32>.self) & 0x7FFF_FFFF, to: V.self)
         let z = magnitude * 0.707_106_78
         let t = 1 / (1 + 0.5 * z)
@@ -64,8 +65,13 @@ package enum Kernels {
         p = p * t + 1.000_023_68
         p = p * t - 1.265_512_23
         let q = t * exp(p - z * z)
-        let phi = (0.5 * q).replacing(with: 1 - 0.5 * q, where: x .>= 0)
-        return x * phi
+        return (0.5 * q).replacing(with: 1 - 0.5 * q, where: x .>= 0)
+    }
+
+    /// GELU with the exact erf form, x·Φ(x) (``normalCDF(_:)``).
+    @inline(__always)
+    package static func gelu(_ x: V) -> V {
+        x * normalCDF(x)
     }
 
     /// y[i] = gelu(y[i] + bias[i % width]) over `rows` rows of `width` values (the fc1 bias fused into GELU). With
